@@ -1,0 +1,24 @@
+"""loha: read, apply, merge and train LoHa (LyCORIS low-rank Hadamard) networks.
+
+    net = loha.load("style.safetensors")
+    handle = loha.patch(pipe_or_state_dict, [(net, 0.8, 0.5)])   # UNet 0.8, text encoders 0.5
+    handle.restore()                                              # every weight back, bit for bit
+"""
+
+from .errors import FormatError, LohaError, ShapeError, UnmatchedError
+from .format import Module, Network, from_tensors, load
+from .patch import PatchHandle, Use, patch
+
+__all__ = [
+    "FormatError",
+    "LohaError",
+    "Module",
+    "Network",
+    "PatchHandle",
+    "ShapeError",
+    "UnmatchedError",
+    "Use",
+    "from_tensors",
+    "load",
+    "patch",
+]

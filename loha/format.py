@@ -1,0 +1,316 @@
+"""Read network files lazily, recognise each module's kind, validate its shapes.
+
+A file is a flat safetensors dict "{module}.{suffix}" plus string metadata. Modules
+are grouped by the longest known suffix; tensors stay in the memory-mapped file
+until a patch asks for them. Names are kept exactly as written: matching them to a
+model is `keys`' job, and every key we do not understand is reported, not dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from safetensors import safe_open
+
+from .errors import FormatError
+
+# suffix -> kind; a module's kind is the kind of its factor suffixes.
+_KIND_OF_SUFFIX = {
+    **dict.fromkeys(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"), "loha"),
+    **dict.fromkeys(("lora_up.weight", "lora_down.weight", "lora_mid.weight"), "lora"),
+    **dict.fromkeys(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"), "lokr"),
+    **dict.fromkeys(("diff", "diff_b"), "full"),
+}
+_SHARED_SUFFIXES = ("alpha", "dora_scale")
+_REQUIRED = {
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+    "lora": ("lora_up.weight", "lora_down.weight"),
+    "lokr": (),
+    "full": (),
+}
+# Longest first, so "lora_up.weight" wins over a shorter match.
+_SUFFIXES = sorted((*_KIND_OF_SUFFIX, *_SHARED_SUFFIXES), key=len, reverse=True)
+
+# Prefix of a file module name -> the model part it patches.
+_COMPONENT_PREFIXES = (
+    ("lora_unet_", "unet"),
+    ("lycoris_", "unet"),
+    ("lora_te1_", "te1"),
+    ("lora_te2_", "te2"),
+    ("lora_te_", "te1"),
+)
+
+
+def component_of(name: str) -> str | None:
+    """"unet", "te1", "te2" from a kohya/LyCORIS module name's prefix, else None."""
+    for prefix, component in _COMPONENT_PREFIXES:
+        if name.startswith(prefix):
+            return component
+    return None
+
+
+@dataclass
+class Module:
+    """One network module: its kind, the file keys of its tensors, their shapes, alpha."""
+
+    name: str
+    keys: dict[str, str] = field(default_factory=dict)  # suffix -> key in the file
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    kind: str = ""
+    alpha: float | None = None
+
+    @property
+    def tucker(self) -> bool:
+        return "hada_t1" in self.keys or "lora_mid.weight" in self.keys or "lokr_t2" in self.keys
+
+    @property
+    def dora(self) -> bool:
+        return "dora_scale" in self.keys
+
+    @property
+    def rank(self) -> int | None:
+        """R as the scale alpha/R means it: the first dimension of the down factor."""
+        down = {"loha": "hada_w1_b", "lora": "lora_down.weight"}.get(self.kind)
+        if down is not None:
+            return self.shapes[down][0]
+        if self.kind == "lokr":
+            for suffix in ("lokr_w2_b", "lokr_w1_b"):
+                if suffix in self.shapes:
+                    return self.shapes[suffix][0]
+        return None
+
+    @property
+    def out_features(self) -> int:
+        """O, the number of output rows ΔW has (for the kinds that say it cheaply)."""
+        s = self.shapes
+        if self.kind == "loha":
+            return s["hada_w1_a"][1] if self.tucker else s["hada_w1_a"][0]
+        if self.kind == "lora":
+            return s["lora_up.weight"][0]
+        if self.kind == "full":
+            return s["diff"][0]
+        raise NotImplementedError(self.kind)
+
+    @property
+    def delta_numel(self) -> int:
+        """Number of elements of ΔW, for checking it against the target weight."""
+        s = self.shapes
+        if self.kind == "loha":
+            if self.tucker:
+                return s["hada_w1_a"][1] * s["hada_w1_b"][1] * math.prod(s["hada_t1"][2:])
+            return s["hada_w1_a"][0] * math.prod(s["hada_w1_b"][1:])
+        if self.kind == "lora":
+            up, down = s["lora_up.weight"], s["lora_down.weight"]
+            k = math.prod(s["lora_mid.weight"][2:]) if "lora_mid.weight" in s else math.prod(down[2:])
+            return up[0] * down[1] * k
+        if self.kind == "full":
+            return math.prod(s["diff"])
+        if self.kind == "lokr":
+            w1 = s.get("lokr_w1") or (s["lokr_w1_a"][0], s["lokr_w1_b"][1])
+            w2 = s.get("lokr_w2") or (s["lokr_w2_a"][0], math.prod(s["lokr_w2_b"][1:]))
+            if "lokr_t2" in s:
+                w2 = (s["lokr_w2_a"][1], s["lokr_w2_b"][1] * math.prod(s["lokr_t2"][2:]))
+            return math.prod(w1) * math.prod(w2)
+        raise NotImplementedError(self.kind)
+
+
+class _Source:
+    """Where tensors come from: an open safetensors file or an in-memory dict."""
+
+    def __init__(self, path: str | None = None, tensors: Mapping[str, torch.Tensor] | None = None):
+        self.path = path
+        self._tensors = tensors
+        self._file = safe_open(path, framework="pt", device="cpu") if tensors is None else None
+
+    def keys(self) -> list[str]:
+        return list(self._tensors.keys() if self._tensors is not None else self._file.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self._tensors is not None:
+            return tuple(self._tensors[key].shape)
+        return tuple(self._file.get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        if self._tensors is not None:
+            return str(self._tensors[key].dtype).replace("torch.", "")
+        return self._file.get_slice(key).get_dtype()
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._tensors is not None:
+            return self._tensors[key]
+        return self._file.get_tensor(key)
+
+    def metadata(self) -> dict[str, str]:
+        if self._tensors is not None:
+            return {}
+        return dict(self._file.metadata() or {})
+
+
+class Network:
+    """A network file (or dict of tensors): modules by name, metadata, family, unknowns."""
+
+    def __init__(self, source: _Source, name: str, metadata: dict[str, str] | None = None):
+        self._source = source
+        self.path = source.path
+        self.name = name
+        self.metadata = metadata if metadata is not None else source.metadata()
+        self.modules: dict[str, Module] = {}
+        self.unknown_keys: list[str] = []
+        self._group()
+        self.family = detect_family(self)
+
+    @property
+    def label(self) -> str:
+        """How errors name this network: its file path, or its name for in-memory ones."""
+        return self.path or self.name
+
+    @property
+    def components(self) -> set[str]:
+        """Model parts this network touches ("unet", "te1", "te2")."""
+        return {c for c in map(component_of, self.modules) if c is not None}
+
+    @property
+    def text_encoders(self) -> set[str]:
+        return self.components - {"unet"}
+
+    def tensor(self, module: Module, suffix: str) -> torch.Tensor:
+        """Load one tensor of a module from the file (mmap; nothing else is read)."""
+        return self._source.get(module.keys[suffix])
+
+    def tensors(self, module: Module) -> dict[str, torch.Tensor]:
+        return {suffix: self._source.get(key) for suffix, key in module.keys.items()}
+
+    def dtypes(self) -> set[str]:
+        return {self._source.dtype(k) for m in self.modules.values() for s, k in m.keys.items() if s != "alpha"}
+
+    def _group(self) -> None:
+        for key in self._source.keys():
+            suffix = next((s for s in _SUFFIXES if key.endswith("." + s)), None)
+            if suffix is None:
+                self.unknown_keys.append(key)
+                continue
+            name = key[: -len(suffix) - 1]
+            module = self.modules.setdefault(name, Module(name))
+            module.keys[suffix] = key
+            module.shapes[suffix] = self._source.shape(key)
+        for name in list(self.modules):
+            module = self.modules[name]
+            kinds = {_KIND_OF_SUFFIX[s] for s in module.keys if s in _KIND_OF_SUFFIX}
+            if len(kinds) != 1:
+                # Only alpha/dora_scale, or factors of two kinds under one name.
+                what = "no factors" if not kinds else f"factors of several kinds {sorted(kinds)}"
+                raise FormatError(f"{self.label}: module '{name}' has {what} (keys {sorted(module.keys.values())})")
+            module.kind = kinds.pop()
+            _validate(self.label, module)
+            if "alpha" in module.keys:
+                module.alpha = _read_alpha(self.label, module, self._source.get(module.keys["alpha"]))
+
+
+def _read_alpha(label: str, module: Module, alpha: torch.Tensor) -> float:
+    if alpha.numel() != 1:
+        raise FormatError(f"{label}: '{module.keys['alpha']}' must be a scalar, has shape {tuple(alpha.shape)}")
+    value = float(alpha.float().item())
+    if not math.isfinite(value):
+        raise FormatError(f"{label}: '{module.keys['alpha']}' is {value}")
+    return value
+
+
+def _validate(label: str, m: Module) -> None:
+    """Check a module's factors agree with each other (the target is checked in patch)."""
+    missing = [s for s in _REQUIRED[m.kind] if s not in m.keys]
+    if missing:
+        raise FormatError(f"{label}: module '{m.name}' ({m.kind}) lacks {missing}; has {sorted(m.keys)}")
+    s = m.shapes
+
+    def fail(why: str) -> None:
+        shapes = ", ".join(f"{k}={v}" for k, v in sorted(s.items()))
+        raise FormatError(f"{label}: module '{m.name}': {why} ({shapes})")
+
+    if m.kind == "loha":
+        if ("hada_t1" in s) != ("hada_t2" in s):
+            fail("has one Tucker core but not the other")
+        for i in ("1", "2"):
+            a, b = s[f"hada_w{i}_a"], s[f"hada_w{i}_b"]
+            if len(a) != 2 or len(b) < 2:
+                fail(f"hada_w{i}_a must be 2-D and hada_w{i}_b at least 2-D")
+            if "hada_t1" in s:
+                t = s[f"hada_t{i}"]
+                if len(t) < 3 or t[0] != a[0] or t[1] != b[0] or len(b) != 2:
+                    fail(f"Tucker core hada_t{i} does not fit hada_w{i}_a (R, O) and hada_w{i}_b (R, I)")
+            elif a[1] != b[0]:
+                fail(f"hada_w{i}_a columns {a[1]} != hada_w{i}_b rows {b[0]}")
+        if "hada_t1" in s:
+            if s["hada_w1_a"][1] != s["hada_w2_a"][1] or s["hada_w1_b"][1] != s["hada_w2_b"][1] or s["hada_t1"][2:] != s["hada_t2"][2:]:
+                fail("the two Tucker branches have different shapes")
+        elif s["hada_w1_a"][0] != s["hada_w2_a"][0] or s["hada_w1_b"][1:] != s["hada_w2_b"][1:]:
+            fail("the two Hadamard branches have different shapes")
+    elif m.kind == "lora":
+        up, down = s["lora_up.weight"], s["lora_down.weight"]
+        if up[1] != down[0]:
+            fail(f"lora_up columns {up[1]} != lora_down rows {down[0]}")
+        mid = s.get("lora_mid.weight")
+        if mid is not None and (len(mid) < 3 or mid[0] != up[1] or mid[1] != down[0]):
+            fail("lora_mid does not fit lora_up and lora_down")
+    elif m.kind == "lokr":
+        if not ({"lokr_w1"} <= s.keys() or {"lokr_w1_a", "lokr_w1_b"} <= s.keys()):
+            fail("needs lokr_w1 or lokr_w1_a and lokr_w1_b")
+        if not ({"lokr_w2"} <= s.keys() or {"lokr_w2_a", "lokr_w2_b"} <= s.keys()):
+            fail("needs lokr_w2 or lokr_w2_a and lokr_w2_b")
+    elif m.kind == "full" and "diff" not in s:
+        fail("has diff_b but no diff")
+    if m.rank == 0:
+        fail("has rank 0")
+
+
+# Cross-attention context width (input of attn2.to_k) and text-encoder width -> family.
+_FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_FAMILY_BY_METADATA = (("sdxl", "sdxl"), ("v2", "sd2"), ("sd_v1", "sd1"), ("v1", "sd1"))
+
+
+def detect_family(net: Network) -> str | None:
+    """SD1.x / SD2.x / SDXL from names and shapes; metadata only as a tie-breaker."""
+    names = net.modules
+    if any(component_of(n) == "te2" for n in names) or any("input_blocks_7_1_transformer_blocks_1" in n for n in names):
+        return "sdxl"
+    for name, module in names.items():
+        if component_of(name) == "unet" and name.endswith("attn2_to_k") and module.kind in ("loha", "lora"):
+            width = module.delta_numel // module.out_features
+            if width in _FAMILY_BY_CONTEXT:
+                return _FAMILY_BY_CONTEXT[width]
+    for name, module in names.items():
+        if component_of(name) == "te1" and name.endswith("self_attn_q_proj") and module.kind in ("loha", "lora"):
+            return {768: "sd1", 1024: "sd2"}.get(module.out_features)
+    hint = " ".join(net.metadata.get(k, "") for k in ("ss_base_model_version", "modelspec.architecture")).lower()
+    if net.metadata.get("ss_v2", "").lower() == "true":
+        return "sd2"
+    return next((family for needle, family in _FAMILY_BY_METADATA if needle in hint), None)
+
+
+def load(path: str | os.PathLike) -> Network:
+    """Open a network file lazily. Only safetensors: pickles are never loaded."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FormatError(f"{path}: no such file")
+    try:
+        source = _Source(path)
+    except Exception as exc:  # safetensors raises its own types for bad headers
+        raise FormatError(f"{path}: not a readable safetensors file ({exc})") from None
+    return Network(source, os.path.splitext(os.path.basename(path))[0])
+
+
+def from_tensors(tensors: Mapping[str, torch.Tensor], name: str = "network", metadata: dict[str, str] | None = None) -> Network:
+    """A network from tensors already in memory (conversions, the trainer, tests)."""
+    return Network(_Source(tensors=tensors), name, metadata or {})
+
+
+def parse_json_metadata(metadata: Mapping[str, str], key: str):
+    """A JSON-valued metadata entry (ss_network_args, ss_tag_frequency), or None if absent/bad."""
+    try:
+        return json.loads(metadata[key])
+    except (KeyError, TypeError, ValueError):
+        return None

@@ -1,0 +1,310 @@
+"""Apply networks to a live model at strengths, atomically, and restore exactly.
+
+`patch()` plans everything before it touches a weight (names, shapes, factors read
+from the files), so a bad file changes nothing. It keeps a bitwise copy of every
+weight it changes and restores by copying back, never by subtracting. Changing
+strengths re-applies from the cached factors without reading the files again.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import torch
+
+from . import delta as D
+from . import kernels
+from .errors import FormatError, LohaError, ShapeError
+from .format import Module, Network, load
+from .keys import NameMap, Target, map_modules, map_state_dict
+
+# Attribute names of the parts of a diffusers pipeline that networks patch.
+PIPELINE_PARTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+@dataclass
+class Use:
+    """One network with its strengths: UNet, text encoders, and per-block multipliers."""
+
+    network: Network
+    unet: float = 1.0
+    te: float | None = None  # None: same as unet
+    blocks: Mapping[str, float] = field(default_factory=dict)  # block id -> multiplier
+
+    def strength(self, target: Target) -> float:
+        if target.component == "unet":
+            return self.unet * self.blocks.get(target.block, 1.0)
+        te = self.unet if self.te is None else self.te
+        return te * self.blocks.get(target.block, 1.0)
+
+
+def as_uses(networks) -> list[Use]:
+    """Accept a Network, a path, a Use, a (network, unet[, te]) tuple, or a list of them."""
+    if isinstance(networks, (Network, Use, str, os.PathLike, tuple)):
+        networks = [networks]
+    uses = []
+    for item in networks:
+        if isinstance(item, Use):
+            uses.append(item)
+            continue
+        if isinstance(item, tuple):
+            net, *strengths = item
+            uses.append(Use(_as_network(net), *strengths))
+        else:
+            uses.append(Use(_as_network(item)))
+    return uses
+
+
+def _as_network(item) -> Network:
+    return item if isinstance(item, Network) else load(item)
+
+
+class ModelView:
+    """A model seen as a flat namespace of weight tensors plus its name map.
+
+    Accepts a state dict (LDM layout, as checkpoints and hosts hold it), a mapping of
+    modules ({"unet": ..., "text_encoder": ...}), a diffusers pipeline, a diffusers /
+    transformers model, or any torch module whose parameters use the LDM layout.
+    """
+
+    def __init__(self, model):
+        if isinstance(model, Mapping) and all(isinstance(v, torch.nn.Module) for v in model.values()):
+            self._modules = dict(model)
+        elif isinstance(model, Mapping):
+            self._modules = None
+            self._tensors = model
+        elif hasattr(model, "unet") and not isinstance(model, torch.nn.Module):
+            self._modules = {p: getattr(model, p) for p in PIPELINE_PARTS if getattr(model, p, None) is not None}
+        elif isinstance(model, torch.nn.Module) and _is_known_part(model):
+            self._modules = {_part_name(model): model}
+        elif isinstance(model, torch.nn.Module):
+            self._modules = None
+            self._tensors = {k: p.data for k, p in model.named_parameters()}
+        else:
+            raise LohaError(f"cannot patch a {type(model).__name__}: expected a state dict, modules or a pipeline")
+        self.names: NameMap = map_modules(self._modules) if self._modules is not None else map_state_dict(self._tensors)
+
+    def tensor(self, key: str) -> torch.Tensor | None:
+        """The live tensor under `key` (writes to it change the model), or None."""
+        if self._modules is None:
+            return self._tensors.get(key)
+        part, _, path = key.partition(".")
+        module_path, _, attr = path.rpartition(".")
+        try:
+            param = getattr(self._modules[part].get_submodule(module_path), attr)
+        except (KeyError, AttributeError):
+            return None
+        return None if param is None else param.data
+
+
+def _is_known_part(module: torch.nn.Module) -> bool:
+    return type(module).__name__.startswith(("UNet2DConditionModel", "CLIPTextModel"))
+
+
+def _part_name(module: torch.nn.Module) -> str:
+    return "unet" if type(module).__name__.startswith("UNet") else "text_encoder"
+
+
+@dataclass
+class _Item:
+    """One module of one network, matched to its target and ready to apply."""
+
+    use: Use
+    module: Module
+    target: Target
+    kind: str  # "hadamard", "lowrank", "dense"
+    factors: tuple  # canonical factors (delta.py) or the dense ΔW
+    scale: float  # alpha/rank
+    dora_scale: torch.Tensor | None = None
+    bias: torch.Tensor | None = None  # full-diff modules' diff_b
+
+
+class PatchHandle:
+    """What `patch()` returns: restore(), set strengths, and the names that matched nothing."""
+
+    def __init__(self, view: ModelView, uses: list[Use]):
+        self._view = view
+        self.uses = uses
+        self.unmatched: dict[str, list[str]] = {}
+        self._items = self._plan()
+        self._backups: dict[str, torch.Tensor] = {}
+        self._apply()
+
+    @property
+    def patched_keys(self) -> list[str]:
+        return list(self._backups)
+
+    def restore(self) -> None:
+        """Copy every original weight back, bit for bit."""
+        with torch.no_grad():
+            for key, original in self._backups.items():
+                self._view.tensor(key).copy_(original)
+        self._backups.clear()
+
+    def set_strengths(self, strengths: Iterable) -> None:
+        """New (unet[, te]) strengths per use, in order; re-applies from cached factors."""
+        for use, value in zip(self.uses, strengths, strict=True):
+            unet, *te = value if isinstance(value, tuple) else (value,)
+            use.unet, use.te = unet, (te[0] if te else None)
+        self.restore()
+        self._apply()
+
+    # -- planning: everything that can fail on bad input happens here, before any write
+    def _plan(self) -> list[_Item]:
+        items = []
+        for use in self.uses:
+            net = use.network
+            missing = []
+            for module in net.modules.values():
+                target = self._view.names.lookup(module.name)
+                if target is None:
+                    missing.append(module.name)
+                    continue
+                items.append(_prepare(net, module, target, use))
+            if missing:
+                self.unmatched[net.label] = missing
+        return items
+
+    # -- applying: backups first, then writes; any failure restores what was written
+    def _apply(self) -> None:
+        regions: dict[tuple, list[_Item]] = defaultdict(list)
+        for item in self._items:
+            if item.use.strength(item.target) != 0:
+                regions[(item.target.key, item.target.rows)].append(item)
+        try:
+            with torch.no_grad():
+                for (key, _rows), items in regions.items():
+                    self._backup(key)
+                    if any(i.bias is not None for i in items):
+                        self._backup(_bias_key(key))
+                self._write(regions)
+        except BaseException:
+            self.restore()
+            raise
+
+    def _backup(self, key: str) -> None:
+        if key not in self._backups:
+            live = self._view.tensor(key)
+            self._backups[key] = live.detach().to("cpu", copy=True)
+
+    def _write(self, regions: dict[tuple, list[_Item]]) -> None:
+        batch = []  # single-network LoHa regions go to the kernels in one grouped call
+        for (key, rows), items in regions.items():
+            weight = self._view.tensor(key)
+            region = weight if rows is None else weight[rows[0] : rows[1]]
+            region = region.view(items[0].target.shape)
+            simple = len(items) == 1 and items[0].dora_scale is None
+            if simple and items[0].kind == "hadamard":
+                it = items[0]
+                batch.append((region, *it.factors, it.scale * it.use.strength(it.target)))
+                continue
+            # Several networks or DoRA on one weight: accumulate in fp32, round once.
+            work = region if region.dtype == torch.float32 and simple else region.to(torch.float32, copy=True)
+            for it in items:
+                _apply_item(work, it)
+            if work is not region:
+                region.copy_(work)
+            for it in items:
+                if it.bias is not None:
+                    bias = self._view.tensor(_bias_key(key))
+                    bias.copy_(bias.float() + it.bias.float().to(bias.device) * it.use.strength(it.target))
+        kernels.add_hadamard_many_(batch)
+
+
+def _bias_key(weight_key: str) -> str:
+    return weight_key[: -len("weight")] + "bias"
+
+
+def _apply_item(work: torch.Tensor, it: _Item) -> None:
+    """Add one module's ΔW into an fp32 working copy of its weight region."""
+    strength = it.use.strength(it.target)
+    if it.dora_scale is not None:
+        delta = _dense(it) * it.scale
+        work.copy_(D.dora_merge(work, delta, it.dora_scale, strength))
+    elif it.kind == "hadamard":
+        kernels.add_hadamard_(work, *it.factors, it.scale * strength)
+    elif it.kind == "lowrank":
+        kernels.add_lowrank_(work, *it.factors, it.scale * strength)
+    else:
+        kernels.add_dense_(work, it.factors[0], it.scale * strength)
+
+
+def _dense(it: _Item) -> torch.Tensor:
+    """ΔW of an item as an fp32 (O, K) tensor (DoRA needs the whole of it)."""
+    if it.kind == "hadamard":
+        return D.hadamard_delta(*it.factors)
+    if it.kind == "lowrank":
+        a, b = it.factors
+        return a.float() @ b.float()
+    return it.factors[0].float().reshape(it.target.shape[0], -1)
+
+
+def _prepare(net: Network, module: Module, target: Target, use: Use) -> _Item:
+    """Check a module against its target, read its tensors, reduce them to canonical factors."""
+    shape = tuple(target.shape)
+    if module.kind != "lokr" and (module.out_features != shape[0] or module.delta_numel != math.prod(shape)):
+        raise ShapeError(
+            f"{net.label}: module '{module.name}' makes ΔW of {module.out_features} rows and "
+            f"{module.delta_numel} elements, but its target '{target.key}' has shape {shape} "
+            f"(factors {', '.join(f'{k}={v}' for k, v in sorted(module.shapes.items()))})"
+        )
+    t = net.tensors(module)
+    dora_scale = t.get("dora_scale")
+    if dora_scale is not None:
+        try:
+            D.dora_axis(dora_scale.shape, shape)
+        except ValueError as exc:
+            raise ShapeError(f"{net.label}: '{module.keys['dora_scale']}': {exc} (target '{target.key}')") from None
+    rank = module.rank
+    scale = D.module_scale(module.alpha, rank) if rank else 1.0
+    bias = None
+    if module.kind == "loha":
+        factors = D.hadamard_factors(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"], t.get("hada_t1"), t.get("hada_t2"))
+        kind = "hadamard"
+    elif module.kind == "lora":
+        factors = D.lora_factors(t["lora_up.weight"], t["lora_down.weight"], t.get("lora_mid.weight"))
+        kind = "lowrank"
+    elif module.kind == "lokr":
+        factors = (_lokr_dense(net, module, t, shape),)
+        kind = "dense"
+    else:
+        factors, kind, bias = (t["diff"],), "dense", t.get("diff_b")
+    _check_finite(net, module, [*factors, dora_scale])
+    return _Item(use, module, target, kind, factors, scale, dora_scale, bias)
+
+
+def _lokr_dense(net: Network, module: Module, t: dict, shape: tuple) -> torch.Tensor:
+    """LoKr ΔW materialised (LoKr is rare in LoHa files; no fused path for it)."""
+    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"].float() @ t["lokr_w1_b"].float()
+    if "lokr_w2" in t:
+        w2 = t["lokr_w2"]
+    elif "lokr_t2" in t:
+        w2 = torch.einsum("ij...,jr,ip->pr...", t["lokr_t2"].float(), t["lokr_w2_b"].float(), t["lokr_w2_a"].float())
+    else:
+        w2 = t["lokr_w2_a"].float() @ t["lokr_w2_b"].float().reshape(t["lokr_w2_b"].shape[0], -1)
+    if w2.dim() == 2 and len(shape) > 2:
+        w2 = w2.reshape(w2.shape[0], -1, *shape[2:])
+        w1 = w1.reshape(*w1.shape, *([1] * (len(shape) - 2)))
+    dense = D.lokr_delta(w1, w2)
+    if dense.numel() != math.prod(shape):
+        raise ShapeError(f"{net.label}: LoKr module '{module.name}' makes ΔW of shape {tuple(dense.shape)}, target has {shape}")
+    return dense.reshape(shape[0], -1)
+
+
+def _check_finite(net: Network, module: Module, tensors) -> None:
+    for tensor in tensors:
+        if tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FormatError(f"{net.label}: module '{module.name}' holds NaN or Inf values")
+
+
+def patch(model, networks) -> PatchHandle:
+    """Apply networks to `model` in place; returns a handle whose restore() undoes it exactly.
+
+    `networks`: a Network or path (strength 1), a `Use`, a (network, unet[, te]) tuple,
+    or a list of these. Names that match nothing are listed on `handle.unmatched`.
+    """
+    return PatchHandle(ModelView(model), as_uses(networks))

@@ -1,0 +1,190 @@
+"""Oracle tests: our patched models against LyCORIS's own forward path, on files it wrote.
+
+LyCORIS's forward path (not its merge_to, which applies alpha/rank twice) is the
+reference: the same file loaded into lycoris-lora's modules and run wrapped around an
+untouched copy of the model must give the outputs of our patched model.
+"""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import loha
+import tiny_models as T
+
+
+def lycoris_outputs(parts, net, path, multiplier):
+    """Outputs of `parts` with LyCORIS's forward path applying the network saved at `path`."""
+    ref = copy.deepcopy(parts)
+    net = copy.deepcopy(net)
+    net.load_weights(path)  # the file's (possibly fp16/bf16-rounded) values
+    tes = [ref[k] for k in ("text_encoder", "text_encoder_2") if k in ref]
+    net.apply_to(tes if len(tes) > 1 else tes[0], ref["unet"], True, True)
+    for module in net.unet_loras + net.text_encoder_loras:
+        module.multiplier = multiplier
+    return T.run_parts(ref)
+
+
+def assert_outputs_close(ours, theirs, base):
+    for part in theirs:
+        change = (theirs[part] - base[part]).abs().max()
+        assert change > 1e-3, f"{part}: the network changes nothing; the test would prove nothing"
+        torch.testing.assert_close(ours[part], theirs[part], rtol=2e-4, atol=2e-4, msg=part)
+
+
+def state(parts):
+    return {f"{p}.{k}": v.clone() for p, m in parts.items() for k, v in m.state_dict().items()}
+
+
+def assert_state_equal(before, parts):
+    after = state(parts)
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+
+CASES = {
+    "sd1-plain": (T.sd1_parts, {}, torch.float32, 0.7),
+    "sd1-fp16-file": (T.sd1_parts, {}, torch.float16, 1.0),
+    "sd1-bf16-file": (T.sd1_parts, {}, torch.bfloat16, 0.5),
+    "sd1-tucker": (T.sd1_parts, {"use_tucker": True}, torch.float32, 1.0),
+    "sd1-dora-out": (T.sd1_parts, {"dora_wd": True}, torch.float32, 1.0),
+    "sd1-dora-in": (T.sd1_parts, {"dora_wd": True, "wd_on_output": False}, torch.float32, 1.0),
+    "sdxl-plain": (T.sdxl_parts, {}, torch.float32, 0.8),
+    "sdxl-tucker-alpha-ne-rank": (T.sdxl_parts, {"use_tucker": True, "alpha": 1.0, "conv_alpha": 8.0}, torch.float32, 1.0),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_patch_matches_lycoris_forward(case, tmp_path):
+    make_parts, kwargs, dtype, strength = CASES[case]
+    parts = make_parts()
+    net = T.lycoris_network(parts, **kwargs)
+    path = T.save_lycoris(net, tmp_path / f"{case}.safetensors", dtype=dtype)
+    base = T.run_parts(parts)
+    before = state(parts)
+
+    handle = loha.patch(parts, (path, strength))
+    assert handle.unmatched == {}
+    ours = T.run_parts(parts)
+    assert_outputs_close(ours, lycoris_outputs(parts_copy := make_parts(), net, path, strength), base)
+    del parts_copy
+
+    handle.restore()
+    assert_state_equal(before, parts)
+
+
+def test_loaded_network_description(tmp_path):
+    parts = T.sdxl_parts()
+    net = T.lycoris_network(parts, use_tucker=True, dora_wd=True)
+    path = T.save_lycoris(net, tmp_path / "n.safetensors", dtype=torch.float16)
+    loaded = loha.load(path)
+    assert loaded.family == "sdxl"
+    assert loaded.text_encoders == {"te1", "te2"}
+    assert loaded.unknown_keys == []
+    kinds = {m.kind for m in loaded.modules.values()}
+    assert kinds == {"loha"}
+    conv = loaded.modules["lora_unet_down_blocks_0_resnets_0_conv1"]
+    assert conv.tucker and conv.dora and conv.rank == 4 and conv.alpha == 2.0
+    assert loaded.dtypes() == {"F16"}
+
+
+def test_strength_change_equals_fresh_patch(tmp_path):
+    parts = T.sd1_parts()
+    path = T.save_lycoris(T.lycoris_network(parts), tmp_path / "n.safetensors")
+    handle = loha.patch(parts, (path, 1.0, 0.3))
+    handle.set_strengths([(0.4, 0.9)])
+    changed = state(parts)
+    handle.restore()
+
+    fresh = T.sd1_parts()
+    loha.patch(fresh, (path, 0.4, 0.9))
+    assert_state_equal(changed, fresh)
+
+
+def test_two_networks_and_separate_te_strength(tmp_path):
+    parts = T.sd1_parts()
+    a = T.save_lycoris(T.lycoris_network(parts, seed=1), tmp_path / "a.safetensors")
+    b = T.save_lycoris(T.lycoris_network(parts, seed=2, use_tucker=True), tmp_path / "b.safetensors")
+    before = state(parts)
+    handle = loha.patch(parts, [(a, 0.5, 0.0), (b, 1.0, 0.25)])
+    # text encoder: only b, at 0.25; check one weight against the reference math
+    net_b = loha.load(b)
+    mod = net_b.modules["lora_te_encoder_layers_0_mlp_fc1"]
+    t = net_b.tensors(mod)
+    expected = before["text_encoder.encoder.layers.0.mlp.fc1.weight"] + 0.25 * mod.alpha / mod.rank * (
+        (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]))
+    torch.testing.assert_close(parts["text_encoder"].encoder.layers[0].mlp.fc1.weight, expected)
+    handle.restore()
+    assert_state_equal(before, parts)
+
+
+def test_unmatched_names_are_listed(tmp_path):
+    parts = T.sd1_parts()
+    path = T.save_lycoris(T.lycoris_network(parts), tmp_path / "n.safetensors")
+    tensors = load_file(path)
+    tensors["lora_unet_no_such_block_proj.hada_w1_a"] = torch.ones(4, 2)
+    tensors["lora_unet_no_such_block_proj.hada_w1_b"] = torch.ones(2, 4)
+    tensors["lora_unet_no_such_block_proj.hada_w2_a"] = torch.ones(4, 2)
+    tensors["lora_unet_no_such_block_proj.hada_w2_b"] = torch.ones(2, 4)
+    tensors["lora_unet_conv_in.strange_suffix"] = torch.ones(1)
+    save_file(tensors, tmp_path / "extra.safetensors")
+    net = loha.load(tmp_path / "extra.safetensors")
+    assert net.unknown_keys == ["lora_unet_conv_in.strange_suffix"]
+    handle = loha.patch(parts, net)
+    assert handle.unmatched == {str(tmp_path / "extra.safetensors"): ["lora_unet_no_such_block_proj"]}
+
+
+def test_shape_mismatch_changes_nothing(tmp_path):
+    parts = T.sd1_parts()
+    path = T.save_lycoris(T.lycoris_network(parts), tmp_path / "n.safetensors")
+    tensors = load_file(path)
+    # A module late in the file made for a wider layer: everything before it must not be applied.
+    key = "lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_ff_net_2"
+    for suffix in ("hada_w1_b", "hada_w2_b"):
+        r, i = tensors[f"{key}.{suffix}"].shape
+        tensors[f"{key}.{suffix}"] = torch.randn(r, i + 3)
+    save_file(tensors, tmp_path / "bad.safetensors")
+    before = state(parts)
+    with pytest.raises(loha.ShapeError) as err:
+        loha.patch(parts, str(tmp_path / "bad.safetensors"))
+    message = str(err.value)
+    assert "bad.safetensors" in message and key in message and "ff.net.2.weight" in message
+    assert_state_equal(before, parts)
+
+
+def test_inconsistent_factors_are_refused_on_load(tmp_path):
+    save_file({"lora_unet_conv_in.hada_w1_a": torch.ones(8, 2), "lora_unet_conv_in.hada_w1_b": torch.ones(3, 36),
+               "lora_unet_conv_in.hada_w2_a": torch.ones(8, 2), "lora_unet_conv_in.hada_w2_b": torch.ones(2, 36)},
+              tmp_path / "x.safetensors")
+    with pytest.raises(loha.FormatError, match=r"x\.safetensors.*lora_unet_conv_in.*hada_w1_a columns 2 != hada_w1_b rows 3"):
+        loha.load(tmp_path / "x.safetensors")
+
+
+def test_truncated_file_is_a_format_error(tmp_path):
+    parts = T.sd1_parts()
+    path = T.save_lycoris(T.lycoris_network(parts), tmp_path / "n.safetensors")
+    data = open(path, "rb").read()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(loha.FormatError, match="cut.safetensors"):
+        loha.load(tmp_path / "cut.safetensors")
+
+
+def test_nan_factor_changes_nothing(tmp_path):
+    parts = T.sd1_parts()
+    path = T.save_lycoris(T.lycoris_network(parts), tmp_path / "n.safetensors")
+    tensors = load_file(path)
+    tensors["lora_unet_conv_out.hada_w2_b"][0, 0] = float("nan")
+    save_file(tensors, tmp_path / "nan.safetensors")
+    before = state(parts)
+    with pytest.raises(loha.FormatError, match="lora_unet_conv_out.*NaN"):
+        loha.patch(parts, str(tmp_path / "nan.safetensors"))
+    assert_state_equal(before, parts)
+
+
+def test_alpha_semantics():
+    assert loha.delta.module_scale(None, 4) == 1.0
+    assert loha.delta.module_scale(0.0, 4) == 0.0
+    assert loha.delta.module_scale(2.0, 8) == 0.25

@@ -1,0 +1,163 @@
+"""Small real models with seeded random weights, and LoHa files made by lycoris-lora.
+
+The UNets keep the real families' cross-attention widths (768 for SD1, 2048 for SDXL)
+and two res blocks per level, so names, family detection and the LDM layout behave
+as on full-size models, while channels stay tiny.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logging.getLogger("lycoris").setLevel(logging.ERROR)
+
+
+def sd1_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+
+
+def sdxl_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 2),
+        cross_attention_dim=2048,
+        attention_head_dim=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+        norm_num_groups=8,
+    ).eval()
+
+
+def clip_text(hidden: int = 32, layers: int = 2, seed: int = 0, projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        projection_dim=32,
+        vocab_size=1000,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        max_position_embeddings=16,
+    )
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def sd1_parts(seed: int = 0) -> dict:
+    return {"unet": sd1_unet(seed), "text_encoder": clip_text(seed=seed + 1)}
+
+
+def sdxl_parts(seed: int = 0) -> dict:
+    return {
+        "unet": sdxl_unet(seed),
+        "text_encoder": clip_text(seed=seed + 1),
+        "text_encoder_2": clip_text(hidden=32, seed=seed + 2, projection=True),
+    }
+
+
+# lycoris-lora 4.1.3's "full" preset names time_embedding both by class (TimestepEmbedding)
+# and by path, and then refuses the duplicate on a diffusers UNet; this is "full" without
+# the duplicate (and with SDXL's add_embedding, a TimestepEmbedding too).
+FULL_PRESET = """
+enable_conv = true
+unet_target_module = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D", "TimestepEmbedding"]
+unet_target_name = ["conv_in", "conv_out"]
+text_encoder_target_module = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"]
+text_encoder_target_name = []
+"""
+
+
+def _preset_file() -> str:
+    import os
+    import tempfile
+
+    path = os.path.join(tempfile.gettempdir(), "loha-test-lycoris-full-preset.toml")
+    with open(path, "w") as f:
+        f.write(FULL_PRESET)
+    return path
+
+
+def lycoris_network(parts: dict, seed: int = 0, dim: int = 4, alpha: float = 2.0, conv_dim: int = 4,
+                    conv_alpha: float = 2.0, **kwargs):
+    """A LoHa network made by lycoris-lora on `parts`, its zero factor randomised so ΔW ≠ 0."""
+    from lycoris.kohya import create_network
+
+    tes = [parts[k] for k in ("text_encoder", "text_encoder_2") if k in parts]
+    net = create_network(1.0, dim, alpha, None, tes if len(tes) > 1 else tes[0], parts["unet"], algo="loha",
+                         conv_dim=conv_dim, conv_alpha=conv_alpha, preset=_preset_file(), **kwargs)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.endswith("hada_w2_a"):
+                param.normal_(std=0.1)
+            if name.endswith("dora_scale"):
+                param.mul_(1 + 0.1 * torch.randn_like(param))
+    return net
+
+
+def save_lycoris(net, path, dtype=torch.float32, metadata=None) -> str:
+    net.save_weights(str(path), dtype, metadata or {"ss_network_module": "lycoris.kohya"})
+    return str(path)
+
+
+def unet_inputs(unet, seed: int = 0) -> dict:
+    """Seeded inputs for a UNet2DConditionModel forward (SDXL's added conditions too)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = unet.config
+    kwargs = {
+        "sample": torch.randn(1, cfg.in_channels, 8, 8, generator=g),
+        "timestep": torch.tensor([10]),
+        "encoder_hidden_states": torch.randn(1, 5, cfg.cross_attention_dim, generator=g),
+    }
+    if cfg.addition_embed_type == "text_time":
+        text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, text_dim, generator=g),
+            "time_ids": torch.randn(1, 6, generator=g),
+        }
+    return kwargs
+
+
+def run_parts(parts: dict, seed: int = 0) -> dict:
+    """Outputs of every part on fixed inputs, for comparing patched models."""
+    out = {}
+    with torch.no_grad():
+        unet = parts["unet"]
+        out["unet"] = unet(**unet_inputs(unet, seed)).sample
+        ids = torch.tensor([[0, 5, 17, 42, 2]])
+        for key in ("text_encoder", "text_encoder_2"):
+            if key in parts:
+                out[key] = parts[key](ids).last_hidden_state
+    return out
