@@ -114,6 +114,6 @@ def dora_merge(w0: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor, 
     merged = w0 + delta.to(_F32).reshape(w0.shape)
     axis = 0 if dora_axis(dora_scale.shape, w0.shape) == "out" else 1
     dims = [d for d in range(merged.dim()) if d != axis]
-    norm = merged.norm(dim=dims, keepdim=True) + torch.finfo(_F32).eps
+    norm = torch.linalg.vector_norm(merged, dim=dims, keepdim=True) + torch.finfo(_F32).eps
     decomposed = merged * (dora_scale.to(_F32).reshape(norm.shape) / norm)
     return w0 + strength * (decomposed - w0)

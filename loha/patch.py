@@ -123,14 +123,80 @@ class _Item:
     bias: torch.Tensor | None = None  # full-diff modules' diff_b
 
 
+def plan(names: NameMap, uses: list[Use]) -> tuple[list[_Item], dict[str, list[str]]]:
+    """Match, check and read every module of every use; nothing is written.
+
+    Returns the items, and per network (by label) the module names that matched nothing.
+    """
+    items, unmatched = [], {}
+    for use in uses:
+        net = use.network
+        missing = []
+        for module in net.modules.values():
+            target = names.lookup(module.name)
+            if target is None:
+                missing.append(module.name)
+                continue
+            items.append(_prepare(net, module, target, use))
+        if missing:
+            unmatched[net.label] = missing
+    return items, unmatched
+
+
+def by_tensor(items: list[_Item]) -> dict[str, list[_Item]]:
+    """Items with a non-zero strength, grouped by the key of the tensor they change."""
+    grouped: dict[str, list[_Item]] = defaultdict(list)
+    for item in items:
+        if item.use.strength(item.target) != 0:
+            grouped[item.target.key].append(item)
+    return grouped
+
+
+def apply_to_tensor(weight: torch.Tensor, items: list[_Item], batch: list | None = None) -> None:
+    """Add the ΔW of `items` (all targeting `weight`, maybe row slices of it) in place.
+
+    A region changed by one plain LoHa goes to the fused kernels (into `batch` when the
+    caller gathers many layers for one grouped call); a region changed by several
+    networks, or by DoRA, is accumulated in fp32 and rounded once.
+    """
+    regions: dict[tuple | None, list[_Item]] = defaultdict(list)
+    for item in items:
+        regions[item.target.rows].append(item)
+    own_batch = batch is None
+    batch = [] if own_batch else batch
+    for rows, group in regions.items():
+        region = weight if rows is None else weight[rows[0] : rows[1]]
+        region = region.view(group[0].target.shape)
+        simple = len(group) == 1 and group[0].dora_scale is None
+        if simple and group[0].kind == "hadamard":
+            it = group[0]
+            batch.append((region, *it.factors, it.scale * it.use.strength(it.target)))
+            continue
+        work = region if region.dtype == torch.float32 and simple else region.to(torch.float32, copy=True)
+        for it in group:
+            _apply_item(work, it)
+        if work is not region:
+            region.copy_(work)
+    if own_batch:
+        kernels.add_hadamard_many_(batch)
+
+
+def apply_to_bias(bias: torch.Tensor, items: list[_Item]) -> None:
+    """Add full-diff modules' `diff_b` into the bias next to their weight."""
+    total = bias.float()
+    for it in items:
+        if it.bias is not None:
+            total += it.bias.float().to(bias.device) * it.use.strength(it.target)
+    bias.copy_(total)
+
+
 class PatchHandle:
     """What `patch()` returns: restore(), set strengths, and the names that matched nothing."""
 
     def __init__(self, view: ModelView, uses: list[Use]):
         self._view = view
         self.uses = uses
-        self.unmatched: dict[str, list[str]] = {}
-        self._items = self._plan()
+        self._items, self.unmatched = plan(view.names, uses)
         self._backups: dict[str, torch.Tensor] = {}
         self._apply()
 
@@ -153,66 +219,28 @@ class PatchHandle:
         self.restore()
         self._apply()
 
-    # -- planning: everything that can fail on bad input happens here, before any write
-    def _plan(self) -> list[_Item]:
-        items = []
-        for use in self.uses:
-            net = use.network
-            missing = []
-            for module in net.modules.values():
-                target = self._view.names.lookup(module.name)
-                if target is None:
-                    missing.append(module.name)
-                    continue
-                items.append(_prepare(net, module, target, use))
-            if missing:
-                self.unmatched[net.label] = missing
-        return items
-
-    # -- applying: backups first, then writes; any failure restores what was written
     def _apply(self) -> None:
-        regions: dict[tuple, list[_Item]] = defaultdict(list)
-        for item in self._items:
-            if item.use.strength(item.target) != 0:
-                regions[(item.target.key, item.target.rows)].append(item)
+        """Back up every tensor about to change, then write; a failure restores them all."""
+        grouped = by_tensor(self._items)
         try:
             with torch.no_grad():
-                for (key, _rows), items in regions.items():
+                for key, items in grouped.items():
                     self._backup(key)
                     if any(i.bias is not None for i in items):
                         self._backup(_bias_key(key))
-                self._write(regions)
+                batch: list = []
+                for key, items in grouped.items():
+                    apply_to_tensor(self._view.tensor(key), items, batch)
+                    if any(i.bias is not None for i in items):
+                        apply_to_bias(self._view.tensor(_bias_key(key)), items)
+                kernels.add_hadamard_many_(batch)
         except BaseException:
             self.restore()
             raise
 
     def _backup(self, key: str) -> None:
         if key not in self._backups:
-            live = self._view.tensor(key)
-            self._backups[key] = live.detach().to("cpu", copy=True)
-
-    def _write(self, regions: dict[tuple, list[_Item]]) -> None:
-        batch = []  # single-network LoHa regions go to the kernels in one grouped call
-        for (key, rows), items in regions.items():
-            weight = self._view.tensor(key)
-            region = weight if rows is None else weight[rows[0] : rows[1]]
-            region = region.view(items[0].target.shape)
-            simple = len(items) == 1 and items[0].dora_scale is None
-            if simple and items[0].kind == "hadamard":
-                it = items[0]
-                batch.append((region, *it.factors, it.scale * it.use.strength(it.target)))
-                continue
-            # Several networks or DoRA on one weight: accumulate in fp32, round once.
-            work = region if region.dtype == torch.float32 and simple else region.to(torch.float32, copy=True)
-            for it in items:
-                _apply_item(work, it)
-            if work is not region:
-                region.copy_(work)
-            for it in items:
-                if it.bias is not None:
-                    bias = self._view.tensor(_bias_key(key))
-                    bias.copy_(bias.float() + it.bias.float().to(bias.device) * it.use.strength(it.target))
-        kernels.add_hadamard_many_(batch)
+            self._backups[key] = self._view.tensor(key).detach().to("cpu", copy=True)
 
 
 def _bias_key(weight_key: str) -> str:

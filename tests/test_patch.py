@@ -5,8 +5,6 @@ reference: the same file loaded into lycoris-lora's modules and run wrapped arou
 untouched copy of the model must give the outputs of our patched model.
 """
 
-import copy
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,13 +13,15 @@ import loha
 import tiny_models as T
 
 
-def lycoris_outputs(parts, net, path, multiplier):
-    """Outputs of `parts` with LyCORIS's forward path applying the network saved at `path`."""
-    ref = copy.deepcopy(parts)
-    net = copy.deepcopy(net)
-    net.load_weights(path)  # the file's (possibly fp16/bf16-rounded) values
-    tes = [ref[k] for k in ("text_encoder", "text_encoder_2") if k in ref]
-    net.apply_to(tes if len(tes) > 1 else tes[0], ref["unet"], True, True)
+def lycoris_outputs(make_parts, kwargs, path, multiplier):
+    """Outputs of fresh `make_parts()` with LyCORIS's forward path applying the file at `path`.
+
+    LyCORIS modules hook the layers they were built on, so the network is built anew on
+    the reference copy and loaded from the file (its fp16/bf16-rounded values).
+    """
+    ref = make_parts()
+    net = T.lycoris_network(ref, **kwargs)
+    net.load_weights(path)
     for module in net.unet_loras + net.text_encoder_loras:
         module.multiplier = multiplier
     return T.run_parts(ref)
@@ -61,16 +61,14 @@ CASES = {
 def test_patch_matches_lycoris_forward(case, tmp_path):
     make_parts, kwargs, dtype, strength = CASES[case]
     parts = make_parts()
-    net = T.lycoris_network(parts, **kwargs)
-    path = T.save_lycoris(net, tmp_path / f"{case}.safetensors", dtype=dtype)
+    path = T.make_loha_file(parts, tmp_path / f"{case}.safetensors", dtype=dtype, **kwargs)
     base = T.run_parts(parts)
     before = state(parts)
 
     handle = loha.patch(parts, (path, strength))
     assert handle.unmatched == {}
     ours = T.run_parts(parts)
-    assert_outputs_close(ours, lycoris_outputs(parts_copy := make_parts(), net, path, strength), base)
-    del parts_copy
+    assert_outputs_close(ours, lycoris_outputs(make_parts, kwargs, path, strength), base)
 
     handle.restore()
     assert_state_equal(before, parts)
@@ -78,8 +76,7 @@ def test_patch_matches_lycoris_forward(case, tmp_path):
 
 def test_loaded_network_description(tmp_path):
     parts = T.sdxl_parts()
-    net = T.lycoris_network(parts, use_tucker=True, dora_wd=True)
-    path = T.save_lycoris(net, tmp_path / "n.safetensors", dtype=torch.float16)
+    path = T.make_loha_file(parts, tmp_path / "n.safetensors", dtype=torch.float16, use_tucker=True, dora_wd=True)
     loaded = loha.load(path)
     assert loaded.family == "sdxl"
     assert loaded.text_encoders == {"te1", "te2"}
@@ -93,7 +90,7 @@ def test_loaded_network_description(tmp_path):
 
 def test_strength_change_equals_fresh_patch(tmp_path):
     parts = T.sd1_parts()
-    path = T.save_lycoris(T.lycoris_network(parts), tmp_path / "n.safetensors")
+    path = T.make_loha_file(parts, tmp_path / "n.safetensors")
     handle = loha.patch(parts, (path, 1.0, 0.3))
     handle.set_strengths([(0.4, 0.9)])
     changed = state(parts)
@@ -106,8 +103,8 @@ def test_strength_change_equals_fresh_patch(tmp_path):
 
 def test_two_networks_and_separate_te_strength(tmp_path):
     parts = T.sd1_parts()
-    a = T.save_lycoris(T.lycoris_network(parts, seed=1), tmp_path / "a.safetensors")
-    b = T.save_lycoris(T.lycoris_network(parts, seed=2, use_tucker=True), tmp_path / "b.safetensors")
+    a = T.make_loha_file(parts, tmp_path / "a.safetensors", seed=1)
+    b = T.make_loha_file(parts, tmp_path / "b.safetensors", seed=2, use_tucker=True)
     before = state(parts)
     handle = loha.patch(parts, [(a, 0.5, 0.0), (b, 1.0, 0.25)])
     # text encoder: only b, at 0.25; check one weight against the reference math
@@ -123,7 +120,7 @@ def test_two_networks_and_separate_te_strength(tmp_path):
 
 def test_unmatched_names_are_listed(tmp_path):
     parts = T.sd1_parts()
-    path = T.save_lycoris(T.lycoris_network(parts), tmp_path / "n.safetensors")
+    path = T.make_loha_file(parts, tmp_path / "n.safetensors")
     tensors = load_file(path)
     tensors["lora_unet_no_such_block_proj.hada_w1_a"] = torch.ones(4, 2)
     tensors["lora_unet_no_such_block_proj.hada_w1_b"] = torch.ones(2, 4)
@@ -139,7 +136,7 @@ def test_unmatched_names_are_listed(tmp_path):
 
 def test_shape_mismatch_changes_nothing(tmp_path):
     parts = T.sd1_parts()
-    path = T.save_lycoris(T.lycoris_network(parts), tmp_path / "n.safetensors")
+    path = T.make_loha_file(parts, tmp_path / "n.safetensors")
     tensors = load_file(path)
     # A module late in the file made for a wider layer: everything before it must not be applied.
     key = "lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_ff_net_2"
@@ -165,7 +162,7 @@ def test_inconsistent_factors_are_refused_on_load(tmp_path):
 
 def test_truncated_file_is_a_format_error(tmp_path):
     parts = T.sd1_parts()
-    path = T.save_lycoris(T.lycoris_network(parts), tmp_path / "n.safetensors")
+    path = T.make_loha_file(parts, tmp_path / "n.safetensors")
     data = open(path, "rb").read()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(loha.FormatError, match="cut.safetensors"):
@@ -174,7 +171,7 @@ def test_truncated_file_is_a_format_error(tmp_path):
 
 def test_nan_factor_changes_nothing(tmp_path):
     parts = T.sd1_parts()
-    path = T.save_lycoris(T.lycoris_network(parts), tmp_path / "n.safetensors")
+    path = T.make_loha_file(parts, tmp_path / "n.safetensors")
     tensors = load_file(path)
     tensors["lora_unet_conv_out.hada_w2_b"][0, 0] = float("nan")
     save_file(tensors, tmp_path / "nan.safetensors")

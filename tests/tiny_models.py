@@ -7,11 +7,10 @@ as on full-size models, while channels stay tiny.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
-
-logging.getLogger("lycoris").setLevel(logging.ERROR)
 
 
 def sd1_unet(seed: int = 0):
@@ -111,23 +110,31 @@ def _preset_file() -> str:
 
 def lycoris_network(parts: dict, seed: int = 0, dim: int = 4, alpha: float = 2.0, conv_dim: int = 4,
                     conv_alpha: float = 2.0, **kwargs):
-    """A LoHa network made by lycoris-lora on `parts`, its zero factor randomised so ΔW ≠ 0."""
+    """A LoHa network made by lycoris-lora and hooked into `parts` (LyCORIS's forward path).
+
+    The zero-initialised factor is randomised so ΔW ≠ 0. The parts' outputs change from
+    now on: pass a copy to keep them clean (`make_loha_file` does).
+    """
     from lycoris.kohya import create_network
 
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)  # its INFO lines drown test output
     tes = [parts[k] for k in ("text_encoder", "text_encoder_2") if k in parts]
-    net = create_network(1.0, dim, alpha, None, tes if len(tes) > 1 else tes[0], parts["unet"], algo="loha",
+    te = tes if len(tes) > 1 else tes[0]
+    net = create_network(1.0, dim, alpha, None, te, parts["unet"], algo="loha",
                          conv_dim=conv_dim, conv_alpha=conv_alpha, preset=_preset_file(), **kwargs)
+    net.apply_to(te, parts["unet"], True, True)  # also registers the modules for state_dict()
     torch.manual_seed(seed)
     with torch.no_grad():
-        for name, param in net.named_parameters():
-            if name.endswith("hada_w2_a"):
-                param.normal_(std=0.1)
-            if name.endswith("dora_scale"):
-                param.mul_(1 + 0.1 * torch.randn_like(param))
+        for module in net.unet_loras + net.text_encoder_loras:
+            module.hada_w2_a.normal_(std=0.1)
+            if module.wd:
+                module.dora_scale.mul_(1 + 0.1 * torch.randn_like(module.dora_scale))
     return net
 
 
-def save_lycoris(net, path, dtype=torch.float32, metadata=None) -> str:
+def make_loha_file(parts: dict, path, dtype=torch.float32, metadata=None, **kwargs) -> str:
+    """Write a LoHa file for `parts` with lycoris-lora (built on a copy; `parts` stay clean)."""
+    net = lycoris_network(copy.deepcopy(parts), **kwargs)
     net.save_weights(str(path), dtype, metadata or {"ss_network_module": "lycoris.kohya"})
     return str(path)
 
