@@ -95,16 +95,24 @@ class Encoder:
     prefix: str  # the kohya prefix a file uses for it
 
 
+SD1_TE = Encoder(
+    "text_encoder", "te1", CLIPTextModel, CLIP_L, "cond_stage_model.transformer.", False, "lora_te_"
+)
+SD2_TE = Encoder(
+    "text_encoder", "te1", CLIPTextModel, OPENCLIP_H, "cond_stage_model.model.", True, "lora_te_"
+)
+SDXL_TE1 = Encoder(
+    "text_encoder", "te1", CLIPTextModel, CLIP_L, "conditioner.embedders.0.transformer.", False,
+    "lora_te1_",
+)
+SDXL_TE2 = Encoder(
+    "text_encoder_2", "te2", CLIPTextModelWithProjection, OPENCLIP_BIGG,
+    "conditioner.embedders.1.model.", True, "lora_te2_",
+)
 FAMILIES = {
-    "sd1": (SD15_UNET, [Encoder("text_encoder", "te1", CLIPTextModel, CLIP_L, "cond_stage_model.transformer.", False, "lora_te_")]),
-    "sd2": (SD21_UNET, [Encoder("text_encoder", "te1", CLIPTextModel, OPENCLIP_H, "cond_stage_model.model.", True, "lora_te_")]),
-    "sdxl": (
-        SDXL_UNET,
-        [
-            Encoder("text_encoder", "te1", CLIPTextModel, CLIP_L, "conditioner.embedders.0.transformer.", False, "lora_te1_"),
-            Encoder("text_encoder_2", "te2", CLIPTextModelWithProjection, OPENCLIP_BIGG, "conditioner.embedders.1.model.", True, "lora_te2_"),
-        ],
-    ),
+    "sd1": (SD15_UNET, [SD1_TE]),
+    "sd2": (SD21_UNET, [SD2_TE]),
+    "sdxl": (SDXL_UNET, [SDXL_TE1, SDXL_TE2]),
 }
 UNET_LDM_PREFIX = "model.diffusion_model."
 
@@ -159,7 +167,8 @@ LDM_RESNET = {
     "conv_shortcut": "skip_connection",
 }
 DIFFUSERS_BLOCK = re.compile(
-    r"(down_blocks|mid_block|up_blocks)\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)"
+    r"(down_blocks|mid_block|up_blocks)\.(?:(\d+)\.)?"
+    r"(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)"
 )
 
 
@@ -202,6 +211,7 @@ OPENCLIP_RENAMES = (
     ("embeddings.token_embedding", "token_embedding"),
 )
 QKV = re.compile(r"(.*)\.self_attn\.[qkv]_proj\.(weight|bias)")
+QKV_ORDER = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
 
 
 def openclip_sources(hf_keys, extra_layer: int | None) -> dict[str, list[str]]:
@@ -223,8 +233,8 @@ def openclip_sources(hf_keys, extra_layer: int | None) -> dict[str, list[str]]:
         for old, new in OPENCLIP_RENAMES:
             ldm = ldm.replace(old, new)
         sources.setdefault(ldm, []).append(key)
-    for hf_keys in sources.values():  # fused in q, k, v order (modules register k, v, q)
-        hf_keys.sort(key=lambda k: "qkv".find(k.split(".")[-2][0]) if QKV.fullmatch(k) else 0)
+    for hf_keys in sources.values():  # fuse in q, k, v order (modules register k, v, q)
+        hf_keys.sort(key=lambda k: QKV_ORDER.get(k.split(".")[-2], 0))
     if extra_layer is not None:
         last = f"transformer.resblocks.{extra_layer - 1}."
         for ldm in [k for k in sources if k.startswith(last)]:
@@ -238,7 +248,8 @@ def canonical_hf(key: str) -> str:
 
 def hf_state(model) -> dict[str, tuple]:
     """Canonical HF key (no ``text_model.``) -> shape, without buffers."""
-    return {canonical_hf(k): tuple(v.shape) for k, v in model.state_dict().items() if "position_ids" not in k}
+    state = model.state_dict()
+    return {canonical_hf(k): tuple(v.shape) for k, v in state.items() if "position_ids" not in k}
 
 
 def tag_openclip(encoder: Encoder, model, state: dict) -> dict:
@@ -246,12 +257,15 @@ def tag_openclip(encoder: Encoder, model, state: dict) -> dict:
     ldm = {}
     for ldm_key, hf_keys in openclip_sources(state, extra).items():
         shapes = [state[k] for k in hf_keys]
-        shape = shapes[0][::-1] if ldm_key == "text_projection" else (sum(s[0] for s in shapes), *shapes[0][1:])
+        if ldm_key == "text_projection":
+            shape = shapes[0][::-1]
+        else:
+            shape = (sum(s[0] for s in shapes), *shapes[0][1:])
         key = encoder.ldm_prefix + ldm_key
         ldm[key] = Tag(key, shape)
-    if "text_projection.weight" not in state:  # SD2's checkpoint has one, its diffusers encoder not
-        width = model.config.hidden_size
-        ldm[encoder.ldm_prefix + "text_projection"] = Tag(encoder.ldm_prefix + "text_projection", (width, width))
+    if "text_projection.weight" not in state:  # SD2's checkpoint has one, its encoder not
+        key, width = encoder.ldm_prefix + "text_projection", model.config.hidden_size
+        ldm[key] = Tag(key, (width, width))
     return ldm
 
 
@@ -337,18 +351,35 @@ def expected_block(ldm_path: str, last_out: int) -> str:
     return "BASE"
 
 
+TEXT_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+              "mlp.fc1", "mlp.fc2")
+
+
+def expected_spellings(family: str, component: str, path: str, ldm_path: str | None, prefix):
+    """(spellings a file may use, the one kohya writes) for a module path."""
+    if component == "unet":
+        under = path.replace(".", "_")
+        spellings = ["lora_unet_" + under, "lora_unet_" + ldm_path.replace(".", "_"),
+                     "lycoris_" + under]
+        return spellings, spellings[1] if family == "sdxl" else spellings[0]
+    under = canonical_hf(path).replace(".", "_")
+    spellings = [prefix + "text_model_" + under, prefix + under]
+    return spellings, spellings[0]
+
+
 @pytest.mark.parametrize("layout", ["modules", "ldm"])
 def test_full_size_coverage(full: Full, layout: str):
     if layout == "modules":
-        attrs = {"unet": full.unet, **{e.attr: m for e, m in full.encoders.items()}}
-        name_map = map_modules(attrs)
+        name_map = map_modules({"unet": full.unet, **{e.attr: m for e, m in full.encoders.items()}})
     else:
         name_map = map_state_dict(full.ldm)
     assert name_map.family == full.family
-    last_out = max(int(k.split(".")[3]) for k in full.ldm if k.startswith(UNET_LDM_PREFIX + "output_blocks."))
+    outputs = UNET_LDM_PREFIX + "output_blocks."
+    last_out = max(int(k[len(outputs):].split(".")[0]) for k in full.ldm if k.startswith(outputs))
 
     jobs = [("unet", "unet", full.unet, FULL_UNET_MODULES, FULL_UNET_NAMES, None)]
-    jobs += [(e.component, e.attr, m, FULL_TEXT_ENCODER_MODULES, [], e.prefix) for e, m in full.encoders.items()]
+    for e, model in full.encoders.items():
+        jobs.append((e.component, e.attr, model, FULL_TEXT_ENCODER_MODULES, [], e.prefix))
     hit = set()
     for component, attr, model, classes, names, te_prefix in jobs:
         found = lycoris_targets(model, classes, names)
@@ -356,16 +387,10 @@ def test_full_size_coverage(full: Full, layout: str):
         for path, module in found.items():
             canonical = canonical_hf(path)
             tag = full.where[(component, f"{canonical}.weight")]
-            if component == "unet":
-                ldm_path = tag.key.removeprefix(UNET_LDM_PREFIX).removesuffix(".weight")
-                under = path.replace(".", "_")
-                spellings = ["lora_unet_" + under, "lora_unet_" + ldm_path.replace(".", "_"), "lycoris_" + under]
-                kohya = spellings[1] if full.family == "sdxl" else spellings[0]
-                block = expected_block(ldm_path, last_out)
-            else:
-                under = canonical.replace(".", "_")
-                spellings = [te_prefix + "text_model_" + under, te_prefix + under]
-                kohya, block = spellings[0], "BASE"
+            ldm_path = tag.key.removeprefix(UNET_LDM_PREFIX).removesuffix(".weight")
+            spellings, kohya = expected_spellings(full.family, component, path, ldm_path, te_prefix)
+            block = expected_block(ldm_path, last_out) if component == "unet" else "BASE"
+
             targets = {name_map.lookup(s) for s in spellings}
             assert len(targets) == 1 and None not in targets, (path, targets)
             target = targets.pop()
@@ -383,8 +408,7 @@ def test_full_size_coverage(full: Full, layout: str):
     # Every target is one lycoris trains, except SD2's unused 24th OpenCLIP layer.
     extra = {(t.component, t.path) for t in name_map.targets if t not in hit}
     if layout == "ldm" and full.family == "sd2":
-        assert extra == {("te1", f"encoder.layers.23.{p}") for p in
-                         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")}
+        assert extra == {("te1", f"encoder.layers.23.{part}") for part in TEXT_PARTS}
     else:
         assert extra == set()
 
@@ -392,9 +416,8 @@ def test_full_size_coverage(full: Full, layout: str):
 def test_full_size_block_ids(full: Full):
     name_map = map_state_dict(full.ldm)
     blocks = {t.path: t.block for t in name_map.targets if t.component == "unet"}
-    last = {"sd1": "OUT11", "sd2": "OUT11", "sdxl": "OUT08"}[full.family]
     assert blocks["conv_in"] == "IN00"
-    assert blocks["conv_out"] == last
+    assert blocks["conv_out"] == {"sd1": "OUT11", "sd2": "OUT11", "sdxl": "OUT08"}[full.family]
     assert blocks["time_embedding.linear_1"] == "BASE"
     assert blocks["down_blocks.0.downsamplers.0.conv"] == "IN03"
     assert blocks["mid_block.resnets.1.conv2"] == "MID"
@@ -413,20 +436,48 @@ def tiny_clip(cls=CLIPTextModel, width=16, layers=2, seed=0):
     return cls(clip_config(width, layers, 2, "gelu", vocab=64, positions=8)).eval()
 
 
+def tiny_unet(sdxl: bool):
+    torch.manual_seed(0)
+    if sdxl:
+        levels = dict(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=64,
+        )
+    else:
+        levels = dict(
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        )
+    return UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(16, 32),
+        layers_per_block=2,
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+        **levels,
+    ).eval()
+
+
 def test_text_encoder_layouts_transformers_5_and_4():
     te1, te2 = tiny_clip(), tiny_clip(CLIPTextModelWithProjection)
     assert not any(n.startswith("text_model.") for n, _ in te1.named_modules())  # transformers 5
     name_map = map_modules({"text_encoder": te1, "text_encoder_2": te2}, family="sdxl")
     q1 = name_map.lookup("lora_te1_text_model_encoder_layers_1_self_attn_q_proj")
     assert q1 is name_map.lookup("lora_te1_encoder_layers_1_self_attn_q_proj")
-    assert (q1.component, q1.path, q1.key) == ("te1", "encoder.layers.1.self_attn.q_proj", "text_encoder.encoder.layers.1.self_attn.q_proj.weight")
+    path = "encoder.layers.1.self_attn.q_proj"
+    assert (q1.component, q1.path, q1.key) == ("te1", path, f"text_encoder.{path}.weight")
     fc2 = name_map.lookup("lora_te2_encoder_layers_0_mlp_fc2")
     assert fc2 is name_map.lookup("lora_te2_text_model_encoder_layers_0_mlp_fc2")
-    assert (fc2.component, fc2.key, fc2.shape) == ("te2", "text_encoder_2.text_model.encoder.layers.0.mlp.fc2.weight", (16, 64))
-    assert len(name_map.targets) == 2 * 2 * 6  # no text_projection, no embeddings or norms
+    assert (fc2.component, fc2.key, fc2.shape) == (
+        "te2", "text_encoder_2.text_model.encoder.layers.0.mlp.fc2.weight", (16, 64)
+    )
+    assert len(name_map.targets) == 2 * 2 * 6  # no text_projection, embeddings or norms
 
-    # transformers 4's CLIPTextModel kept a text_model level.
-    class Transformers4(torch.nn.Module):
+    class Transformers4(torch.nn.Module):  # transformers 4's CLIPTextModel had text_model
         def __init__(self, inner):
             super().__init__()
             self.text_model = inner
@@ -440,7 +491,10 @@ def test_text_encoder_layouts_transformers_5_and_4():
 
 @pytest.mark.parametrize(
     "family,prefix,component,name_prefix",
-    [("sd2", "cond_stage_model.model.", "te1", "lora_te_"), ("sdxl", "conditioner.embedders.1.model.", "te2", "lora_te2_")],
+    [
+        ("sd2", "cond_stage_model.model.", "te1", "lora_te_"),
+        ("sdxl", "conditioner.embedders.1.model.", "te2", "lora_te2_"),
+    ],
 )
 def test_openclip_qkv_rows(family, prefix, component, name_prefix):
     model = tiny_clip(width=8)
@@ -452,13 +506,46 @@ def test_openclip_qkv_rows(family, prefix, component, name_prefix):
     name_map = map_state_dict(checkpoint, family=family)
     fused = prefix + "transformer.resblocks.1.attn.in_proj_weight"
     for third, letter in enumerate("qkv"):
-        target = name_map.lookup(f"{name_prefix}text_model_encoder_layers_1_self_attn_{letter}_proj")
-        assert (target.component, target.key, target.rows, target.shape) == (component, fused, (8 * third, 8 * third + 8), (8, 8))
-        start, stop = target.rows
-        assert torch.equal(checkpoint[fused][start:stop], state[f"encoder.layers.1.self_attn.{letter}_proj.weight"])
-    for hf, ldm in [("mlp_fc1", "mlp.c_fc"), ("mlp_fc2", "mlp.c_proj"), ("self_attn_out_proj", "attn.out_proj")]:
+        name = f"{name_prefix}text_model_encoder_layers_1_self_attn_{letter}_proj"
+        target = name_map.lookup(name)
+        rows = (8 * third, 8 * third + 8)
+        assert (target.component, target.key, target.rows) == (component, fused, rows)
+        assert target.shape == (8, 8)
+        weight = state[f"encoder.layers.1.self_attn.{letter}_proj.weight"]
+        assert torch.equal(checkpoint[fused][rows[0] : rows[1]], weight)
+    for hf, ldm in [
+        ("mlp_fc1", "mlp.c_fc"), ("mlp_fc2", "mlp.c_proj"), ("self_attn_out_proj", "attn.out_proj")
+    ]:
         target = name_map.lookup(f"{name_prefix}encoder_layers_0_{hf}")
         assert (target.key, target.rows) == (f"{prefix}transformer.resblocks.0.{ldm}.weight", None)
+
+
+@pytest.mark.parametrize(
+    "family,unet_prefix,te_prefix,openclip",
+    [
+        ("sd1", "diffusion_model.", "clip_l.transformer.text_model.", False),  # ComfyUI
+        ("sd2", "diffusion_model.", "clip_h.transformer.text_model.", False),  # ComfyUI
+        ("sd1", "model.diffusion_model.", "cond_stage_model.wrapped.transformer.", False),  # WebUI
+        ("sd2", "model.diffusion_model.", "cond_stage_model.wrapped.model.", True),  # WebUI
+    ],
+)
+def test_live_host_layouts(family, unet_prefix, te_prefix, openclip):
+    unet, te = tiny_unet(sdxl=False), tiny_clip()
+    live = {unet_prefix + ldm_unet_key(k, unet.config): v for k, v in unet.state_dict().items()}
+    te_state = {canonical_hf(k): v for k, v in te.state_dict().items()}
+    if openclip:
+        live.update({te_prefix + ldm: torch.cat([te_state[k] for k in hf_keys])
+                     for ldm, hf_keys in openclip_sources(te_state, None).items()})
+    else:
+        live.update({te_prefix + k: v for k, v in te_state.items()})
+    name_map = map_state_dict(live, family=family)
+    up = name_map.lookup("lora_unet_up_blocks_0_upsamplers_0_conv")
+    assert up.key == unet_prefix + "output_blocks.2.1.conv.weight"
+    fc1 = name_map.lookup("lora_te_text_model_encoder_layers_1_mlp_fc1")
+    if openclip:
+        assert fc1.key == te_prefix + "transformer.resblocks.1.mlp.c_fc.weight"
+    else:
+        assert fc1.key == te_prefix + "encoder.layers.1.mlp.fc1.weight"
 
 
 def test_unknown_names_return_none():
@@ -495,33 +582,17 @@ def test_detect_family():
 # --------------------------------------------------------------------------- against lycoris itself
 
 
-def tiny_unet(sdxl: bool):
-    torch.manual_seed(0)
-    extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=64) if sdxl else {}
-    return UNet2DConditionModel(
-        sample_size=16,
-        block_out_channels=(16, 32),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D") if sdxl else ("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D") if sdxl else ("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=8,
-        **extra,
-    ).eval()
-
-
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_lycoris_network_names(family, tmp_path):
     unet = tiny_unet(sdxl=family == "sdxl")
+    encoders = {"text_encoder": tiny_clip(seed=1)}
     if family == "sdxl":
-        encoders = {"text_encoder": tiny_clip(seed=1), "text_encoder_2": tiny_clip(CLIPTextModelWithProjection, seed=2)}
+        encoders["text_encoder_2"] = tiny_clip(CLIPTextModelWithProjection, seed=2)
         text_encoder = list(encoders.values())
     else:
-        encoders = {"text_encoder": tiny_clip(seed=1)}
         text_encoder = encoders["text_encoder"]
-    # lycoris' own "full" preset lists TimestepEmbedding and time_embedding.linear_* both
-    # and dies on the duplicate; this is the same target set without the duplicate.
+    # lycoris' own "full" preset lists both TimestepEmbedding and time_embedding.linear_*
+    # and dies on the duplicate name; this is the same target set without the duplicate.
     preset = tmp_path / "full.toml"
     preset.write_text(toml.dumps({
         "enable_conv": True,
@@ -530,7 +601,10 @@ def test_lycoris_network_names(family, tmp_path):
         "text_encoder_target_module": FULL_TEXT_ENCODER_MODULES,
         "text_encoder_target_name": [],
     }))
-    network = create_network(1.0, 4, 1.0, None, text_encoder, unet, algo="loha", conv_dim=4, conv_alpha=1.0, preset=str(preset), warn_on_unmatched=False)
+    network = create_network(
+        1.0, 4, 1.0, None, text_encoder, unet,
+        algo="loha", conv_dim=4, conv_alpha=1.0, preset=str(preset), warn_on_unmatched=False,
+    )
     name_map = map_modules({"unet": unet, **encoders}, family=family)
     assert len(network.loras) == len(name_map.targets)
     for lora in network.loras:
