@@ -119,6 +119,14 @@ class Module:
         raise NotImplementedError(self.kind)
 
 
+# torch dtype -> the name safetensors headers use, so both sources report dtypes alike.
+_SAFETENSORS_DTYPE = {
+    torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+    torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
 class _Source:
     """Where tensors come from: an open safetensors file or an in-memory dict."""
 
@@ -137,7 +145,7 @@ class _Source:
 
     def dtype(self, key: str) -> str:
         if self._tensors is not None:
-            return str(self._tensors[key].dtype).replace("torch.", "")
+            return _SAFETENSORS_DTYPE.get(self._tensors[key].dtype, str(self._tensors[key].dtype))
         return self._file.get_slice(key).get_dtype()
 
     def get(self, key: str) -> torch.Tensor:
@@ -188,6 +196,13 @@ class Network:
     def dtypes(self) -> set[str]:
         return {self._source.dtype(k) for m in self.modules.values() for s, k in m.keys.items() if s != "alpha"}
 
+    def _check_dtypes(self, module: Module) -> None:
+        for suffix, key in module.keys.items():
+            dtype = self._source.dtype(key)
+            allowed = _ALPHA_DTYPES if suffix == "alpha" else _FLOAT_DTYPES
+            if dtype not in allowed:
+                raise FormatError(f"{self.label}: '{key}' has dtype {dtype}; expected one of {sorted(allowed)}")
+
     def _group(self) -> None:
         for key in self._source.keys():
             suffix = next((s for s in _SUFFIXES if key.endswith("." + s)), None)
@@ -207,8 +222,13 @@ class Network:
                 raise FormatError(f"{self.label}: module '{name}' has {what} (keys {sorted(module.keys.values())})")
             module.kind = kinds.pop()
             _validate(self.label, module)
+            self._check_dtypes(module)
             if "alpha" in module.keys:
                 module.alpha = _read_alpha(self.label, module, self._source.get(module.keys["alpha"]))
+
+
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+_ALPHA_DTYPES = _FLOAT_DTYPES | {"I8", "I16", "I32", "I64", "U8"}
 
 
 def _read_alpha(label: str, module: Module, alpha: torch.Tensor) -> float:
@@ -291,11 +311,45 @@ def detect_family(net: Network) -> str | None:
     return next((family for needle, family in _FAMILY_BY_METADATA if needle in hint), None)
 
 
+# A network header is a few hundred KB; anything claiming more is refused unread.
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def check_header(path: str) -> None:
+    """Refuse what is not a plausible safetensors file before any library parses it.
+
+    Catches empty and truncated files, pickles (.ckpt/.pt renamed), and headers that
+    claim more bytes than the file has or than any network needs, without reading them.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if any(head.startswith(magic) for magic in _PICKLE_MAGIC):
+        raise FormatError(f"{path}: is a pickle (.ckpt/.pt), not safetensors; pickles are never loaded")
+    if size < 8:
+        raise FormatError(f"{path}: {size} bytes, too short for a safetensors file")
+    claimed = int.from_bytes(head, "little")
+    if claimed > size - 8 or claimed > MAX_HEADER_BYTES:
+        raise FormatError(
+            f"{path}: header claims {claimed} bytes but the file has {size - 8} after the length "
+            f"(limit {MAX_HEADER_BYTES}); truncated or not safetensors"
+        )
+
+
 def load(path: str | os.PathLike) -> Network:
-    """Open a network file lazily. Only safetensors: pickles are never loaded."""
+    """Open a network file lazily. Only safetensors: pickles are never loaded.
+
+    A folder is read as a PEFT LoHa adapter (see `loha.peft`).
+    """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        from .peft import load_folder
+
+        return load_folder(path)
     if not os.path.isfile(path):
         raise FormatError(f"{path}: no such file")
+    check_header(path)
     try:
         source = _Source(path)
     except Exception as exc:  # safetensors raises its own types for bad headers
@@ -306,6 +360,16 @@ def load(path: str | os.PathLike) -> Network:
 def from_tensors(tensors: Mapping[str, torch.Tensor], name: str = "network", metadata: dict[str, str] | None = None) -> Network:
     """A network from tensors already in memory (conversions, the trainer, tests)."""
     return Network(_Source(tensors=tensors), name, metadata or {})
+
+
+def save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> str:
+    """Write a network file: contiguous tensors plus string metadata (kohya's convention)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path,
+              {k: str(v) for k, v in (metadata or {}).items()})
+    return path
 
 
 def parse_json_metadata(metadata: Mapping[str, str], key: str):

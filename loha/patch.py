@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -123,21 +124,37 @@ class _Item:
     bias: torch.Tensor | None = None  # full-diff modules' diff_b
 
 
-def plan(names: NameMap, uses: list[Use]) -> tuple[list[_Item], dict[str, list[str]]]:
+def plan(names: NameMap, uses: list[Use], skip_bad: bool = False,
+         skipped: dict[str, list[str]] | None = None) -> tuple[list[_Item], dict[str, list[str]]]:
     """Match, check and read every module of every use; nothing is written.
 
     Returns the items, and per network (by label) the module names that matched nothing.
+    A bad module (wrong shape, NaN, …) raises; with `skip_bad` it is left out instead, with
+    a warning, and its error message recorded in `skipped` under the network's label.
     """
     items, unmatched = [], {}
     for use in uses:
         net = use.network
-        missing = []
+        missing, seen = [], {}
         for module in net.modules.values():
             target = names.lookup(module.name)
             if target is None:
                 missing.append(module.name)
                 continue
-            items.append(_prepare(net, module, target, use))
+            if (target.key, target.rows) in seen:
+                raise FormatError(
+                    f"{net.label}: modules '{seen[(target.key, target.rows)]}' and '{module.name}' "
+                    f"both patch '{target.key}' (one module under two naming styles)"
+                )
+            seen[(target.key, target.rows)] = module.name
+            try:
+                items.append(_prepare(net, module, target, use))
+            except LohaError as exc:
+                if not skip_bad:
+                    raise
+                warnings.warn(f"skipping a bad module: {exc}", stacklevel=3)
+                if skipped is not None:
+                    skipped.setdefault(net.label, []).append(str(exc))
         if missing:
             unmatched[net.label] = missing
     return items, unmatched
@@ -193,10 +210,11 @@ def apply_to_bias(bias: torch.Tensor, items: list[_Item]) -> None:
 class PatchHandle:
     """What `patch()` returns: restore(), set strengths, and the names that matched nothing."""
 
-    def __init__(self, view: ModelView, uses: list[Use]):
+    def __init__(self, view: ModelView, uses: list[Use], skip_bad: bool = False):
         self._view = view
         self.uses = uses
-        self._items, self.unmatched = plan(view.names, uses)
+        self.skipped: dict[str, list[str]] = {}
+        self._items, self.unmatched = plan(view.names, uses, skip_bad, self.skipped)
         self._backups: dict[str, torch.Tensor] = {}
         self._apply()
 
@@ -329,10 +347,12 @@ def _check_finite(net: Network, module: Module, tensors) -> None:
             raise FormatError(f"{net.label}: module '{module.name}' holds NaN or Inf values")
 
 
-def patch(model, networks) -> PatchHandle:
+def patch(model, networks, skip_bad: bool = False) -> PatchHandle:
     """Apply networks to `model` in place; returns a handle whose restore() undoes it exactly.
 
     `networks`: a Network or path (strength 1), a `Use`, a (network, unet[, te]) tuple,
-    or a list of these. Names that match nothing are listed on `handle.unmatched`.
+    or a list of these. Names that match nothing are listed on `handle.unmatched`. A bad
+    module makes the whole patch fail and change nothing, unless `skip_bad` is set: then
+    it is left out with a warning and listed on `handle.skipped`.
     """
-    return PatchHandle(ModelView(model), as_uses(networks))
+    return PatchHandle(ModelView(model), as_uses(networks), skip_bad)
