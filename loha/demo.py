@@ -1,0 +1,445 @@
+"""`python -m loha demo`: the whole job on a machine with no models.
+
+Builds a small SD1-architecture model from seeded random weights (a diffusers UNet
+with SD1.5's block structure and 768-wide cross-attention, and a CLIP text encoder),
+saves it as an LDM-layout checkpoint like the ones people download, makes a LoHa for
+it (with lycoris-lora when installed, else random factors in the same file format),
+merges it with the streaming merge, patches the same checkpoint in memory with
+`loha.patch`, checks the two agree bit for bit, runs the models before and after,
+and draws a picture of the effect. Needs diffusers and transformers
+(``pip install loha[diffusers]``); nothing is downloaded.
+
+The converter between diffusers and LDM state dicts here is built on `keys`' block
+tables (plus the few names that only non-patchable weights have: resnet norms and
+the final norm); the demo and the merge benchmark use it to write real-layout
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from typing import Callable, Mapping
+
+import torch
+
+from .errors import LohaError
+from .keys import RESNET_PARTS, _layout_from_diffusers, _unet_pairs
+
+UNET_PREFIX = "model.diffusion_model."
+TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+
+# Names only non-patchable weights have (so `keys` has no use for them).
+_RESNET_NORMS = {"norm1": "in_layers.0", "norm2": "out_layers.0"}
+_UNET_EXTRA = {"conv_norm_out": "out.0"}
+
+#: SD1.5's UNet structure with small widths, and a 2-layer CLIP-L-wide text encoder.
+DEMO_UNET = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64, 64, 64),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+DEMO_TEXT = dict(hidden_size=768, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=12,
+                 vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+#: The real SD1.5 sizes (for the merge benchmark).
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+
+#: The weight whose ΔW the picture shows (a square attention projection).
+PICTURED_WEIGHT = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+
+# lycoris-lora preset for the demo network: attention, feed-forward, resnets, samplers,
+# and the text encoder (its default preset leaves out resnets).
+_PRESET = """
+enable_conv = true
+unet_target_module = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
+unet_target_name = ["conv_in", "conv_out"]
+text_encoder_target_module = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"]
+text_encoder_target_name = []
+"""
+
+
+# --------------------------------------------------------------------------- diffusers <-> LDM
+
+
+def unet_key_map(keys) -> dict[str, str]:
+    """diffusers UNet state-dict key -> LDM key (without the checkpoint prefix)."""
+    keys = list(keys)
+    modules = {k.rpartition(".")[0] for k in keys}
+    pairs = {p.diffusers: p for p in _unet_pairs(_layout_from_diffusers(modules))}
+    mapping = {}
+    for key in keys:
+        module, _, param = key.rpartition(".")
+        parts = module.split(".")
+        for cut in range(len(parts), 0, -1):
+            pair = pairs.get(".".join(parts[:cut]))
+            if pair is not None:
+                break
+        else:
+            if module not in _UNET_EXTRA:
+                raise LohaError(f"no LDM name for diffusers UNet weight '{key}'")
+            mapping[key] = f"{_UNET_EXTRA[module]}.{param}"
+            continue
+        inner = ".".join(parts[cut:])
+        if pair.resnet:
+            inner = {**RESNET_PARTS, **_RESNET_NORMS}.get(inner)
+            if inner is None:
+                raise LohaError(f"no LDM name for diffusers resnet weight '{key}'")
+        mapping[key] = ".".join(p for p in (pair.ldm, inner, param) if p)
+    return mapping
+
+
+def text_key(key: str) -> str:
+    """A transformers CLIP text-model key (with or without `text_model.`) -> its SD1 LDM key."""
+    return TEXT_PREFIX + key.removeprefix("text_model.")
+
+
+def to_ldm(unet_sd: Mapping[str, torch.Tensor], text_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An SD1 LDM checkpoint state dict from diffusers UNet and CLIP text-model state dicts."""
+    out = {UNET_PREFIX + ldm: unet_sd[k] for k, ldm in unet_key_map(unet_sd).items()}
+    out.update({text_key(k): v for k, v in text_sd.items()})
+    positions = TEXT_PREFIX + "embeddings.position_ids"
+    if positions not in out:  # real SD1 checkpoints carry it (an int64 tensor among floats)
+        n = text_sd[next(k for k in text_sd if k.endswith("position_embedding.weight"))].shape[0]
+        out[positions] = torch.arange(n, dtype=torch.int64)[None]
+    return out
+
+
+def from_ldm(ldm: Mapping[str, torch.Tensor], unet, text) -> None:
+    """Load an SD1 LDM state dict into diffusers/transformers modules (strictly)."""
+    unet_map = unet_key_map(unet.state_dict())
+    unet.load_state_dict({k: ldm[UNET_PREFIX + v] for k, v in unet_map.items()})
+    text.load_state_dict({k: ldm[text_key(k)] for k in text.state_dict()})
+
+
+# --------------------------------------------------------------------------- the models
+
+
+def _need_diffusers():
+    try:
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise LohaError(f"the demo builds its model with diffusers and transformers ({exc.name} is missing): "
+                        "pip install 'loha[diffusers]'") from None
+
+
+def build_parts(seed: int = 0, unet_config: dict = DEMO_UNET, text_config: dict = DEMO_TEXT) -> dict:
+    """A seeded diffusers UNet and CLIP text encoder, in eval mode."""
+    _need_diffusers()
+    import logging
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config).eval()
+    torch.manual_seed(seed + 1)
+    text = CLIPTextModel(CLIPTextConfig(**text_config)).eval()
+    return {"unet": unet, "text_encoder": text}
+
+
+def make_network(parts: dict, path: str, seed: int = 0, dim: int = 8, alpha: float = 4.0,
+                 conv_dim: int = 4, conv_alpha: float = 2.0, prefer_lycoris: bool = True) -> str:
+    """Write a LoHa for `parts` to `path`; returns who made it.
+
+    With lycoris-lora: its own network, saved by it, with its zero-initialised factor
+    (hada_w2_a) randomised so ΔW ≠ 0. Without: the same tensors and metadata from
+    seeded random factors, one module per weight lycoris-lora would target.
+    """
+    if prefer_lycoris:
+        try:
+            return _lycoris_network(parts, path, seed, dim, alpha, conv_dim, conv_alpha)
+        except ImportError:
+            pass
+    return _own_network(parts, path, seed, dim, alpha, conv_dim, conv_alpha)
+
+
+def _metadata(dim, alpha, conv_dim, conv_alpha, maker) -> dict[str, str]:
+    return {
+        "ss_network_module": "lycoris.kohya",
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": str(alpha),
+        "ss_network_args": json.dumps({"algo": "loha", "conv_dim": str(conv_dim), "conv_alpha": str(conv_alpha)}),
+        "ss_base_model_version": "sd_v1",
+        "ss_output_name": "loha-demo",
+        "ss_tag_frequency": json.dumps({"demo": {"watercolor": 12, "landscape": 9, "sunset": 4}}),
+        "loha_demo_maker": maker,
+    }
+
+
+def _lycoris_network(parts, path, seed, dim, alpha, conv_dim, conv_alpha) -> str:
+    import importlib.metadata
+    import logging
+    import tempfile
+
+    from lycoris.kohya import create_network
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)  # its INFO lines would drown the demo's
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(_PRESET)
+    hooked = copy.deepcopy(parts)  # apply_to hooks the modules it wraps: keep `parts` clean
+    try:
+        net = create_network(1.0, dim, alpha, None, hooked["text_encoder"], hooked["unet"], algo="loha",
+                             conv_dim=conv_dim, conv_alpha=conv_alpha, preset=f.name)
+    finally:
+        os.unlink(f.name)
+    net.apply_to(hooked["text_encoder"], hooked["unet"], True, True)  # also registers the modules
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in net.unet_loras + net.text_encoder_loras:
+            module.hada_w2_a.normal_(std=0.1)
+    maker = f"lycoris-lora {importlib.metadata.version('lycoris-lora')}"
+    net.save_weights(path, torch.float32, _metadata(dim, alpha, conv_dim, conv_alpha, maker))
+    return maker
+
+
+def _own_network(parts, path, seed, dim, alpha, conv_dim, conv_alpha) -> str:
+    from .keys import map_modules
+    from .stream import save
+
+    names = map_modules(parts)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for target in names.targets:
+        if target.component == "unet" and not _lycoris_would_target(target.path):
+            continue
+        conv = len(target.shape) > 2 and math.prod(target.shape[2:]) > 1
+        r, a = (conv_dim, conv_alpha) if conv else (dim, alpha)
+        o, k = target.shape[0], math.prod(target.shape[1:])
+        name = names.names(target)[0]
+        tensors[f"{name}.hada_w1_a"] = torch.randn(o, r, generator=g) * 0.1
+        tensors[f"{name}.hada_w1_b"] = torch.randn(r, k, generator=g)
+        tensors[f"{name}.hada_w2_a"] = torch.randn(o, r, generator=g) * 0.1
+        tensors[f"{name}.hada_w2_b"] = torch.randn(r, k, generator=g)
+        tensors[f"{name}.alpha"] = torch.tensor(float(a))
+    maker = "loha's own writer (random factors)"
+    save(tensors, path, _metadata(dim, alpha, conv_dim, conv_alpha, maker))
+    return maker
+
+
+def _lycoris_would_target(path: str) -> bool:
+    """The demo preset's UNet modules: everything but the time embedding."""
+    return not path.startswith(("time_embedding", "add_embedding"))
+
+
+# --------------------------------------------------------------------------- running it
+
+
+def _inputs(unet_config: dict, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    size = unet_config["sample_size"]
+    y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    pattern = torch.stack([torch.sin(3 * x), torch.cos(3 * y), x * y, torch.sin(2 * (x + y))])[None]
+    sample = pattern + 0.3 * torch.randn(1, 4, size, size, generator=g)
+    ids = torch.tensor([[0, 17, 101, 256, 512, 42, 2]])
+    return sample, ids
+
+
+def _forward(parts: dict, sample, ids) -> torch.Tensor:
+    with torch.no_grad():
+        context = parts["text_encoder"](ids).last_hidden_state
+        return parts["unet"](sample, torch.tensor([500]), encoder_hidden_states=context).sample
+
+
+def run(out_dir: str = "loha-demo", seed: int = 0, strength: tuple[float, float] = (1.0, 1.0),
+        echo: Callable[[str], None] = print, prefer_lycoris: bool = True) -> dict:
+    """Run the demo into `out_dir`; returns what it measured (also echoed line by line)."""
+    from safetensors.torch import load_file, save_file
+
+    from .patch import patch as patch_model
+    from .format import load
+    from .inspect import summarize
+    from .merge import merge
+
+    _need_diffusers()
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f) for k, f in (("checkpoint", "demo-sd1.safetensors"),
+                                                        ("network", "demo-loha.safetensors"),
+                                                        ("merged", "demo-merged.safetensors"))}
+    report: dict = {"paths": paths, "seconds": {}}
+    clock = time.perf_counter()
+    t0 = clock
+
+    def lap(name: str) -> float:
+        nonlocal clock
+        now = time.perf_counter()
+        report["seconds"][name] = now - clock
+        clock = now
+        return report["seconds"][name]
+
+    echo(f"loha demo: everything goes to {out_dir}/ (seed {seed})")
+    parts = build_parts(seed)
+    ldm = to_ldm(parts["unet"].state_dict(), parts["text_encoder"].state_dict())
+    save_file(ldm, paths["checkpoint"], metadata={"modelspec.title": "loha demo SD1-architecture model"})
+    n_unet = sum(p.numel() for p in parts["unet"].parameters())
+    n_text = sum(p.numel() for p in parts["text_encoder"].parameters())
+    echo(f"  1. checkpoint  SD1.5's UNet structure at small widths ({n_unet / 1e6:.1f}M params) + a CLIP-L-wide "
+         f"text encoder ({n_text / 1e6:.1f}M), seeded random weights, LDM layout, fp32: "
+         f"{_name(paths['checkpoint'])} {_mb(paths['checkpoint'])}, {len(ldm)} tensors ({lap('checkpoint'):.2f} s)")
+
+    maker = make_network(parts, paths["network"], seed, prefer_lycoris=prefer_lycoris)
+    summary = summarize(load(paths["network"]))
+    report["network"] = summary
+    counts = ", ".join(f"{part} {n}" for part, n in summary["modules_by_part"].items())
+    echo(f"  2. network     LoHa made by {maker}: {summary['module_count']} modules ({counts}), "
+         f"rank {_joined(summary['ranks'])}, alpha {_joined(summary['alphas'])}: "
+         f"{_name(paths['network'])} {_mb(paths['network'])} ({lap('network'):.2f} s)")
+
+    unet_s, te_s = strength
+    result = merge(paths["checkpoint"], [(paths["network"], unet_s, te_s)], paths["merged"], overwrite=True)
+    report["merge"] = result
+    echo(f"  3. merge       streamed {result.tensors} tensors, changed {len(result.changed)}: "
+         f"{_name(paths['merged'])} {_mb(paths['merged'])} ({lap('merge'):.2f} s)")
+    echo(f"                 = python -m loha merge {paths['checkpoint']} --loha {paths['network']}:{unet_s:g}:{te_s:g} "
+         f"-o {paths['merged']}")
+
+    state = load_file(paths["checkpoint"])
+    handle = patch_model(state, [(load(paths["network"]), unet_s, te_s)])
+    echo(f"  4. patch       loha.patch on the checkpoint's state dict in memory: "
+         f"{len(handle.patched_keys)} weights changed ({lap('patch'):.2f} s)")
+
+    merged = load_file(paths["merged"])
+    same = sum(torch.equal(merged[k], state[k]) and merged[k].dtype == state[k].dtype for k in state)
+    report["identical"] = (same, len(state))
+    if merged.keys() != state.keys() or same != len(state):
+        raise LohaError(f"demo check failed: only {same} of {len(state)} merged tensors equal the patched ones")
+    echo(f"  5. check       merged file == patched state dict: {same}/{len(state)} tensors bit-identical "
+         f"({lap('check'):.2f} s)")
+
+    sample, ids = _inputs(DEMO_UNET, seed)
+    before = _forward(parts, sample, ids)
+    merged_parts = copy.deepcopy(parts)
+    from_ldm(merged, merged_parts["unet"], merged_parts["text_encoder"])
+    after = _forward(merged_parts, sample, ids)
+    # The same network patched onto the diffusers modules (the other name layout) agrees.
+    patch_model(parts, [(load(paths["network"]), unet_s, te_s)])
+    live = _forward(parts, sample, ids)
+    change = (after - before).abs()
+    layouts = (after - live).abs().max().item()
+    report["effect"] = {"max": change.max().item(), "mean": change.mean().item(), "diffusers_vs_merged": layouts}
+    echo(f"  6. effect      UNet output (text encoder → UNet, one step) changes by mean {change.mean():.3g}, "
+         f"max {change.max():.3g}; merged checkpoint vs the network patched onto diffusers modules: "
+         f"max difference {layouts:.2g} ({lap('effect'):.2f} s)")
+    if layouts > 1e-3 * max(1.0, before.abs().max().item()):
+        raise LohaError(f"demo check failed: merged and diffusers-patched outputs differ by {layouts}")
+
+    key = UNET_PREFIX + unet_key_map(parts["unet"].state_dict())[PICTURED_WEIGHT]
+    from safetensors import safe_open
+
+    with safe_open(paths["checkpoint"], framework="pt") as f:  # (`ldm` shares memory with the patched parts)
+        w0 = f.get_tensor(key)
+    picture = draw(paths, before[0], after[0], w0, merged[key])
+    report["picture"] = picture
+    echo(f"  7. picture     {picture}: UNet output before | after | difference (top); "
+         f"{key.removeprefix(UNET_PREFIX)} W | W+ΔW | ΔW (bottom) ({lap('picture'):.2f} s)")
+    report["seconds"]["total"] = time.perf_counter() - t0
+    echo(f"done in {report['seconds']['total']:.1f} s")
+    return report
+
+
+def _name(path: str) -> str:
+    return os.path.basename(path)
+
+
+def _mb(path: str) -> str:
+    return f"{os.path.getsize(path) / 1e6:.1f} MB"
+
+
+def _joined(counts: Mapping) -> str:
+    return "/".join(str(k) for k in counts)
+
+
+# --------------------------------------------------------------------------- the picture
+
+
+def _diverging(values: torch.Tensor, scale: float) -> torch.Tensor:
+    """(H, W) values -> (H, W, 3) uint8: blue below 0, white at 0, red above."""
+    v = (values.float() / max(scale, 1e-12)).clamp(-1, 1)
+    pos, neg = v.clamp(min=0), (-v).clamp(min=0)
+    rgb = torch.stack([1 - neg, 1 - pos - neg, 1 - pos], dim=-1)
+    return (rgb * 255).round().to(torch.uint8)
+
+
+def _mosaic(channels: torch.Tensor) -> torch.Tensor:
+    """(4, H, W) -> (2H, 2W): the four latent channels as a 2×2 mosaic."""
+    top = torch.cat([channels[0], channels[1]], dim=1)
+    bottom = torch.cat([channels[2], channels[3]], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+def _fit(panel: torch.Tensor, size: int) -> torch.Tensor:
+    """Nearest-neighbour resize of an (H, W, 3) panel to (size, size, 3)."""
+    h, w = panel.shape[:2]
+    rows = torch.arange(size) * h // size
+    cols = torch.arange(size) * w // size
+    return panel[rows][:, cols]
+
+
+def draw(paths: dict, before: torch.Tensor, after: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor,
+         size: int = 192, gap: int = 6) -> str:
+    """A 3×2 grid (PNG with Pillow, else a dependency-free PPM); returns its path."""
+    out_scale = max(before.abs().max().item(), after.abs().max().item())
+    diff = after - before
+    w0, w1 = w0.reshape(w0.shape[0], -1), w1.reshape(w1.shape[0], -1)
+    w_scale = max(w0.abs().max().item(), w1.abs().max().item())
+    panels = [
+        [_diverging(_mosaic(before), out_scale), _diverging(_mosaic(after), out_scale),
+         _diverging(_mosaic(diff), diff.abs().max().item())],
+        [_diverging(w0, w_scale), _diverging(w1, w_scale), _diverging(w1 - w0, (w1 - w0).abs().max().item())],
+    ]
+    white = torch.full((size, gap, 3), 255, dtype=torch.uint8)
+    rows = []
+    for row in panels:
+        cells = []
+        for panel in row:
+            cells += [_fit(panel, size), white]
+        rows.append(torch.cat(cells[:-1], dim=1))
+        rows.append(torch.full((gap, rows[-1].shape[1], 3), 255, dtype=torch.uint8))
+    image = torch.cat(rows[:-1], dim=0).contiguous()
+    folder = os.path.dirname(paths["checkpoint"])
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:
+        path = os.path.join(folder, "demo.ppm")
+        with open(path, "wb") as f:
+            f.write(b"P6\n%d %d\n255\n" % (image.shape[1], image.shape[0]))
+            f.write(image.numpy().tobytes())
+        return path
+    picture = Image.fromarray(image.numpy(), "RGB")
+    labelled = Image.new("RGB", (picture.width, picture.height + 2 * LABEL_HEIGHT), "white")
+    pen = ImageDraw.Draw(labelled)
+    for r, labels in enumerate(LABELS):
+        top = r * (size + gap + LABEL_HEIGHT)
+        labelled.paste(picture.crop((0, r * (size + gap), picture.width, r * (size + gap) + size)), (0, top + LABEL_HEIGHT))
+        for c, text in enumerate(labels):
+            pen.text((c * (size + gap) + 2, top + 3), text, fill="black")
+    path = os.path.join(folder, "demo.png")
+    labelled.save(path)
+    return path
+
+
+LABEL_HEIGHT = 16
+LABELS = (("UNet output, base", "merged", "difference"), ("attn1.to_q W", "W + dW (merged)", "dW"))
