@@ -271,6 +271,8 @@ def _validate(label: str, m: Module) -> None:
             fail("the two Hadamard branches have different shapes")
     elif m.kind == "lora":
         up, down = s["lora_up.weight"], s["lora_down.weight"]
+        if len(up) < 2 or len(down) < 2:
+            fail("lora_up and lora_down must be at least 2-D")
         if up[1] != down[0]:
             fail(f"lora_up columns {up[1]} != lora_down rows {down[0]}")
         mid = s.get("lora_mid.weight")
@@ -281,8 +283,10 @@ def _validate(label: str, m: Module) -> None:
             fail("needs lokr_w1 or lokr_w1_a and lokr_w1_b")
         if not ({"lokr_w2"} <= s.keys() or {"lokr_w2_a", "lokr_w2_b"} <= s.keys()):
             fail("needs lokr_w2 or lokr_w2_a and lokr_w2_b")
-    elif m.kind == "full" and "diff" not in s:
-        fail("has diff_b but no diff")
+        if any(len(shape) < 2 for suffix, shape in s.items() if suffix.startswith("lokr_")):
+            fail("LoKr factors must be at least 2-D")
+    elif m.kind == "full" and len(s.get("diff", ())) < 2:
+        fail("needs a diff of at least 2 dimensions")
     if m.rank == 0:
         fail("has rank 0")
 

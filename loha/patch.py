@@ -291,6 +291,16 @@ def _dense(it: _Item) -> torch.Tensor:
 
 def _prepare(net: Network, module: Module, target: Target, use: Use) -> _Item:
     """Check a module against its target, read its tensors, reduce them to canonical factors."""
+    try:
+        return _prepare_checked(net, module, target, use)
+    except (RuntimeError, IndexError, ValueError) as exc:
+        # Factors that pass the cheap checks but still do not compose (hostile files).
+        shapes = ", ".join(f"{k}={v}" for k, v in sorted(module.shapes.items()))
+        raise ShapeError(f"{net.label}: module '{module.name}' cannot be applied to '{target.key}' "
+                         f"{tuple(target.shape)}: {exc} ({shapes})") from None
+
+
+def _prepare_checked(net: Network, module: Module, target: Target, use: Use) -> _Item:
     shape = tuple(target.shape)
     if module.kind != "lokr" and (module.out_features != shape[0] or module.delta_numel != math.prod(shape)):
         raise ShapeError(
