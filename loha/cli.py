@@ -4,6 +4,7 @@
     python -m loha merge CHECKPOINT --loha FILE[:UNET[:TE]] [...] -o OUT [--dtype fp16|bf16|fp32]
                          [--device cpu|cuda] [--allow-unmatched] [--force]
     python -m loha demo [--out FOLDER]
+    python -m loha convert SRC[:UNET[:TE]] [...] -o OUT --to lycoris|peft|lora [--rank R] [--base BASE]
 
 Errors print as ``loha: <message>`` on stderr, without a traceback, and exit 1;
 usage errors exit 2; an interrupt exits 130 (after removing any partial output).
@@ -100,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="loha-demo", help="folder for its files (default ./loha-demo)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_demo)
+
+    from .convert import add_convert_parser
+
+    add_convert_parser(sub)
     return parser
 
 

@@ -1,0 +1,270 @@
+"""Conversions: PEFT ↔ LyCORIS/kohya files, and LoHa → LoRA (exact at rank R², or reduced).
+
+    convert.peft_to_kohya("peft_out/", "style.safetensors")
+    convert.kohya_to_peft("style.safetensors", "peft_out/")
+    report = convert.to_lora([("a.safetensors", 1.0), ("b.safetensors", 0.5)], "ab_lora.safetensors", rank=32)
+
+A rank-R LoHa is exactly a rank-R² LoRA, (a1@b1)⊙(a2@b2) = khatri_rao(a1, a2) @ face_split(b1, b2),
+so conversion is lossless at rank R²; several networks (at their strengths) become one
+LoRA by stacking their factors. Asked for rank r, each layer's stacked factors are
+reduced by a truncated SVD (through QR of the thin factors, so ΔW is never formed) and
+the relative Frobenius error ‖ΔW − ΔW_r‖/‖ΔW‖ of every layer is reported.
+
+Every conversion needs the base model's structure, never its weights: a name map gives
+the kohya spelling loaders expect (SDXL UNets in LDM paths, text encoders with
+``text_model_``), PEFT's module paths, and the conv kernel shapes of LoRA factors. It
+comes from `base`: a family name or None (the standard SD1.x/SD2.x/SDXL structure,
+built on the meta device), a diffusers model folder (its configs), a checkpoint file
+(its header), or live models (a pipeline, {"unet": …} modules, a state dict).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from . import delta as D
+from .errors import FormatError, LohaError, UnmatchedError
+from .format import Network, load, save
+from .keys import FAMILIES, NameMap, map_modules, map_state_dict
+from .patch import ModelView, as_uses, plan
+
+#: kohya's `ss_base_model_version` per family.
+BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+#: --dtype values.
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def base_names(base, family: str | None = None, diffusers: bool = False) -> NameMap:
+    """The name map of the base model (see the module docstring); `diffusers` demands module paths."""
+    from .archs import folder_modules, standard_modules
+
+    if base is None or (isinstance(base, str) and base in FAMILIES):
+        family = base or family
+        if family is None:
+            raise LohaError("the network's family (SD1.x/SD2.x/SDXL) is unknown: name the base model")
+        return map_modules(standard_modules(family), family=family)
+    if isinstance(base, (str, os.PathLike)):
+        path = os.fspath(base)
+        if os.path.isdir(path):
+            return map_modules(folder_modules(path))
+        if not os.path.isfile(path):
+            raise LohaError(f"{path}: the base model is neither a family ({', '.join(FAMILIES)}), a folder nor a file")
+        if diffusers:
+            raise LohaError(f"{path}: a checkpoint file has LDM names; PEFT needs a diffusers folder or a family")
+        from .merge import checkpoint_shapes
+
+        return map_state_dict(checkpoint_shapes(path))
+    view = ModelView(base)
+    if diffusers and not any(t.key.startswith(("unet.", "text_encoder")) for t in view.names.targets):
+        raise LohaError("PEFT needs diffusers modules (a pipeline or {'unet': …}) as the base, not a state dict")
+    return view.names
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and not overwrite:
+        raise LohaError(f"{out}: exists (pass overwrite=True / --force to replace it)")
+
+
+# --------------------------------------------------------------------------- PEFT <-> kohya
+
+
+def to_kohya(network: Network, out: str | os.PathLike, names: NameMap | None = None, *, overwrite: bool = False) -> str:
+    """Write `network` as a LyCORIS/kohya file, each module under the spelling kohya uses for it."""
+    out = os.fspath(out)
+    _check_out(out, overwrite)
+    tensors, unmatched = {}, []
+    for module in network.modules.values():
+        target = names.lookup(module.name) if names is not None else None
+        if names is not None and target is None:
+            unmatched.append(module.name)
+        name = names.names(target)[0] if target is not None else module.name
+        for suffix, tensor in network.tensors(module).items():
+            tensors[f"{name}.{suffix}"] = tensor
+    if unmatched:
+        raise UnmatchedError(f"{network.label}: {len(unmatched)} modules match no weight of the base model: "
+                             + ", ".join(unmatched), unmatched)
+    metadata = dict(network.metadata)
+    if network.family:
+        metadata.setdefault("ss_base_model_version", BASE_VERSIONS[network.family])
+    return save(tensors, out, metadata)
+
+
+def peft_to_kohya(src, out, base=None, *, overwrite: bool = False) -> str:
+    """A PEFT LoHa folder -> a LyCORIS/kohya LoHa file (same tensors, alpha from the config)."""
+    network = load(src)
+    return to_kohya(network, out, base_names(base, network.family), overwrite=overwrite)
+
+
+def kohya_to_peft(src, out, base=None, *, overwrite: bool = False) -> list[str]:
+    """A LoHa file (or Network) -> a PEFT LoHa folder (unet/, text_encoder/, …); returns the adapter folders."""
+    from .peft import save_folder
+
+    network = src if isinstance(src, Network) else load(src)
+    out = os.fspath(out)
+    _check_out(out, overwrite)
+    return save_folder(network, out, base_names(base, network.family, diffusers=True))
+
+
+# --------------------------------------------------------------------------- LoHa -> LoRA
+
+
+@dataclass
+class LayerReport:
+    """One converted layer: its stacked (exact) rank, the rank written, the relative error."""
+
+    name: str
+    exact_rank: int
+    rank: int
+    error: float  # ‖ΔW − ΔW_written‖_F / ‖ΔW‖_F (0 when written exactly)
+
+
+@dataclass
+class LoraReport:
+    out: str
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def max_error(self) -> float:
+        return max((layer.error for layer in self.layers), default=0.0)
+
+
+def to_lora(networks, out, rank: int | None = None, base=None, *, dtype: torch.dtype = torch.float32,
+            overwrite: bool = False) -> LoraReport:
+    """Write one kohya LoRA file equal to `networks` at their strengths (loha.patch's forms).
+
+    Without `rank` every layer is exact (rank Σ R² of the LoHa/LoRA modules on it);
+    with `rank`, layers above it are reduced by SVD and their error is reported.
+    ΔW carries alpha/rank and the strengths; the file's alpha equals each layer's rank.
+    """
+    uses = as_uses(networks)
+    out = os.fspath(out)
+    _check_out(out, overwrite)
+    names = base_names(base, next((u.network.family for u in uses if u.network.family), None))
+    items, unmatched = plan(names, uses)
+    if unmatched:
+        listed = "; ".join(f"{label}: {', '.join(n)}" for label, n in unmatched.items())
+        raise UnmatchedError(f"names that match no weight of the base model: {listed}",
+                             [n for group in unmatched.values() for n in group])
+    stacks: dict = {}
+    for item in items:
+        strength = item.use.strength(item.target)
+        if strength == 0:
+            continue
+        up, down = _lowrank(item)
+        stacks.setdefault(item.target, []).append((up * (item.scale * strength), down))
+    report, tensors = LoraReport(out), {}
+    for target, factors in stacks.items():
+        up = torch.cat([u for u, _ in factors], dim=1)
+        down = torch.cat([d for _, d in factors], dim=0)
+        name = names.names(target)[0]
+        exact_rank = up.shape[1]
+        error = 0.0
+        if rank is not None and exact_rank > rank:
+            up, down, error = reduce_rank(up, down, rank)
+        report.layers.append(LayerReport(name, exact_rank, up.shape[1], error))
+        tensors.update(_lora_tensors(name, up, down, target.shape, dtype))
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(max((layer.rank for layer in report.layers), default=0)),
+        "ss_network_alpha": str(max((layer.rank for layer in report.layers), default=0)),
+        "loha_converted_from": json.dumps([{"name": u.network.name, "unet": u.unet,
+                                            "te": u.unet if u.te is None else u.te} for u in uses]),
+    }
+    if names.family in BASE_VERSIONS:
+        metadata["ss_base_model_version"] = BASE_VERSIONS[names.family]
+    save(tensors, out, metadata)
+    return report
+
+
+def _lowrank(item) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up (O, ρ), down (ρ, K)) in fp32 with up @ down = the module's unscaled ΔW."""
+    if item.dora_scale is not None or item.kind == "dense":
+        why = "DoRA (not linear in ΔW)" if item.dora_scale is not None else f"a {item.module.kind} module"
+        raise FormatError(f"{item.use.network.label}: module '{item.module.name}' is {why}; a LoRA cannot hold it")
+    if item.kind == "lowrank":
+        a, b = item.factors
+        return a.float(), b.float()
+    a1, b1, a2, b2 = (f.float() for f in item.factors)
+    return D.khatri_rao(a1, a2), D.face_split(b1, b2)
+
+
+def reduce_rank(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-`rank` factors of up @ down and the relative Frobenius error of dropping the rest.
+
+    QR of the thin factors leaves a ρ×ρ core whose SVD is that of ΔW; computed in fp64.
+    The kept singular values are split evenly between the factors (fp16-friendly).
+    """
+    q_up, r_up = torch.linalg.qr(up.double())
+    q_down, r_down = torch.linalg.qr(down.double().t())
+    u, s, vh = torch.linalg.svd(r_up @ r_down.t())
+    rank = min(rank, s.shape[0])  # ΔW is at most min(O, K) wide
+    total = torch.linalg.vector_norm(s)
+    error = float(torch.linalg.vector_norm(s[rank:]) / total) if total > 0 else 0.0
+    root = s[:rank].sqrt()
+    new_up = (q_up @ u[:, :rank]) * root
+    new_down = root[:, None] * (vh[:rank] @ q_down.t())
+    return new_up.float(), new_down.float(), error
+
+
+def _lora_tensors(name: str, up, down, shape: tuple, dtype) -> dict[str, torch.Tensor]:
+    """kohya LoRA tensors; conv factors as loaders build them: down (ρ, I, k, k), up (O, ρ, 1, 1)."""
+    rho = up.shape[1]
+    if len(shape) > 2:
+        down = down.reshape(rho, *shape[1:])
+        up = up.reshape(*up.shape, *([1] * (len(shape) - 2)))
+    return {
+        f"{name}.lora_up.weight": up.to(dtype).contiguous(),
+        f"{name}.lora_down.weight": down.to(dtype).contiguous(),
+        f"{name}.alpha": torch.tensor(float(rho)),
+    }
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_convert_parser(subparsers) -> None:
+    """The `convert` subcommand, for the `loha` command line."""
+    p = subparsers.add_parser(
+        "convert", help="PEFT ↔ LyCORIS, LoHa → LoRA",
+        description="Convert a PEFT LoHa folder to a LyCORIS/kohya file (--to lycoris) or back (--to peft), "
+        "or one or more networks into one kohya LoRA (--to lora), exact or reduced to --rank.")
+    p.add_argument("src", nargs="+", metavar="SRC[:UNET[:TE]]",
+                   help="network file or PEFT folder; with --to lora, several, each with its strengths")
+    p.add_argument("-o", "--out", required=True, help="output file (lycoris, lora) or folder (peft)")
+    p.add_argument("--to", required=True, choices=("lycoris", "peft", "lora"))
+    p.add_argument("--rank", type=int, help="--to lora: reduce layers above this rank by SVD (errors are printed)")
+    p.add_argument("--base", help="base model: sd1, sd2, sdxl (default: the network's family), a diffusers "
+                   "folder, or a checkpoint file (not for --to peft)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="--to lora: dtype of the factors")
+    p.add_argument("-f", "--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(run=_run)
+
+
+def _run(args) -> int:
+    from .merge import parse_spec
+
+    specs = [parse_spec(s) for s in args.src]
+    if args.to != "lora":
+        if len(specs) != 1 or specs[0][1:] != (1.0, None):
+            raise LohaError(f"--to {args.to} converts one network, without strengths")
+        src = specs[0][0]
+        if args.to == "lycoris":
+            print(f"wrote {peft_to_kohya(src, args.out, args.base, overwrite=args.force)}")
+        else:
+            for folder in kohya_to_peft(src, args.out, args.base, overwrite=args.force):
+                print(f"wrote {folder}")
+        return 0
+    uses = [(load(path), unet, te) for path, unet, te in specs]
+    report = to_lora(uses, args.out, args.rank, args.base, dtype=DTYPES[args.dtype], overwrite=args.force)
+    for layer in report.layers:
+        if layer.rank < layer.exact_rank:
+            print(f"{layer.name}: rank {layer.exact_rank} -> {layer.rank}, relative error {layer.error:.3e}")
+    reduced = sum(layer.rank < layer.exact_rank for layer in report.layers)
+    print(f"wrote {report.out}: {len(report.layers)} layers, {reduced} reduced, max relative error "
+          f"{report.max_error:.3e}")
+    return 0

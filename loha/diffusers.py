@@ -1,0 +1,118 @@
+"""LoHa on diffusers pipelines: load, change strengths, unload exactly.
+
+    from loha.diffusers import load_loha, set_loha_strength, unload_loha
+    load_loha(pipe, "style.safetensors", strength=0.8, te_strength=0.5)   # adapter "style"
+    load_loha(pipe, "peft_adapter/", adapter_name="subject")             # PEFT folders too
+    set_loha_strength(pipe, "style", 1.0)
+    unload_loha(pipe)                                                      # every weight back, bit for bit
+
+diffusers' own loader refuses ``hada_*`` keys; this patches the pipeline's UNet and
+text encoders in place through `loha.patch` (SD1.x, SD2.x, SDXL). The networks loaded
+on a pipeline are kept on it, by adapter name, as one patch: every change restores
+the original weights and applies the current set at once, so a weight touched by
+several networks is rounded once, and unloading any of them leaves exactly what the
+others alone would give.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from .errors import LohaError, UnmatchedError
+from .format import Network, load
+from .patch import ModelView, PatchHandle, Use, patch, plan
+
+#: Attribute of the pipeline that holds its loaded networks.
+STATE_ATTR = "_loha_state"
+
+
+@dataclass
+class _State:
+    uses: dict[str, Use] = field(default_factory=dict)  # adapter name -> network and strengths
+    handle: PatchHandle | None = None
+
+
+def _state(pipe) -> _State:
+    state = getattr(pipe, STATE_ATTR, None)
+    if state is None:
+        state = _State()
+        object.__setattr__(pipe, STATE_ATTR, state)  # not a pipeline component
+    return state
+
+
+def _reapply(pipe, state: _State) -> None:
+    """Restore the originals, then apply every loaded network in one patch."""
+    if state.handle is not None:
+        state.handle.restore()
+        state.handle = None
+    if state.uses:
+        state.handle = patch(pipe, list(state.uses.values()))
+
+
+def load_loha(pipe, network, strength: float = 1.0, te_strength: float | None = None, *,
+              adapter_name: str | None = None, blocks: dict[str, float] | None = None, strict: bool = True) -> str:
+    """Apply a LoHa (file, PEFT folder or Network) to `pipe`; returns its adapter name.
+
+    `te_strength` defaults to `strength`; `blocks` maps block ids (``IN04``, ``MID``,
+    ``OUT02``, ``BASE``…) to multipliers. Names that match no weight of the pipeline
+    raise `UnmatchedError` (nothing changes) unless `strict` is False, which warns.
+    Loading under an adapter name already loaded replaces that network.
+    """
+    net = network if isinstance(network, Network) else load(network)
+    name = adapter_name or net.name
+    use = Use(net, strength, te_strength, dict(blocks or {}))
+    _, unmatched = plan(ModelView(pipe).names, [use])  # check before touching the weights
+    if unmatched:
+        names = unmatched[net.label]
+        message = f"{net.label}: {len(names)} names match no weight of the pipeline: {', '.join(names)}"
+        if strict:
+            raise UnmatchedError(message, names)
+        warnings.warn(message, stacklevel=2)
+    state = _state(pipe)
+    previous = state.uses.get(name)
+    state.uses[name] = use
+    try:
+        _reapply(pipe, state)
+    except BaseException:
+        if previous is None:
+            del state.uses[name]
+        else:
+            state.uses[name] = previous
+        _reapply(pipe, state)
+        raise
+    return name
+
+
+def set_loha_strength(pipe, adapter_name: str | None = None, strength: float = 1.0,
+                      te_strength: float | None = None) -> None:
+    """New strengths for one loaded adapter (or all of them, when `adapter_name` is None)."""
+    state = _state(pipe)
+    for name in _names(state, adapter_name):
+        state.uses[name].unet, state.uses[name].te = strength, te_strength
+    if state.handle is not None:
+        state.handle.set_strengths([(u.unet, u.te) for u in state.uses.values()])
+
+
+def unload_loha(pipe, adapter_name: str | None = None) -> None:
+    """Remove one adapter (or all): the weights become exactly what the rest alone give."""
+    state = _state(pipe)
+    for name in _names(state, adapter_name):
+        del state.uses[name]
+    _reapply(pipe, state)
+
+
+def loaded_loha(pipe) -> dict[str, tuple[float, float | None]]:
+    """{adapter name: (strength, te_strength)} of the networks on `pipe`."""
+    return {name: (use.unet, use.te) for name, use in _state(pipe).uses.items()}
+
+
+def _names(state: _State, adapter_name: str | None) -> list[str]:
+    if adapter_name is None:
+        return list(state.uses)
+    if adapter_name not in state.uses:
+        raise LohaError(f"no LoHa adapter {adapter_name!r} on this pipeline (loaded: {', '.join(state.uses) or 'none'})")
+    return [adapter_name]
+
+
+__all__ = ["load_loha", "loaded_loha", "set_loha_strength", "unload_loha"]
