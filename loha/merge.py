@@ -67,12 +67,14 @@ def merge(
     allow_unmatched: bool = False,
     overwrite: bool = False,
     progress: bool | None = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> MergeResult:
     """Merge `networks` into `checkpoint`, writing a safetensors file at `out`.
 
     `networks`: what `loha.patch` accepts (paths, Networks, `Use`s, (net, unet[, te])
     tuples). `dtype`: "fp16"/"bf16"/"fp32" for every floating tensor of the output,
-    None to keep each tensor's. `progress`: a tqdm bar (None: only on a terminal).
+    None to keep each tensor's. `progress`: a tqdm bar (None: only on a terminal);
+    `on_progress(done_bytes, total_bytes)` is called after each tensor (UI progress bars).
     Raises `UnmatchedError` when a network names weights the checkpoint lacks, unless
     `allow_unmatched`; refuses to write over the checkpoint, a network, or (without
     `overwrite`) any existing file.
@@ -101,7 +103,7 @@ def merge(
 
         result = MergeResult(out, checkpoint, source.streamed, len(entries), unmatched=unmatched,
                              dropped=source.dropped, merged=records)
-        total = sum(e.nbytes for e in entries)
+        total, done = sum(e.nbytes for e in entries), 0
         with _AtomicFile(out) as f, tqdm(total=total, unit="B", unit_scale=True, desc="merging",
                                          disable=None if progress is None else not progress) as bar:
             writer = Writer(f, entries, metadata)
@@ -121,6 +123,9 @@ def merge(
                 writer.write(entry.key, tensor)
                 del tensor
                 bar.update(entry.nbytes)
+                done += entry.nbytes
+                if on_progress is not None:
+                    on_progress(done, total)
             writer.close()
     finally:
         source.close()

@@ -89,23 +89,32 @@ def test_merge_command(files, tmp_path):
     assert merged["model.diffusion_model.input_blocks.0.0.weight"].dtype == torch.float16
 
 
-def test_merge_errors_are_one_line_without_traceback(files, tmp_path):
+def test_merge_errors(files, tmp_path, capsys):
     out = tmp_path / "o.safetensors"
-    code, _, err = run_cli("merge", files["ckpt"], "--loha", files["extra"], "-o", out)
-    assert code == 1 and err.startswith("loha: ") and "lora_unet_no_such_block" in err and "Traceback" not in err
-    assert "--allow-unmatched" in err and not out.exists()
+    assert main(["merge", files["ckpt"], "--loha", files["extra"], "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("loha: ") and "lora_unet_no_such_block" in err and "--allow-unmatched" in err
+    assert not out.exists()
 
-    code, _, err = run_cli("merge", files["ckpt"], "--loha", files["extra"], "-o", out, "--allow-unmatched")
-    assert code == 0 and "warning" in err and "lora_unet_no_such_block" in err and out.exists()
+    assert main(["merge", files["ckpt"], "--loha", files["extra"], "-o", str(out), "--allow-unmatched"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "lora_unet_no_such_block" in err and out.exists()
 
-    code, _, err = run_cli("merge", files["ckpt"], "--loha", files["net"], "-o", files["ckpt"])
-    assert code == 1 and "refusing to overwrite the input" in err and "Traceback" not in err
+    assert main(["merge", files["ckpt"], "--loha", files["net"], "-o", files["ckpt"]]) == 1
+    assert "refusing to overwrite the input" in capsys.readouterr().err
 
-    code, _, err = run_cli("merge", files["ckpt"], "--loha", tmp_path / "missing.safetensors", "-o", tmp_path / "x.safetensors")
-    assert code == 1 and err == f"loha: {tmp_path / 'missing.safetensors'}: no such file\n"
+    missing = str(tmp_path / "missing.safetensors")
+    assert main(["merge", files["ckpt"], "--loha", missing, "-o", str(tmp_path / "x.safetensors")]) == 1
+    assert capsys.readouterr().err == f"loha: {missing}: no such file\n"
 
-    code, _, err = run_cli("merge", files["ckpt"], "--loha", files["net"])  # no -o: a usage error
-    assert code == 2 and "-o/--out" in err
+    with pytest.raises(SystemExit) as usage:  # no -o: argparse's usage error
+        main(["merge", files["ckpt"], "--loha", files["net"]])
+    assert usage.value.code == 2 and "-o/--out" in capsys.readouterr().err
+
+
+def test_errors_print_without_traceback(files, tmp_path):
+    code, _, err = run_cli("merge", files["ckpt"], "--loha", files["extra"], "-o", tmp_path / "o.safetensors")
+    assert code == 1 and err.startswith("loha: ") and "Traceback" not in err
 
 
 def test_inspect_errors(tmp_path):

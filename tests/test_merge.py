@@ -127,7 +127,10 @@ def test_fp32_merge_equals_patch_bit_for_bit(sd1, tmp_path):
 
 def test_merging_again_appends_to_the_record(sd1, tmp_path):
     once, twice = tmp_path / "once.safetensors", tmp_path / "twice.safetensors"
-    M.merge(sd1["ckpt"], (sd1["plain"], 0.5), once)
+    calls = []
+    M.merge(sd1["ckpt"], (sd1["plain"], 0.5), once, on_progress=lambda done, total: calls.append((done, total)))
+    assert len(calls) == len(sd1["state"]) and calls[-1][0] == calls[-1][1] == sum(
+        v.numel() * v.element_size() for v in sd1["state"].values())
     M.merge(once, (sd1["plain"], 0.5), twice)
     records = json.loads(read(twice)[1][M.MERGED_KEY])
     assert [(r["name"], r["unet"]) for r in records] == [("plain.safetensors", 0.5)] * 2
@@ -149,9 +152,9 @@ def test_half_checkpoint_keeps_its_dtype_and_rounds_once(sd1, tmp_path):
     half = {k: (v.half() if v.is_floating_point() else v) for k, v in sd1["state"].items()}
     save_file(half, tmp_path / "half.safetensors")
     out = tmp_path / "out.safetensors"
-    M.merge(tmp_path / "half.safetensors", [(sd1["tucker"], 0.6)], out)
+    M.merge(tmp_path / "half.safetensors", [(sd1["plain"], 0.6)], out)
     merged, _ = read(out)
-    assert_same(merged, patched(half, [(sd1["tucker"], 0.6)]))
+    assert_same(merged, patched(half, [(sd1["plain"], 0.6)]))
     assert {v.dtype for v in merged.values()} == {torch.float16, torch.int64}
 
 
