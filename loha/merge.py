@@ -88,7 +88,10 @@ def merge(
 
     source = open_checkpoint(checkpoint)
     try:
-        names = map_state_dict(source.shapes())
+        try:
+            names = map_state_dict(source.shapes())
+        except LohaError as exc:
+            raise LohaError(f"{checkpoint}: {exc}") from None
         items, unmatched = plan(names, uses)
         if unmatched and not allow_unmatched:
             raise _unmatched_error(checkpoint, names.family, unmatched)
@@ -130,8 +133,8 @@ def merge(
     finally:
         source.close()
     result.bytes = os.path.getsize(out)
-    done = time.perf_counter()
-    result.seconds = {"plan": planned - start, "write": done - planned, "total": done - start}
+    finished = time.perf_counter()
+    result.seconds = {"plan": planned - start, "write": finished - planned, "total": finished - start}
     return result
 
 
