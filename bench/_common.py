@@ -1,0 +1,79 @@
+"""Shared bench helpers: seeded random models (no downloads), timing, machine floors."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import torch
+
+SD15 = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    layers_per_block=2,
+)
+SDXL = dict(
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    layers_per_block=2,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    sample_size=128,
+)
+
+
+def random_unet(config: dict, dtype=torch.float32, seed: int = 0):
+    """A diffusers UNet2DConditionModel of the given size with seeded random weights.
+
+    Built on the meta device and materialised once, so no time goes to the default
+    initialisers; values are N(0, 0.02), which is all a patching benchmark needs.
+    """
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    unet = unet.to(dtype=dtype).to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0.0, 0.02, generator=gen)
+    return unet.eval().requires_grad_(False)
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def timed(fn) -> float:
+    gc.collect()
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def stream_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> dict:
+    """Bytes read + written per second: a copy between two buffers, and an in-place pass."""
+    x = torch.ones(nbytes // 4)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    copy = min(timed(lambda: y.copy_(x)) for _ in range(reps))
+    inplace = min(timed(lambda: x.mul_(1.0)) for _ in range(reps))
+    return {"copy": 2 * nbytes / copy, "inplace": 2 * nbytes / inplace}
+
+
+def matmul_rate(n: int = 2048, reps: int = 5) -> float:
+    """fp32 FLOP/s of a square matmul with torch's own threads (the BLAS peak here)."""
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    c = torch.empty(n, n)
+    torch.mm(a, b, out=c)
+    t = min(timed(lambda: torch.mm(a, b, out=c)) for _ in range(reps))
+    return 2 * n**3 / t

@@ -1,0 +1,387 @@
+"""Time applying a full LoHa to a whole UNet: ours against the anchors, in one run.
+
+    python bench/apply.py            # SD1.5-size UNet, fp32 and fp16 weights (~5 min on 2 cores)
+    python bench/apply.py --quick    # fewer repetitions
+    python bench/apply.py --sdxl     # SDXL-size UNet (fp16 weights unless --dtypes says otherwise)
+    python bench/apply.py --tune     # the measurements behind loha/kernels/tuning.py
+
+Everything is built here from seeds (diffusers UNet2DConditionModel with the SD1.5 or
+SDXL numbers, random weights; a LyCORIS LoHa over every targetable layer: linear and
+1×1 rank 16, conv rank 8, hada_w2_a randomised so ΔW ≠ 0). Nothing is downloaded.
+
+Each repetition runs every method once, in turn (interleaved); the table shows medians.
+The anchors are short functions written here that do what each tool's merge does
+(their math and their copies), not their code:
+- ComfyUI: per module, back up the weight, an fp32 copy of it, two fp32 matmuls,
+  product, scale, cast to the weight dtype, add, store;
+- WebUI (network_hada): per module, rebuild both products, multiply, scale, add to an
+  fp32 copy of the weight and copy back (its backup is taken once and kept);
+- LyCORIS 4.1.3: its own modules' `merge_to` (which applies alpha/rank twice: a bug we
+  do not copy; timed anyway); on CUDA also its Triton `loha_merge` kernel;
+- PEFT: `LoHaConfig` on the same UNet (factors copied from the LyCORIS ones), each
+  LoHa layer's `merge()` — what `merge_adapter()` runs.
+The floors: bytes of W read and written over the measured streaming bandwidth, and the
+matmul FLOPs 2·2·O·K·R over the measured fp32 square-matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import SD15, SDXL, matmul_rate, median, random_unet, stream_bandwidth, timed  # noqa: E402
+
+from loha import kernels  # noqa: E402
+
+
+@dataclass
+class Layer:
+    name: str  # diffusers module path
+    module: torch.nn.Module
+    lyco: object  # the LyCORIS LohaModule
+    a1: torch.Tensor  # canonical fp32 factors, a* (O, R), b* (R, K)
+    b1: torch.Tensor
+    a2: torch.Tensor
+    b2: torch.Tensor
+    scale: float  # alpha / rank
+    peft: object = None
+
+
+# ---- building the network -------------------------------------------------------------
+
+
+def lycoris_loha(unet, seed: int = 1):
+    """A LyCORIS LoHa over every targetable UNet layer, hada_w2_a randomised."""
+    import lycoris.kohya as lk
+
+    # LyCORIS 4.1.3's "full" preset lists TimestepEmbedding as a module and its linears
+    # by name too, which makes duplicate names on diffusers UNets: drop the module entry.
+    preset = dict(lk.PRESET["full"])
+    preset["unet_target_module"] = [m for m in preset["unet_target_module"] if m != "TimestepEmbedding"]
+    lk.PRESET["loha-bench"] = preset
+    net = lk.create_network(
+        1.0, 16, 16, None, None, unet, algo="loha", conv_dim=8, conv_alpha=8, preset="loha-bench", warn_on_unmatched=False
+    )
+    gen = torch.Generator().manual_seed(seed)
+    by_module = {id(m): n for n, m in unet.named_modules()}
+    layers = []
+    with torch.no_grad():
+        for m in net.unet_loras:
+            m.requires_grad_(False)
+            for p in (m.hada_w1_a, m.hada_w2_a):  # keep ΔW about 1e-3 of W
+                p.normal_(0.0, 0.05, generator=gen)
+            for p in (m.hada_w1_b, m.hada_w2_b):
+                p.normal_(0.0, 0.05, generator=gen)
+            org = m.org_module[0]
+            r = m.hada_w1_b.shape[0]
+            layers.append(
+                Layer(
+                    by_module[id(org)],
+                    org,
+                    m,
+                    m.hada_w1_a.detach().float().contiguous(),
+                    m.hada_w1_b.detach().float().reshape(r, -1).contiguous(),
+                    m.hada_w2_a.detach().float().contiguous(),
+                    m.hada_w2_b.detach().float().reshape(r, -1).contiguous(),
+                    float(m.scale),
+                )
+            )
+    return net, layers
+
+
+def peft_loha(unet, layers):
+    """PEFT's LoHa on the same modules with the same factors and alphas."""
+    from peft import LoHaConfig, inject_adapter_in_model
+    from peft.tuners.loha import LoHaLayer
+
+    names = [l.name for l in layers]
+    ranks = {l.name: l.a1.shape[1] for l in layers}
+    cfg = LoHaConfig(
+        r=16,
+        alpha=16,
+        target_modules=names,
+        rank_pattern={n: r for n, r in ranks.items() if r != 16},
+        alpha_pattern={n: l.scale * l.a1.shape[1] for n, l in zip(names, layers) if l.scale * l.a1.shape[1] != 16},
+    )
+    inject_adapter_in_model(cfg, unet)
+    mods = dict(unet.named_modules())
+    with torch.no_grad():
+        for l in layers:
+            pl = mods[l.name]
+            assert isinstance(pl, LoHaLayer), l.name
+            for attr, src in (("hada_w1_a", l.a1), ("hada_w1_b", l.b1), ("hada_w2_a", l.a2), ("hada_w2_b", l.b2)):
+                dst = getattr(pl, attr)["default"]
+                dst.copy_(src.reshape(dst.shape))
+            pl.requires_grad_(False)
+            l.peft = pl
+            l.module = pl.get_base_layer()
+
+
+def weight(l: Layer) -> torch.Tensor:
+    return l.module.weight.data
+
+
+# ---- the methods ------------------------------------------------------------------------
+
+
+def ours(layers):
+    kernels.add_hadamard_many_([(weight(l), l.a1, l.b1, l.a2, l.b2, l.scale) for l in layers])
+
+
+def ours_with_backup(layers):
+    """Ours plus the per-patch backup copy ComfyUI makes (to compare like with like)."""
+    for l in layers:
+        backup = weight(l).to("cpu", copy=True)
+        del backup
+    ours(layers)
+
+
+def comfy_way(layers):
+    """Per module: backup, fp32 working copy, two fp32 matmuls, product, scale, cast, add, store."""
+    for l in layers:
+        w = weight(l)
+        backup = w.to("cpu", copy=True)  # kept to unpatch later (freed here: memory)
+        temp = w.to(torch.float32, copy=True)
+        diff = (l.a1.float() @ l.b1.float()) * (l.a2.float() @ l.b2.float())
+        temp += (l.scale * diff).reshape(temp.shape).to(temp.dtype)
+        l.module.weight.data = temp.to(w.dtype)  # the patched weight replaces the parameter's data
+        del backup
+
+
+def webui_way(layers):
+    """network_hada: rebuild both products, multiply, scale, add via an fp32 copy, copy back."""
+    for l in layers:
+        w = weight(l)
+        updown = (l.a1 @ l.b1) * (l.a2 @ l.b2)
+        updown = updown.reshape(w.shape) * l.scale
+        w.copy_((w.to(dtype=updown.dtype) + updown).to(dtype=w.dtype))
+
+
+def lycoris_merge(layers):
+    for l in layers:
+        l.lyco.merge_to(1.0)
+
+
+def lycoris_triton(layers):
+    """LyCORIS 4.1.3's Triton LoHa merge kernel, layer by layer (CUDA only)."""
+    from lycoris.kernels.triton.loha.hada import loha_merge
+
+    for l in layers:
+        w = weight(l)
+        flat = w.view(w.shape[0], -1)
+        out = loha_merge(l.a1, l.b1, l.a2, l.b2, gamma=l.scale, base=flat, out_dtype=w.dtype)
+        if out.data_ptr() != flat.data_ptr():
+            flat.copy_(out)
+
+
+def peft_merge(layers):
+    for l in layers:
+        l.peft.merged_adapters.clear()  # we restore nothing: each run merges afresh
+        l.peft.merge()
+
+
+# ---- floors --------------------------------------------------------------------------------
+
+
+def floors(layers, bw: float, rate: float) -> dict:
+    nbytes = sum(2 * weight(l).numel() * weight(l).element_size() for l in layers)
+    flops = sum(2 * 2 * l.a1.shape[0] * l.b1.shape[1] * l.a1.shape[1] for l in layers)
+    return {"memory": nbytes / bw, "compute": flops / rate}
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+
+def set_weight_dtype(layers, dtype, device):
+    for l in layers:
+        l.module.weight.data = l.module.weight.data.to(device=device, dtype=dtype)
+        l.a1, l.b1, l.a2, l.b2 = (t.to(device) for t in (l.a1, l.b1, l.a2, l.b2))
+
+
+def run(args) -> None:
+    torch.manual_seed(0)
+    device = torch.device("cuda" if args.cuda else "cpu")
+    config = SDXL if args.sdxl else SD15
+    label = "SDXL" if args.sdxl else "SD1.5"
+    dtypes = [dict(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)[d] for d in args.dtypes.split(",")]
+    reps = args.reps or (2 if args.quick else 5)
+    anchor_reps = max(1, min(reps, 1 if args.quick else 3))
+
+    t0 = time.perf_counter()
+    build_dtype = torch.float32 if torch.float32 in dtypes else dtypes[0]
+    unet = random_unet(config, dtype=build_dtype)
+    net, layers = lycoris_loha(unet)
+    methods = {"ours": ours, "ours + backup copy": ours_with_backup, "ComfyUI way": comfy_way, "WebUI way": webui_way}
+    methods["LyCORIS merge_to"] = lycoris_merge
+    if not args.no_peft:
+        peft_loha(unet, layers)
+        methods["PEFT merge"] = peft_merge
+    if device.type == "cuda":
+        methods["LyCORIS Triton"] = lycoris_triton
+    print(
+        f"{label} UNet: {len(layers)} LoHa layers, {sum(weight(l).numel() for l in layers) / 1e6:.0f}M weights "
+        f"(built in {time.perf_counter() - t0:.0f} s); torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"device {device}"
+    )
+
+    if device.type == "cpu":
+        bwd = stream_bandwidth()
+        bw = max(bwd.values())
+        rate = matmul_rate()
+        print(
+            f"machine: stream {bwd['copy'] / 1e9:.1f} GB/s (copy) {bwd['inplace'] / 1e9:.1f} GB/s (in place) "
+            f"-> floor uses {bw / 1e9:.1f}; fp32 matmul {rate / 1e9:.0f} GFLOP/s"
+        )
+    else:
+        bw, rate = _cuda_floors()
+        print(f"machine: {torch.cuda.get_device_name()}, copy {bw / 1e9:.0f} GB/s, fp32 matmul {rate / 1e12:.1f} TFLOP/s")
+
+    rows = []
+    for dtype in dtypes:
+        set_weight_dtype(layers, dtype, device)
+        fl = floors(layers, bw, rate)
+        floor = max(fl.values())
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        for rep in range(reps):
+            for name, fn in methods.items():
+                if name != "ours" and name != "ours + backup copy" and rep >= anchor_reps:
+                    continue
+
+                def call(fn=fn):
+                    fn(layers)
+                    sync()
+
+                times[name].append(timed(call))
+        comfy = median(times["ComfyUI way"])
+        dname = str(dtype).replace("torch.", "")
+        print(
+            f"\n{label} {dname}: floor {floor:.3f} s (memory {fl['memory']:.3f} s, matmul {fl['compute']:.3f} s); "
+            f"medians of {reps} (ours) / {anchor_reps} (anchors) interleaved runs"
+        )
+        print(f"{'method':<22}{'seconds':>10}{'vs ComfyUI':>12}{'vs floor':>10}   runs")
+        for name, ts in times.items():
+            t = median(ts)
+            print(f"{name:<22}{t:>10.3f}{comfy / t:>11.1f}x{t / floor:>9.2f}x   {' '.join(f'{x:.2f}' for x in ts)}")
+            rows.append((dname, name, t))
+    del net
+
+
+def _cuda_floors():
+    x = torch.empty(1 << 28, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    bw = 10 * 2 * x.numel() * 4 / (time.perf_counter() - t)
+    a = torch.randn(8192, 8192, device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a @ a
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    torch.cuda.synchronize()
+    rate = 5 * 2 * 8192**3 / (time.perf_counter() - t)
+    return bw, rate
+
+
+# ---- tuning: the measurements behind loha/kernels/tuning.py -----------------------------------
+
+
+def tune(args) -> None:
+    from loha.kernels import tiled, tuning
+
+    reps = 3 if args.quick else 7
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    def med(fn, n=reps):
+        fn()
+        return median([timed(fn) for _ in range(n)])
+
+    gen = torch.Generator().manual_seed(0)
+
+    def factors(o, k, r1, r2):
+        return [torch.randn(*s, generator=gen) * 0.1 for s in ((o, r1), (r1, k), (o, r2), (r2, k))]
+
+    # 1. Khatri–Rao vs two products per tile, single thread, ns per element of W.
+    print("\nKhatri-Rao addmm_ vs products+addcmul_ (1 thread, W 1280x11520, ns/element):")
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    o, k = 1280, 11520
+    for dtype in (torch.float32, torch.float16):
+        w = torch.randn(o, k).to(dtype)
+        line = []
+        for r in (1, 2, 3, 4, 5, 6, 8):
+            a1, b1, a2, b2 = factors(o, k, r, r)
+            from loha import delta as D
+
+            had = tiled.Job(w, tiled.HADAMARD, (a1, b1, a2, b2), 0.01)
+            kr = tiled.Job(w, tiled.MATMUL, (D.khatri_rao(a1, a2), D.face_split(b1, b2)), 0.01)
+            th = med(lambda: tiled.run_serial([had], tuning.CPU_TILE_ELEMS))
+            tk = med(lambda: tiled.run_serial([kr], tuning.CPU_TILE_ELEMS))
+            line.append(f"R1R2={r * r}: {th / w.numel() * 1e9:.2f}/{tk / w.numel() * 1e9:.2f}")
+        print(f"  {str(dtype)[6:]}: " + "  ".join(line))
+    torch.set_num_threads(prev)
+
+    # 2. Caller thread vs worker pool, by layer size (rank 16 fp32).
+    print("\ncaller thread vs worker threads (rank 16, fp32, ms):")
+    for o, k in ((320, 320), (320, 768), (640, 640), (640, 1280), (1280, 1280), (1280, 5120)):
+        w = torch.randn(o, k)
+        job = tiled.Job(w, tiled.HADAMARD, tuple(factors(o, k, 16, 16)), 0.01)
+        ts = med(lambda: tiled.run_serial([job], tuning.CPU_TILE_ELEMS))
+        tp = med(lambda: tiled._get_pool(torch.get_num_threads()).run(tiled.tiles([job], min(tuning.CPU_TILE_ELEMS, max(k, o * k // 8)))))
+        print(f"  {o}x{k} ({o * k:>8} elements): caller {ts * 1e3:.2f}  pool {tp * 1e3:.2f}")
+
+    # 3. Tile size over a whole SD1.5 LoHa.
+    print("\ntile size, whole SD1.5 LoHa (s):")
+    with torch.device("meta"):
+        from diffusers import UNet2DConditionModel
+
+        shapes = [
+            (m.weight.shape[0], m.weight[0].numel(), 8 if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1) else 16)
+            for m in UNet2DConditionModel(**SD15).modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+        ]
+    for dtype in (torch.float32, torch.float16):
+        items = [(torch.randn(o, k).to(dtype), *factors(o, k, r, r), 0.01) for o, k, r in shapes]
+        jobs = [kernels._hadamard_job(*it) for it in items]
+        line = []
+        for te in (1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 20):
+            line.append(f"2^{te.bit_length() - 1}: {med(lambda: tiled.run_cpu(jobs, tile_elems=te), 3):.3f}")
+        print(f"  {str(dtype)[6:]}: " + "  ".join(line))
+        del items, jobs
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sdxl", action="store_true", help="SDXL-size UNet instead of SD1.5")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions")
+    p.add_argument("--reps", type=int, default=0, help="repetitions of ours (anchors: up to 3)")
+    p.add_argument("--dtypes", default=None, help="comma list of fp32,fp16,bf16 (default fp32,fp16; SDXL: fp16)")
+    p.add_argument("--cuda", action="store_true", help="run on CUDA")
+    p.add_argument("--no-peft", action="store_true", help="skip PEFT")
+    p.add_argument("--tune", action="store_true", help="measure the dispatch thresholds instead")
+    args = p.parse_args(argv)
+    if args.dtypes is None:
+        args.dtypes = "fp16" if args.sdxl and not args.cuda else "fp32,fp16"
+    if args.tune:
+        tune(args)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Fused application of ΔW into a weight, in place, dispatched by device, dtype and shape.
+
+Entry points (signatures are the contract the patcher and the merge rely on):
+- add_hadamard_(weight, a1, b1, a2, b2, scale): weight += scale·(a1@b1)⊙(a2@b2)
+- add_hadamard_many_(items):                    the same for a list of such tuples
+- add_lowrank_(weight, a, b, scale):            weight += scale·(a@b)
+- add_dense_(weight, delta, scale):             weight += scale·delta
+- hadamard_bypass(x, a1, b1, a2, b2, scale):    x @ (scale·ΔW)ᵀ without forming ΔW
+
+`weight` is a contiguous tensor (fp16/bf16/fp32, CPU or CUDA; may be a row slice of a
+bigger tensor) whose first axis is O; it is viewed as O × K. Factors are a* (O, R),
+b* (R, K) of any float dtype and device (they are small and are moved). Math is fp32
+with one rounding to weight's dtype at the end; no O × K temporary is allocated.
+
+Dispatch (numbers in `tuning.py`, each with how it was measured):
+- CUDA, LoHa: the Triton kernel (grouped, many layers per launch) when triton imports;
+  the Khatri–Rao `addmm_` for fp32 weights at tiny rank products; else the
+  row-tiled torch path.
+- CPU: row tiles on single-threaded worker threads (tiled.py); per tile either the
+  two fp32 products multiplied and added (addcmul_), or, when R1·R2 is small, the
+  Khatri–Rao form `W.addmm_(a1•a2, b1∗b2)` from `loha.delta`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import delta as D
+from . import tiled, tuning
+from .tiled import DENSE, HADAMARD, MATMUL, Job
+
+_F32 = torch.float32
+_triton_module = None
+_triton_failed = False
+
+__all__ = [
+    "add_hadamard_",
+    "add_hadamard_many_",
+    "add_lowrank_",
+    "add_dense_",
+    "hadamard_bypass",
+    "triton_available",
+]
+
+
+def triton_available() -> bool:
+    """True when the Triton kernel module imports (checked once, lazily)."""
+    return _triton() is not None
+
+
+def _triton():
+    global _triton_module, _triton_failed
+    if _triton_module is None and not _triton_failed:
+        try:
+            from . import triton_hadamard
+
+            _triton_module = triton_hadamard
+        except Exception:  # no triton, or a triton that cannot load here
+            _triton_failed = True
+    return _triton_module
+
+
+def _flat(weight: torch.Tensor) -> torch.Tensor:
+    if weight.dim() == 0:
+        raise ValueError("weight must have at least one axis")
+    return weight.view(weight.shape[0], -1)
+
+
+def _f32(x: torch.Tensor, device) -> torch.Tensor:
+    return x.to(device=device, dtype=_F32).contiguous()
+
+
+def _check(o: int, k: int, shapes: list, what: str) -> None:
+    raise ValueError(f"{what} factors {shapes} do not fit a weight viewed as ({o}, {k})")
+
+
+def _hadamard_job(weight: torch.Tensor, a1, b1, a2, b2, scale: float) -> Job:
+    w = _flat(weight)
+    o, k = w.shape
+    dev = w.device
+    a1, b1, a2, b2 = (_f32(x, dev) for x in (a1, b1, a2, b2))
+    r1, r2 = a1.shape[-1], a2.shape[-1]
+    if a1.shape != (o, r1) or a2.shape != (o, r2) or b1.shape != (r1, k) or b2.shape != (r2, k):
+        _check(o, k, [tuple(x.shape) for x in (a1, b1, a2, b2)], "LoHa")
+    limits = tuning.CUDA_KR_MAX_RANK_PRODUCT if dev.type == "cuda" else tuning.CPU_KR_MAX_RANK_PRODUCT
+    if r1 * r2 <= limits.get(w.dtype, 0):
+        return Job(w, MATMUL, (D.khatri_rao(a1, a2), D.face_split(b1, b2)), float(scale))
+    return Job(w, HADAMARD, (a1, b1, a2, b2), float(scale))
+
+
+def _overlap_waves(weights: list[torch.Tensor]) -> list[list[int]]:
+    """Indices in waves whose weights share no memory (in-place adds must not race).
+
+    The patcher never passes overlapping weights; if a caller does, every item runs
+    on its own, in the given order.
+    """
+    spans = sorted((w.data_ptr(), w.data_ptr() + w.numel() * w.element_size()) for w in weights)
+    if any(spans[j][0] < spans[j - 1][1] for j in range(1, len(spans))):
+        return [[i] for i in range(len(weights))]
+    return [list(range(len(weights)))]
+
+
+def _run_jobs(jobs: list[Job]) -> None:
+    if not jobs:
+        return
+    by_dev: dict = {}
+    for j in jobs:
+        by_dev.setdefault(j.weight.device, []).append(j)
+    for dev, group in by_dev.items():
+        for wave in _overlap_waves([j.weight for j in group]):
+            part = [group[i] for i in wave]
+            if dev.type == "cpu":
+                tiled.run_cpu(part)
+            else:
+                tiled.run_serial(part, tuning.CUDA_TILE_ELEMS)
+
+
+def _contiguous_target(weight: torch.Tensor):
+    """(tensor to write, write-back) — a non-contiguous weight gets a working copy."""
+    if weight.is_contiguous():
+        return weight, None
+    return weight.contiguous(), weight
+
+
+@torch.no_grad()
+def add_hadamard_many_(items) -> None:
+    """weight += scale·(a1@b1)⊙(a2@b2) for every (weight, a1, b1, a2, b2, scale) in items.
+
+    On CUDA the layers go to the Triton kernel in as few launches as possible; on CPU
+    their row tiles are spread over the worker threads. Items whose weights overlap in
+    memory are applied in order, one after the other.
+    """
+    items = [it for it in items if it[5] != 0 and it[0].numel() != 0]
+    if not items:
+        return
+    writebacks = []
+    prepared = []
+    for w, *rest in items:
+        target, back = _contiguous_target(w)
+        if back is not None:
+            writebacks.append((back, target))
+        prepared.append((target, *rest))
+    tri = []
+    jobs = []
+    for it in prepared:
+        w = it[0]
+        if w.device.type == "cuda" and w.dtype in (torch.float16, torch.bfloat16, _F32) and _use_triton(it):
+            tri.append(it)
+        else:
+            jobs.append(_hadamard_job(*it))
+    if tri:
+        mod = _triton()
+        for wave in _overlap_waves([it[0] for it in tri]):
+            mod.add_hadamard_many_([tri[i] for i in wave])
+    _run_jobs(jobs)
+    for back, target in writebacks:
+        back.copy_(target)
+
+
+def _use_triton(item) -> bool:
+    if _triton() is None:
+        return False
+    w, a1, _, a2, _, _ = item
+    r1, r2 = a1.shape[-1], a2.shape[-1]
+    return r1 * r2 > tuning.CUDA_KR_MAX_RANK_PRODUCT.get(w.dtype, 0)
+
+
+def add_hadamard_(weight, a1, b1, a2, b2, scale: float) -> None:
+    """weight += scale·(a1@b1)⊙(a2@b2), in place, fp32 math, one rounding."""
+    add_hadamard_many_([(weight, a1, b1, a2, b2, scale)])
+
+
+@torch.no_grad()
+def add_lowrank_(weight, a, b, scale: float) -> None:
+    """weight += scale·(a@b) (LoRA), in place, fp32 math, one rounding."""
+    if scale == 0 or weight.numel() == 0:
+        return
+    target, back = _contiguous_target(weight)
+    w = _flat(target)
+    o, k = w.shape
+    a, b = _f32(a, w.device), _f32(b, w.device)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != o or b.shape != (a.shape[1], k):
+        _check(o, k, [tuple(a.shape), tuple(b.shape)], "LoRA")
+    _run_jobs([Job(w, MATMUL, (a, b), float(scale))])
+    if back is not None:
+        back.copy_(target)
+
+
+@torch.no_grad()
+def add_dense_(weight, delta, scale: float) -> None:
+    """weight += scale·delta, in place, fp32 math, one rounding."""
+    if scale == 0 or weight.numel() == 0:
+        return
+    target, back = _contiguous_target(weight)
+    w = _flat(target)
+    if delta.numel() != w.numel():
+        raise ValueError(f"delta of shape {tuple(delta.shape)} does not fit a weight of shape {tuple(weight.shape)}")
+    d = delta.to(w.device).reshape(w.shape)
+    _run_jobs([Job(w, DENSE, (d,), float(scale))])
+    if back is not None:
+        back.copy_(target)
+
+
+@torch.no_grad()
+def hadamard_bypass(x: torch.Tensor, a1, b1, a2, b2, scale: float) -> torch.Tensor:
+    """x @ (scale·(a1@b1)⊙(a2@b2))ᵀ for a Linear layer's input x (..., K) -> (..., O).
+
+    Without forming ΔW when that is cheaper: through the exact rank-R1·R2 Khatri–Rao
+    form, x @ (b1∗b2)ᵀ @ (a1•a2)ᵀ — two thin GEMMs. Math in fp32, result in x's dtype.
+    """
+    dev = x.device
+    a1, b1, a2, b2 = (_f32(t, dev) for t in (a1, b1, a2, b2))
+    o, k = a1.shape[0], b1.shape[1]
+    if x.shape[-1] != k:
+        raise ValueError(f"input of shape {tuple(x.shape)} does not fit LoHa factors with K={k}")
+    xf = x.reshape(-1, k).to(_F32)
+    n = xf.shape[0]
+    rr = a1.shape[1] * a2.shape[1]
+    kr_cost = (n + 1) * rr * (k + o)
+    dense_cost = o * k * (a1.shape[1] + a2.shape[1] + n)
+    if kr_cost <= dense_cost:
+        y = (xf @ D.face_split(b1, b2).t()) @ D.khatri_rao(a1, a2).t()
+    else:
+        y = xf @ D.hadamard_delta(a1, b1, a2, b2).t()
+    if scale != 1:
+        y.mul_(scale)
+    return y.to(x.dtype).reshape(*x.shape[:-1], o)

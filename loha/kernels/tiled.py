@@ -1,0 +1,216 @@
+"""Pure-torch row-tiled application of ΔW, and the CPU worker threads that run it.
+
+A job is one weight (viewed O × K) and the factors of its ΔW, already fp32 and on
+the weight's device. It is cut into row tiles; each tile computes its part of ΔW in
+a small fp32 scratch (so it is still in cache), adds it into the rows of W and
+rounds once to W's dtype. No O × K temporary is ever made.
+
+On CPU, small GEMMs and element-wise passes barely gain from torch's intra-op
+threads, so tiles go to a pool of worker threads that each run single-threaded
+ops (torch releases the GIL inside every op): independent tiles, of one layer or of
+many, run side by side.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+from typing import NamedTuple
+
+import torch
+
+from . import tuning
+
+_F32 = torch.float32
+
+# Job kinds.
+HADAMARD = "hadamard"  # tensors (a1, b1, a2, b2): two products, multiplied
+MATMUL = "matmul"  # tensors (u, v): u @ v (LoRA, or the Khatri–Rao form of a LoHa)
+DENSE = "dense"  # tensors (delta,): delta itself, (O, K)
+
+
+class Job(NamedTuple):
+    weight: torch.Tensor  # (O, K) view of the weight, contiguous
+    kind: str
+    tensors: tuple
+    scale: float
+
+
+class _Scratch(threading.local):
+    """One growing fp32 buffer per thread and device."""
+
+    def __init__(self):
+        self.bufs: dict = {}
+
+    def get(self, n: int, device: torch.device) -> torch.Tensor:
+        buf = self.bufs.get(device)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=_F32, device=device)
+            self.bufs[device] = buf
+        return buf
+
+
+_scratch = _Scratch()
+
+
+def rows_per_tile(k: int, tile_elems: int) -> int:
+    return max(1, tile_elems // max(1, k))
+
+
+def run_rows(job: Job, r0: int, r1: int, scratch: torch.Tensor | None = None) -> None:
+    """W[r0:r1] += scale · ΔW[r0:r1], computed in fp32 and rounded once."""
+    w = job.weight[r0:r1]
+    n, k = w.shape
+    m = n * k
+    if m == 0:
+        return
+    exact = w.dtype == _F32
+    if scratch is None:
+        scratch = _scratch.get(3 * m, w.device)
+    if exact:
+        acc = w
+    else:
+        acc = scratch[2 * m : 3 * m].view(n, k)
+        acc.copy_(w)
+    s = job.scale
+    if job.kind == HADAMARD:
+        a1, b1, a2, b2 = job.tensors
+        p1 = torch.mm(a1[r0:r1], b1, out=scratch[:m].view(n, k))
+        p2 = torch.mm(a2[r0:r1], b2, out=scratch[m : 2 * m].view(n, k))
+        acc.addcmul_(p1, p2, value=s)
+    elif job.kind == MATMUL:
+        u, v = job.tensors
+        acc.addmm_(u[r0:r1], v, alpha=s)
+    else:
+        d = job.tensors[0][r0:r1]
+        if d.dtype != _F32:
+            d = scratch[:m].view(n, k).copy_(d)
+        acc.add_(d, alpha=s)
+    if not exact:
+        w.copy_(acc)
+
+
+def tiles(jobs: list[Job], tile_elems: int) -> list[tuple[Job, int, int]]:
+    out = []
+    for job in jobs:
+        o, k = job.weight.shape
+        step = rows_per_tile(k, tile_elems)
+        out.extend((job, r0, min(o, r0 + step)) for r0 in range(0, o, step))
+    return out
+
+
+def run_serial(jobs: list[Job], tile_elems: int) -> None:
+    for job, r0, r1 in tiles(jobs, tile_elems):
+        run_rows(job, r0, r1)
+
+
+# ---- CPU worker threads ----------------------------------------------------------------
+
+
+class _Batch:
+    def __init__(self, work: list, n_workers: int):
+        self.work = work
+        self.next = itertools.count()
+        self.done = threading.Semaphore(0)
+        self.errors: list[BaseException] = []
+        self.n_workers = n_workers
+        # Inference mode is per thread: tensors made under it (ComfyUI runs nodes so)
+        # may only be updated in place under it, so the workers take the caller's.
+        self.inference = torch.is_inference_mode_enabled()
+
+
+class _Pool:
+    """Persistent single-threaded workers.
+
+    With the OpenMP backend, the thread count that ATen and MKL use is a per-thread
+    setting that a new thread copies from torch's global value the first time it
+    runs an op. The workers start while that value is 1 and keep it; the caller's
+    own setting is restored right after, so nothing outside this pool changes.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self.pid = os.getpid()
+        self.queues: list[queue.SimpleQueue] = []
+        started = threading.Barrier(n + 1)
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for i in range(n):
+                q: queue.SimpleQueue = queue.SimpleQueue()
+                t = threading.Thread(target=self._loop, args=(q, started), name=f"loha-kernels-{i}", daemon=True)
+                t.start()
+                self.queues.append(q)
+            started.wait()
+        finally:
+            torch.set_num_threads(prev)
+
+    @staticmethod
+    def _loop(q: queue.SimpleQueue, started: threading.Barrier) -> None:
+        torch.get_num_threads()  # fixes this thread's intra-op count at 1 (see above)
+        started.wait()
+        while True:
+            batch = q.get()
+            if batch is None:
+                return
+            try:
+                with torch.inference_mode(batch.inference):
+                    while not batch.errors:
+                        i = next(batch.next)
+                        if i >= len(batch.work):
+                            break
+                        job, r0, r1 = batch.work[i]
+                        run_rows(job, r0, r1)
+            except BaseException as e:  # reported to the caller
+                batch.errors.append(e)
+            finally:
+                batch.done.release()
+
+    def run(self, work: list) -> None:
+        batch = _Batch(work, self.n)
+        for q in self.queues:
+            q.put(batch)
+        for _ in range(self.n):
+            batch.done.acquire()
+        if batch.errors:
+            raise batch.errors[0]
+
+    def close(self) -> None:
+        for q in self.queues:
+            q.put(None)
+
+
+_pool: _Pool | None = None
+_pool_lock = threading.Lock()
+
+
+def _get_pool(n: int) -> _Pool:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool.n != n or _pool.pid != os.getpid():
+            if _pool is not None and _pool.pid == os.getpid():
+                _pool.close()
+            _pool = _Pool(n)
+        return _pool
+
+
+def run_cpu(jobs: list[Job], tile_elems: int | None = None, threads: int | None = None) -> None:
+    """Run CPU jobs: in the caller when small, else tile by tile on the worker threads.
+
+    Jobs must not overlap in memory (the caller splits overlapping ones into waves).
+    """
+    tile_elems = tile_elems or tuning.CPU_TILE_ELEMS
+    n = threads if threads is not None else torch.get_num_threads()
+    total = sum(j.weight.numel() for j in jobs)
+    if n <= 1 or total < tuning.CPU_PARALLEL_MIN_ELEMS:
+        run_serial(jobs, tile_elems)
+        return
+    work = tiles(jobs, tile_elems)
+    if len(work) == 1:
+        run_serial(jobs, tile_elems)
+        return
+    # Largest tiles first, so the last ones to finish are small.
+    work.sort(key=lambda t: -(t[2] - t[1]) * t[0].weight.shape[1])
+    _get_pool(n).run(work)

@@ -1,0 +1,48 @@
+"""Dispatch thresholds, as data. Each number says how it was measured.
+
+CPU figures come from `python bench/apply.py --tune` on the reference machine:
+a 2-core AMD EPYC (Zen 5, AVX-512) VM with 24 GB, torch 2.13 (MKL 2024.2 sgemm,
+OpenMP), medians of interleaved repetitions. Re-run that command on another
+machine and edit the numbers; nothing else has to change.
+
+GPU figures could not be measured (no GPU was available when they were set): they
+are the design's starting point, and `bench/apply.py --tune` prints the measured
+crossovers on a CUDA machine so they can be replaced by data.
+"""
+
+import torch
+
+# ---- CPU ----------------------------------------------------------------------------
+
+# Elements of W per row tile. Each tile computes two fp32 (rows × K) products in a
+# per-thread scratch (3 × this many fp32 when W is fp16/bf16), adds them into W and
+# moves on, so the products are still in cache when they are used.
+# --tune: MEASURE-ME
+CPU_TILE_ELEMS = 1 << 18
+
+# Below this many elements in one call, the work runs in the calling thread with
+# torch's own intra-op threads: handing tiles to the worker threads costs ~50-100 µs.
+# --tune: MEASURE-ME
+CPU_PARALLEL_MIN_ELEMS = 1 << 18
+
+# The Khatri–Rao form W.addmm_(a1•a2, b1∗b2) does 2·R1·R2 flops per element against
+# 2·(R1+R2) for the two products, but it is one MKL call that reads and writes W once.
+# It is used when R1·R2 <= this value. --tune: MEASURE-ME
+CPU_KR_MAX_RANK_PRODUCT = {torch.float32: 9, torch.float16: 4, torch.bfloat16: 4}
+
+# ---- CUDA ---------------------------------------------------------------------------
+
+# Not measured yet (see the module docstring). Triton handles every rank; the
+# Khatri–Rao addmm_ (cuBLAS) is kept for fp32 weights at rank products up to this.
+CUDA_KR_MAX_RANK_PRODUCT = {torch.float32: 1, torch.float16: 0, torch.bfloat16: 0}
+
+# Triton tile and launch shape (untuned defaults; --tune on a GPU sweeps them).
+TRITON_BLOCK_M = 64
+TRITON_BLOCK_N = 64
+TRITON_NUM_WARPS = 4
+# fp32 products on tensor cores via three TF32 passes (error ~1e-6 relative to ΔW,
+# far below one fp16/bf16 ulp and within the fp32 tolerance); "ieee" is exact FMA.
+TRITON_PRECISION = "tf32x3"
+
+# Elements per row tile for the pure-torch fallback on CUDA (no Triton).
+CUDA_TILE_ELEMS = 1 << 24

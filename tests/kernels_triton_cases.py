@@ -1,0 +1,70 @@
+"""Cases for the Triton kernel under TRITON_INTERPRET=1 (run by test_kernels_triton.py).
+
+Run directly with `TRITON_INTERPRET=1 python -m pytest tests/kernels_triton_cases.py`.
+Small shapes (the interpreter runs programs one by one in numpy); tile sizes are shrunk
+so that odd shapes cross tile edges.
+"""
+
+import os
+
+import pytest
+import torch
+
+from loha import delta as D
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (see test_kernels_triton.py)"
+
+from loha.kernels import triton_hadamard as T  # noqa: E402
+from test_kernels import DTYPES, assert_rounded_once, gen, loha_case, rand  # noqa: E402
+
+SMALL = dict(block_m=16, block_n=32, num_warps=1)
+
+
+def test_runs_interpreted():
+    assert type(T._hadamard_tile_kernel).__name__ == "InterpretedFunction"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("r1,r2", [(1, 1), (3, 5), (16, 16), (33, 8), (64, 64)])
+def test_single(dtype, r1, r2):
+    w, f = loha_case(33, 77, r1, r2, dtype, seed=r1 + 7 * r2)
+    w0 = w.clone()
+    T.add_hadamard_(w, *f, 0.7, **SMALL)
+    assert_rounded_once(w, w0, D.hadamard_delta(*f), 0.7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_launch(dtype):
+    """Layers of several shapes and ranks (several padded-rank groups), row slices, conv, Tucker."""
+    g = gen(11)
+    fused = rand(48, 40, g=g).to(dtype)
+    conv = rand(20, 6, 3, 3, g=g).to(dtype)
+    tucker = rand(18, 5, 3, 3, g=g).to(dtype)
+    tf = D.hadamard_factors(
+        rand(4, 18, g=g), rand(4, 5, g=g), rand(4, 18, g=g), rand(4, 5, g=g),
+        rand(4, 4, 3, 3, g=g, scale=0.5), rand(4, 4, 3, 3, g=g, scale=0.5),
+    )
+    items = []
+    for o, k, r1, r2, seed in [(33, 77, 3, 5, 1), (16, 16, 16, 16, 2), (5, 100, 1, 2, 3), (40, 9, 20, 2, 4)]:
+        w, f = loha_case(o, k, r1, r2, dtype, seed=seed)
+        items.append((w, *f, 0.3 * seed))
+    for j in range(3):
+        f = [rand(16, 4, g=g), rand(4, 40, g=g), rand(16, 4, g=g), rand(4, 40, g=g)]
+        items.append((fused[16 * j : 16 * (j + 1)], *f, 1.0 - j))
+    items.append((conv, rand(20, 8, g=g), rand(8, 54, g=g), rand(20, 8, g=g), rand(8, 54, g=g), 0.5))
+    items.append((tucker, *tf, 2.0))
+    refs = [(it[0].clone(), D.hadamard_delta(*it[1:5]), it[5]) for it in items]
+    T.add_hadamard_many_(items, **SMALL)
+    for it, (w0, d, s) in zip(items, refs):
+        assert_rounded_once(it[0], w0, d, s)
+
+
+def test_default_tiles_and_fp16_factors():
+    w, f = loha_case(70, 130, 8, 8, torch.float16, seed=5, fdtype=torch.float16)
+    w0 = w.clone()
+    T.add_hadamard_(w, *f, 1.25)
+    assert_rounded_once(w, w0, D.hadamard_delta(*f), 1.25)
+
+
+def test_padded_rank():
+    assert [T.padded_rank(r) for r in (1, 15, 16, 17, 33, 64)] == [16, 16, 16, 32, 64, 64]

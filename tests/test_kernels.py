@@ -1,0 +1,241 @@
+"""The fused ΔW entry points against the fp32 references in loha.delta.
+
+Every result must equal round(W.float() + s·ΔW) to W's dtype: within ~1e-5 (relative to
+ΔW) for fp32 weights, and at most one ulp away for fp16/bf16 weights (the products are
+summed in another order than the reference's, so a value right on a rounding boundary
+may land on the other side).
+"""
+
+import pytest
+import torch
+
+from loha import delta as D
+from loha import kernels
+from loha.kernels import tiled, tuning
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def rand(*shape, g, scale=1.0):
+    return torch.randn(*shape, generator=g) * scale
+
+
+def ordered(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 bit patterns as integers that count ulps across zero."""
+    b = x.view(torch.int16).to(torch.int32)
+    return torch.where(b < 0, -(b & 0x7FFF), b)
+
+
+def assert_rounded_once(out: torch.Tensor, w0: torch.Tensor, delta: torch.Tensor, scale: float):
+    """out == round(w0.float() + scale·delta) to out's dtype (see the module docstring).
+
+    Near a cancellation (W ≈ -s·ΔW) an fp16/bf16 ulp is smaller than fp32's own error in
+    the sum, so there the check is the fp32 bound (1e-5 of max |s·ΔW|) instead of 1 ulp.
+    """
+    exact = w0.float().reshape(w0.shape[0], -1) + scale * delta.float().reshape(w0.shape[0], -1)
+    out = out.reshape(exact.shape)
+    fp32_err = 1e-5 * (scale * delta).abs().max().item() + 1e-7
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, exact, rtol=1e-5, atol=fp32_err)
+    else:
+        want = exact.to(out.dtype)
+        ulps = (ordered(out) - ordered(want)).abs()
+        ok = (ulps <= 1) | ((out.float() - exact).abs() <= fp32_err)
+        assert ok.all(), f"{ulps[~ok].max().item()} ulps from the once-rounded fp32 result"
+        assert (out == want).float().mean() > 0.95  # and almost every element is that exactly
+
+
+def loha_case(o, k, r1, r2, dtype, seed=0, fdtype=torch.float32):
+    g = gen(seed)
+    w = rand(o, k, g=g).to(dtype)
+    f = [rand(o, r1, g=g, scale=0.3), rand(r1, k, g=g, scale=0.3), rand(o, r2, g=g, scale=0.3), rand(r2, k, g=g, scale=0.3)]
+    return w, [x.to(fdtype) for x in f]
+
+
+# ---- add_hadamard_ --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("r1,r2", [(1, 1), (3, 3), (8, 8), (16, 16), (33, 33), (64, 64), (3, 16), (64, 8)])
+def test_linear_ranks(dtype, r1, r2):
+    w, f = loha_case(33, 77, r1, r2, dtype, seed=r1 * 100 + r2)
+    w0 = w.clone()
+    kernels.add_hadamard_(w, *f, 0.7)
+    assert_rounded_once(w, w0, D.hadamard_delta(*f), 0.7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["conv1x1", "conv3x3", "tucker"])
+def test_conv_layers(dtype, kind):
+    g = gen(1)
+    o, i, r = 40, 24, 6
+    if kind == "conv1x1":
+        w = rand(o, i, 1, 1, g=g).to(dtype)
+        stored = [rand(o, r, g=g), rand(r, i, g=g), rand(o, r, g=g), rand(r, i, g=g)]
+        f = D.hadamard_factors(*stored)
+    elif kind == "conv3x3":
+        w = rand(o, i, 3, 3, g=g).to(dtype)
+        stored = [rand(o, r, g=g), rand(r, i * 9, g=g), rand(o, r, g=g), rand(r, i * 9, g=g)]
+        f = D.hadamard_factors(*stored)
+    else:  # Tucker: w*_a is (R, O), w*_b (R, I), t* (R, R, 3, 3)
+        w = rand(o, i, 3, 3, g=g).to(dtype)
+        w1a, w1b, w2a, w2b = rand(r, o, g=g), rand(r, i, g=g), rand(r, o, g=g), rand(r, i, g=g)
+        t1, t2 = rand(r, r, 3, 3, g=g, scale=0.5), rand(r, r, 3, 3, g=g, scale=0.5)
+        f = D.hadamard_factors(w1a, w1b, w2a, w2b, t1, t2)
+        # the canonical form is LyCORIS's Tucker rebuild
+        rebuild = lambda t, wb, wa: torch.einsum("i j ..., j r, i p -> p r ...", t, wb, wa)  # noqa: E731
+        want = rebuild(t1, w1b, w1a) * rebuild(t2, w2b, w2a)
+        torch.testing.assert_close(D.hadamard_delta(*f).reshape(want.shape), want, rtol=1e-4, atol=1e-4)
+    w0 = w.clone()
+    kernels.add_hadamard_(w, *f, 0.25)
+    assert w.shape == w0.shape
+    assert_rounded_once(w, w0, D.hadamard_delta(*f), 0.25)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_slice_view(dtype):
+    g = gen(2)
+    big = rand(100, 50, g=g).to(dtype)
+    before = big.clone()
+    f = [rand(30, 4, g=g), rand(4, 50, g=g), rand(30, 5, g=g), rand(5, 50, g=g)]
+    kernels.add_hadamard_(big[40:70], *f, 1.5)
+    assert torch.equal(big[:40], before[:40]) and torch.equal(big[70:], before[70:])
+    assert_rounded_once(big[40:70], before[40:70], D.hadamard_delta(*f), 1.5)
+
+
+def test_factor_dtypes_and_scale_zero():
+    w, f = loha_case(20, 30, 4, 4, torch.float32, fdtype=torch.float16)
+    w0 = w.clone()
+    kernels.add_hadamard_(w, *f, 0.0)
+    assert torch.equal(w, w0)
+    kernels.add_hadamard_(w, *f, -2.0)
+    assert_rounded_once(w, w0, D.hadamard_delta(*f), -2.0)
+
+
+def test_non_contiguous_weight():
+    g = gen(3)
+    base = rand(30, 20, g=g)
+    w = base.t()  # (20, 30), not contiguous
+    w0 = w.clone()
+    f = [rand(20, 3, g=g), rand(3, 30, g=g), rand(20, 3, g=g), rand(3, 30, g=g)]
+    kernels.add_hadamard_(w, *f, 0.5)
+    assert_rounded_once(w.contiguous(), w0, D.hadamard_delta(*f), 0.5)
+
+
+def test_bad_shapes():
+    w, f = loha_case(10, 12, 3, 3, torch.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.add_hadamard_(w, f[0], f[1][:, :11], f[2], f[3], 1.0)
+
+
+# ---- both CPU tile forms, and the worker threads ------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kr_limit", [0, 10_000])
+def test_khatri_rao_and_product_forms(monkeypatch, dtype, kr_limit):
+    monkeypatch.setitem(tuning.CPU_KR_MAX_RANK_PRODUCT, dtype, kr_limit)
+    job_kind = tiled.MATMUL if kr_limit else tiled.HADAMARD
+    w, f = loha_case(45, 61, 3, 5, dtype, seed=7)
+    assert kernels._hadamard_job(w, *f, 1.0).kind == job_kind
+    w0 = w.clone()
+    kernels.add_hadamard_(w, *f, 0.9)
+    assert_rounded_once(w, w0, D.hadamard_delta(*f), 0.9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_on_worker_threads(monkeypatch, dtype):
+    """Many layers, small tiles, forced onto the worker threads; row slices of one tensor too."""
+    monkeypatch.setattr(tuning, "CPU_PARALLEL_MIN_ELEMS", 0)
+    monkeypatch.setattr(tuning, "CPU_TILE_ELEMS", 500)
+    if torch.get_num_threads() < 2:  # a 1-core runner still exercises the pool
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    g = gen(4)
+    fused = rand(96, 40, g=g).to(dtype)  # q/k/v-like rows of one tensor
+    items, refs = [], []
+    for o, k, r1, r2 in [(33, 77, 3, 5), (64, 64, 16, 16), (7, 300, 1, 1), (50, 9, 33, 8)]:
+        w, f = loha_case(o, k, r1, r2, dtype, seed=o)
+        items.append((w, *f, 0.3))
+    for j in range(3):
+        f = [rand(32, 4, g=g), rand(4, 40, g=g), rand(32, 4, g=g), rand(4, 40, g=g)]
+        items.append((fused[32 * j : 32 * (j + 1)], *f, 1.0 + j))
+    refs = [(it[0].clone(), D.hadamard_delta(*it[1:5]), it[5]) for it in items]
+    threads_before = torch.get_num_threads()
+    kernels.add_hadamard_many_(items)
+    assert torch.get_num_threads() == threads_before
+    for it, (w0, d, s) in zip(items, refs):
+        assert_rounded_once(it[0], w0, d, s)
+
+
+def test_run_cpu_threads_directly():
+    g = gen(5)
+    w = rand(200, 130, g=g)
+    w0 = w.clone()
+    f = (rand(200, 16, g=g), rand(16, 130, g=g), rand(200, 16, g=g), rand(16, 130, g=g))
+    tiled.run_cpu([tiled.Job(w, tiled.HADAMARD, f, 0.5)], tile_elems=1000, threads=2)
+    assert_rounded_once(w, w0, D.hadamard_delta(*f), 0.5)
+
+
+def test_overlapping_items_apply_in_order():
+    w, f = loha_case(20, 30, 4, 4, torch.float32)
+    w0 = w.clone()
+    kernels.add_hadamard_many_([(w, *f, 1.0), (w[5:15], *[x[5:15] if x.shape[0] == 20 else x for x in f], 2.0)])
+    d = D.hadamard_delta(*f)
+    want = w0 + d
+    want[5:15] += 2.0 * d[5:15]
+    torch.testing.assert_close(w, want, rtol=1e-5, atol=1e-4)
+
+
+# ---- LoRA and dense ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("r", [1, 7, 64])
+def test_lowrank(dtype, r):
+    g = gen(6)
+    w = rand(33, 4, 3, 3, g=g).to(dtype)
+    a, b = rand(33, r, g=g), rand(r, 36, g=g).half()
+    w0 = w.clone()
+    kernels.add_lowrank_(w, a, b, 0.6)
+    assert_rounded_once(w, w0, a.float() @ b.float(), 0.6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ddtype", [torch.float32, torch.float16])
+def test_dense(dtype, ddtype):
+    g = gen(8)
+    w = rand(21, 5, 3, 3, g=g).to(dtype)
+    delta = rand(21, 5, 3, 3, g=g).to(ddtype)
+    w0 = w.clone()
+    kernels.add_dense_(w, delta, -0.4)
+    assert_rounded_once(w, w0, delta.float(), -0.4)
+    with pytest.raises(ValueError):
+        kernels.add_dense_(w, delta[:20], 1.0)
+
+
+# ---- bypass ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 5, 4000])  # few rows: Khatri–Rao GEMMs; many: ΔW once
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_hadamard_bypass(n, xdtype):
+    g = gen(9)
+    o, k, r1, r2 = 48, 40, 3, 4
+    f = [rand(o, r1, g=g), rand(r1, k, g=g), rand(o, r2, g=g), rand(r2, k, g=g)]
+    x = rand(2, n, k, g=g).to(xdtype)
+    y = kernels.hadamard_bypass(x, *f, 0.3)
+    want = x.float() @ (0.3 * D.hadamard_delta(*f)).t()
+    assert y.shape == (2, n, o) and y.dtype == xdtype
+    tol = 1e-5 if xdtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y.float(), want.to(xdtype).float(), rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_triton_never_chosen_on_cpu(monkeypatch):
+    """CPU tensors never reach the Triton module (it would need CUDA or the interpreter)."""
+    monkeypatch.setattr(kernels, "_triton", lambda: pytest.fail("Triton used for a CPU tensor"))
+    w, f = loha_case(10, 10, 2, 2, torch.float16)
+    kernels.add_hadamard_many_([(w, *f, 1.0)])
