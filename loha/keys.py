@@ -46,7 +46,9 @@ import torch
 
 from .errors import LohaError
 
-__all__ = ["Target", "NameMap", "map_state_dict", "map_modules", "detect_family", "FAMILIES"]
+__all__ = [
+    "Target", "NameMap", "map_state_dict", "map_modules", "detect_family", "unet_key_map", "FAMILIES",
+]
 
 
 # --------------------------------------------------------------------------- tables
@@ -72,17 +74,23 @@ TEXT_PREFIXES = {
 #: Files write text-encoder paths with and without transformers' ``text_model`` level.
 TEXT_MODEL_LEVEL = "text_model."
 
+#: HF CLIP layer modules whose q/k/v thirds OpenCLIP fuses into ``attn.in_proj_*``, in order.
+OPENCLIP_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+#: The other HF CLIP layer modules -> OpenCLIP resblock modules (norms included).
+OPENCLIP_MODULES = {
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+}
 #: Patchable text-encoder modules (HF CLIP names, relative to an encoder layer) and
 #: where each lives in an OpenCLIP layer: (parameter, index of the q/k/v third of the
 #: fused in-projection or None).  Embeddings, norms and ``text_projection`` (stored
 #: transposed by OpenCLIP, targeted by no trainer) are not patched.
 TEXT_PARTS = {
-    "self_attn.q_proj": ("attn.in_proj_weight", 0),
-    "self_attn.k_proj": ("attn.in_proj_weight", 1),
-    "self_attn.v_proj": ("attn.in_proj_weight", 2),
-    "self_attn.out_proj": ("attn.out_proj.weight", None),
-    "mlp.fc1": ("mlp.c_fc.weight", None),
-    "mlp.fc2": ("mlp.c_proj.weight", None),
+    **{part: ("attn.in_proj_weight", third) for third, part in enumerate(OPENCLIP_QKV)},
+    **{part: (OPENCLIP_MODULES[part] + ".weight", None) for part in ("self_attn.out_proj", "mlp.fc1", "mlp.fc2")},
 }
 _TEXT_PATH = re.compile(
     r"encoder\.layers\.(\d+)\.(" + "|".join(re.escape(p) for p in TEXT_PARTS) + r")"
@@ -118,7 +126,10 @@ RESNET_PARTS = {
     "time_emb_proj": "emb_layers.1",
     "conv_shortcut": "skip_connection",
 }
-_RESNET_PARTS_FROM_LDM = {ldm: diffusers for diffusers, ldm in RESNET_PARTS.items()}
+#: Resnet norms: no patchable weight, but whole-checkpoint conversion renames them too.
+RESNET_NORMS = {"norm1": "in_layers.0", "norm2": "out_layers.0"}
+_RESNET_RENAMES = {**RESNET_PARTS, **RESNET_NORMS}
+_RESNET_RENAMES_FROM_LDM = {ldm: diffusers for diffusers, ldm in _RESNET_RENAMES.items()}
 
 #: UNet modules outside the level structure: (diffusers path, LDM path, block).
 FIXED_UNET_PAIRS = (
@@ -260,6 +271,28 @@ def detect_family(context_dim: int | None, text_widths: Mapping[str, int]) -> st
     raise LohaError(
         f"unknown model family: no UNet cross-attention and text encoder widths {dict(text_widths)}"
     )
+
+
+def unet_key_map(keys: Iterable[str], *, from_ldm: bool) -> dict[str, str]:
+    """Every UNet state-dict key (norms and biases too) -> its key in the other layout.
+
+    ``keys`` are the UNet's keys without a checkpoint prefix, all in the diffusers
+    layout or all in the LDM layout (``from_ldm``); the levels are read off them.
+    A key with no counterpart raises, naming it.
+    """
+    keys = list(keys)
+    modules = [key.rpartition(".")[0] for key in keys]
+    layout = _layout_from_ldm(modules) if from_ldm else _layout_from_diffusers(modules)
+    index = {pair.ldm if from_ldm else pair.diffusers: pair for pair in _unet_pairs(layout)}
+    mapping = {}
+    for key, module in zip(keys, modules):
+        translated = _translate(module, index, from_ldm)
+        if translated is None:
+            side = "LDM" if from_ldm else "diffusers"
+            raise LohaError(f"UNet key '{key}' ({side} layout) has no counterpart in the other layout")
+        diffusers_path, ldm_path, _ = translated
+        mapping[key] = f"{diffusers_path if from_ldm else ldm_path}.{key.rpartition('.')[2]}"
+    return mapping
 
 
 # --------------------------------------------------------------------------- reading models
@@ -439,7 +472,9 @@ def _unet_pairs(layout: _UnetLayout) -> list[_Pair]:
                 up = f"{ldm}.{2 if spec.attention else 1}.conv"
                 pairs.append(_Pair(f"up_blocks.{level}.upsamplers.0.conv", up, block, False))
             index += 1
-    pairs.append(_Pair("conv_out", "out.2", f"OUT{max(index - 1, 0):02d}", False))
+    last = f"OUT{max(index - 1, 0):02d}"
+    pairs.append(_Pair("conv_norm_out", "out.0", last, False))  # a norm: checkpoints only
+    pairs.append(_Pair("conv_out", "out.2", last, False))
     return pairs
 
 
@@ -454,7 +489,7 @@ def _translate(path: str, index: Mapping[str, _Pair], by_ldm: bool) -> tuple[str
         return None
     inner = ".".join(parts[cut:])
     if pair.resnet:
-        renames = _RESNET_PARTS_FROM_LDM if by_ldm else RESNET_PARTS
+        renames = _RESNET_RENAMES_FROM_LDM if by_ldm else _RESNET_RENAMES
         if inner not in renames:
             return None
         other_inner = renames[inner]
