@@ -53,9 +53,7 @@ def standard_modules(family: str) -> dict[str, torch.nn.Module]:
     """{"unet": …, "text_encoder": …[, "text_encoder_2": …]} of a family, on the meta device."""
     if family not in UNET_CONFIGS:
         raise LohaError(f"no standard architecture for family {family!r} (known: {', '.join(UNET_CONFIGS)})")
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
+    UNet2DConditionModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection = _classes()
     with torch.device("meta"):
         modules = {"unet": UNet2DConditionModel(**UNET_CONFIGS[family])}
         for attr, (config, projection) in TEXT_CONFIGS[family].items():
@@ -66,9 +64,9 @@ def standard_modules(family: str) -> dict[str, torch.nn.Module]:
 
 def folder_modules(folder: str) -> dict[str, torch.nn.Module]:
     """The UNet and text encoders of a diffusers model folder, from its configs, on the meta device."""
-    from diffusers import UNet2DConditionModel
-    from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import AutoConfig
 
+    UNet2DConditionModel, _, CLIPTextModel, CLIPTextModelWithProjection = _classes()
     modules = {}
     with torch.device("meta"):
         for attr in PARTS:
@@ -85,3 +83,13 @@ def folder_modules(folder: str) -> dict[str, torch.nn.Module]:
     if not modules:
         raise LohaError(f"{folder}: not a diffusers model folder (no unet/ or text_encoder/ with a config.json)")
     return modules
+
+
+def _classes():
+    """The diffusers/transformers classes the structures are built from (an optional dependency)."""
+    try:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    except ImportError as exc:
+        raise LohaError(f"model structures need diffusers and transformers (pip install 'loha[diffusers]'): {exc}") from None
+    return UNet2DConditionModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection

@@ -31,7 +31,7 @@ from . import delta as D
 from .errors import FormatError, LohaError, UnmatchedError
 from .format import Network, load, save
 from .keys import FAMILIES, NameMap, map_modules, map_state_dict
-from .patch import ModelView, as_uses, plan
+from .patch import ModelView, Use, as_uses, plan
 
 #: kohya's `ss_base_model_version` per family.
 BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -77,17 +77,19 @@ def to_kohya(network: Network, out: str | os.PathLike, names: NameMap | None = N
     """Write `network` as a LyCORIS/kohya file, each module under the spelling kohya uses for it."""
     out = os.fspath(out)
     _check_out(out, overwrite)
-    tensors, unmatched = {}, []
+    targets = {}
+    if names is not None:
+        items, unmatched = plan(names, [Use(network)])  # names and shapes checked against the base
+        if unmatched:
+            listed = unmatched[network.label]
+            raise UnmatchedError(f"{network.label}: {len(listed)} modules match no weight of the base model: "
+                                 + ", ".join(listed), listed)
+        targets = {item.module.name: item.target for item in items}
+    tensors = {}
     for module in network.modules.values():
-        target = names.lookup(module.name) if names is not None else None
-        if names is not None and target is None:
-            unmatched.append(module.name)
-        name = names.names(target)[0] if target is not None else module.name
+        name = names.names(targets[module.name])[0] if targets else module.name
         for suffix, tensor in network.tensors(module).items():
             tensors[f"{name}.{suffix}"] = tensor
-    if unmatched:
-        raise UnmatchedError(f"{network.label}: {len(unmatched)} modules match no weight of the base model: "
-                             + ", ".join(unmatched), unmatched)
     metadata = dict(network.metadata)
     if network.family:
         metadata.setdefault("ss_base_model_version", BASE_VERSIONS[network.family])

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from .errors import FormatError, UnmatchedError
 from .format import Network, from_tensors
 from .keys import TEXT_MODEL_LEVEL, NameMap
+from .patch import Use, plan
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -153,21 +154,19 @@ def save_folder(network: Network, folder: str | os.PathLike, names: NameMap) -> 
     for none (PEFT's ``use_effective_conv2d`` is one switch).
     """
     folder = os.fspath(folder)
-    parts: dict[str, dict[str, tuple]] = defaultdict(dict)  # attr -> path -> (module, tensors)
-    unmatched = []
-    for module in network.modules.values():
-        target = names.lookup(module.name)
-        if target is None:
-            unmatched.append(module.name)
-            continue
+    items, unmatched = plan(names, [Use(network)])  # names and shapes checked against the base
+    if unmatched:
+        listed = unmatched[network.label]
+        raise UnmatchedError(f"{network.label}: {len(listed)} modules match no weight of the base model: "
+                             + ", ".join(listed), listed)
+    parts: dict[str, dict[str, tuple]] = defaultdict(dict)  # attr -> path -> (module, target, tensors)
+    for item in items:
+        module = item.module
         if module.kind != "loha" or module.dora:
             what = "DoRA" if module.dora else f"a {module.kind} module"
             raise FormatError(f"{network.label}: module '{module.name}' is {what}; PEFT's LoHa cannot hold it")
-        attr, _, path = target.key.removesuffix(".weight").partition(".")
-        parts[attr][path] = (module, target, network.tensors(module))
-    if unmatched:
-        raise UnmatchedError(f"{network.label}: {len(unmatched)} modules match no weight of the base model: "
-                             + ", ".join(unmatched), unmatched)
+        attr, _, path = item.target.key.removesuffix(".weight").partition(".")
+        parts[attr][path] = (module, item.target, network.tensors(module))
     written = []
     for attr, modules in parts.items():
         out = os.path.join(folder, attr)

@@ -154,3 +154,38 @@ def test_cli_convert(tmp_path, capsys):
 
     assert main(["convert", path, "-o", str(tmp_path / "l.safetensors"), "--to", "lora", "--base", base]) == 1
     assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family, name, shape", [
+    ("sd1", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", (320, 768)),
+    ("sd2", "lora_te_text_model_encoder_layers_22_mlp_fc1", (4096, 1024)),
+    ("sdxl", "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_k", (1280, 2048)),
+    ("sdxl", "lora_te2_text_model_encoder_layers_31_self_attn_q_proj", (1280, 1280)),
+])
+def test_standard_structures_know_real_names(family, name, shape):
+    from loha.convert import base_names
+
+    names = base_names(family)
+    assert names.family == family
+    target = names.lookup(name)
+    assert target is not None and target.shape == shape
+    assert names.names(target)[0] == name  # what kohya writes
+
+
+def test_checkpoint_file_as_base(tmp_path):
+    """An LDM checkpoint (OpenCLIP q/k/v fused in SDXL's second encoder) as the base of a LoRA."""
+    from safetensors.torch import save_file
+
+    parts = T.sdxl_parts()
+    path = T.make_loha_file(parts, tmp_path / "n.safetensors", use_tucker=True)
+    state = P.ldm_state_dict(parts)
+    save_file(state, tmp_path / "ckpt.safetensors")
+    report = to_lora(path, tmp_path / "lora.safetensors", base=str(tmp_path / "ckpt.safetensors"))
+    assert any(layer.name.endswith("encoder_layers_0_self_attn_k_proj") for layer in report.layers)
+
+    def patched(network):
+        work = {k: v.clone() for k, v in state.items()}
+        assert loha.patch(work, network).unmatched == {}
+        return {k: work[k].double() - state[k].double() for k in state if not torch.equal(work[k], state[k])}
+
+    assert_same_deltas(patched(report.out), patched(path))

@@ -78,7 +78,9 @@ PIPELINES = {"sd1": sd1_pipeline, "sdxl": sdxl_pipeline}
 
 
 def parts(pipe) -> dict:
-    """{"unet": …, "text_encoder": …[, "text_encoder_2": …]} of a pipeline."""
+    """{"unet": …, "text_encoder": …[, "text_encoder_2": …]} of a pipeline (or such a dict itself)."""
+    if isinstance(pipe, dict):
+        return pipe
     return {k: getattr(pipe, k) for k in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, k, None) is not None}
 
 
@@ -137,11 +139,11 @@ def _ldm_places(pipe) -> list[tuple]:
 
 def _live(pipe, target) -> torch.Tensor:
     attr, _, path = target.key.partition(".")
-    return getattr(pipe, attr).get_parameter(path).data
+    return parts(pipe)[attr].get_parameter(path).data
 
 
 def ldm_state_dict(pipe) -> dict[str, torch.Tensor]:
-    """The pipeline's patchable weights as an LDM checkpoint holds them (OpenCLIP q/k/v fused)."""
+    """The pipeline's (or parts') patchable weights as an LDM checkpoint holds them (OpenCLIP q/k/v fused)."""
     state: dict[str, list] = {}
     for target, key, rows in _ldm_places(pipe):
         state.setdefault(key, []).append((rows[0] if rows else 0, _live(pipe, target).clone()))
