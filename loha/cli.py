@@ -5,6 +5,7 @@
                          [--device cpu|cuda] [--allow-unmatched] [--force]
     python -m loha demo [--out FOLDER]
     python -m loha convert SRC[:UNET[:TE]] [...] -o OUT --to lycoris|peft|lora [--rank R] [--base BASE]
+    python -m loha train -o OUT [--model demo|DIFFUSERS_FOLDER|CHECKPOINT] [--data FOLDER] [...]
 
 Errors print as ``loha: <message>`` on stderr, without a traceback, and exit 1;
 usage errors exit 2; an interrupt exits 130 (after removing any partial output).
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .convert import add_convert_parser
 
     add_convert_parser(sub)
+    from .train.cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

@@ -1,0 +1,215 @@
+"""LoHa modules on the target Linear/Conv layers of a model, named as files name them.
+
+The targets come from `loha.keys` (the same map every loader uses), so a module's
+name is exactly the kohya name a file carries (``lora_unet_…``, ``lora_te_…``) and a
+saved file loads everywhere. A module does not replace its layer in the model tree:
+it swaps the layer's ``forward`` (as LyCORIS does), so code that inspects the model
+still sees a plain ``nn.Linear``/``nn.Conv2d``, and `remove()` puts it back.
+
+Both model layouts work: diffusers/transformers modules (``{"unet": …,
+"text_encoder": …}``) and LDM-layout modules whose state dict `keys.map_state_dict`
+reads (ComfyUI's ``BaseModel``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import LohaError
+from ..keys import NameMap, Target, map_modules, map_state_dict
+from .autograd import _Op, loha_layer
+
+#: UNet targets per preset, as regular expressions over the diffusers path. Names and
+#: reach follow lycoris-lora's presets: "attn-mlp" is all of Transformer2DModel (its
+#: default), "full" adds resnets, samplers, conv_in/conv_out and the time embedding.
+_ATTENTION = r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+_TRANSFORMER = r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))"
+PRESETS = {
+    "attn-only": (_ATTENTION,),
+    "attn-mlp": (_ATTENTION, _TRANSFORMER),
+    "full": (r".*",),
+}
+PRESET_HELP = {
+    "attn-only": "attention projections only",
+    "attn-mlp": "attention + feed-forward + proj_in/out (lycoris-lora's default)",
+    "full": "everything incl. resnets, up/down samplers, conv_in/out, time embedding",
+}
+_TEXT_COMPONENTS = ("te1", "te2")
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """What to train: which layers, at which rank/alpha, and how conv layers are factored."""
+
+    preset: str = "attn-mlp"
+    rank: int = 8
+    alpha: float = 4.0
+    conv_rank: int = 4
+    conv_alpha: float = 2.0
+    use_tucker: bool = False
+    text_encoder: bool = False
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise LohaError(f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)})")
+        if self.rank < 1 or self.conv_rank < 1:
+            raise LohaError(f"ranks must be ≥ 1 (rank {self.rank}, conv_rank {self.conv_rank})")
+
+    def wants(self, target: Target) -> bool:
+        if target.component in _TEXT_COMPONENTS:
+            return self.text_encoder
+        return any(re.fullmatch(p, target.path) for p in PRESETS[self.preset])
+
+
+class LohaModule(nn.Module):
+    """The four (six with Tucker) factors of one layer and the forward that uses them.
+
+    Initialised as lycoris-lora does: b factors N(0, 1), w1_a N(0, 0.1), w2_a zero,
+    so ΔW = 0 at step 0 while every factor still gets a gradient.
+    """
+
+    def __init__(self, name: str, layer: nn.Module, rank: int, alpha: float, tucker: bool,
+                 generator: torch.Generator):
+        super().__init__()
+        self.name, self.rank, self.alpha = name, rank, float(alpha)
+        self.scale = self.alpha / rank
+        out_dim, in_dim, *kernel = layer.weight.shape
+        self.tucker = tucker and math.prod(kernel) > 1
+        self.op = _Op.of(layer)
+        if self.tucker:
+            a_shape, b_shape = (rank, out_dim), (rank, in_dim)
+        else:
+            a_shape, b_shape = (out_dim, rank), (rank, in_dim * math.prod(kernel))
+        normal = lambda shape, std: nn.Parameter(torch.randn(shape, generator=generator) * std)  # noqa: E731
+        if self.tucker:
+            self.hada_t1 = normal((rank, rank, *kernel), 0.1)
+            self.hada_t2 = normal((rank, rank, *kernel), 0.1)
+        self.hada_w1_b = normal(b_shape, 1.0)
+        self.hada_w1_a = normal(a_shape, 0.1)
+        self.hada_w2_b = normal(b_shape, 1.0)
+        self.hada_w2_a = nn.Parameter(torch.zeros(a_shape))
+        self._layer = [layer]  # a list, so the frozen layer is not a submodule of the network
+        self._original_forward = None
+
+    @property
+    def layer(self) -> nn.Module:
+        return self._layer[0]
+
+    def factors(self) -> tuple:
+        t1, t2 = (self.hada_t1, self.hada_t2) if self.tucker else (None, None)
+        return (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, t1, t2)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return loha_layer(x, self.layer, self.factors(), self.scale, self.op)
+
+    def attach(self) -> None:
+        if self._original_forward is None:
+            self._original_forward = self.layer.__dict__.get("forward")
+            self.layer.forward = self.forward
+
+    def detach(self) -> None:
+        if self._original_forward is None:
+            del self.layer.forward
+        else:
+            self.layer.forward = self._original_forward
+        self._original_forward = None
+
+    def file_tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """This module's tensors as a LyCORIS file holds them."""
+        out = {f"{self.name}.alpha": torch.tensor(self.alpha)}
+        for suffix in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"):
+            if hasattr(self, suffix):
+                out[f"{self.name}.{suffix}"] = getattr(self, suffix).detach().to("cpu", dtype).contiguous()
+        return out
+
+
+class LohaNetwork(nn.Module):
+    """Every LoHa module of one model, keyed by file name; attach/detach them together."""
+
+    def __init__(self, model: Mapping | nn.Module, spec: NetworkSpec, seed: int = 0):
+        super().__init__()
+        self.spec = spec
+        self.names, layers = resolve_targets(model)
+        generator = torch.Generator().manual_seed(seed)
+        modules = {}
+        for target, layer in layers:
+            if not spec.wants(target):
+                continue
+            if target.rows is not None:
+                raise LohaError(f"cannot train {target.key} rows {target.rows}: a fused q/k/v weight "
+                                "(OpenCLIP layout); load the text encoder in HF layout")
+            conv = layer.weight.dim() > 2 and math.prod(layer.weight.shape[2:]) > 1
+            rank, alpha = (spec.conv_rank, spec.conv_alpha) if conv else (spec.rank, spec.alpha)
+            name = self.names.names(target)[0]
+            modules[name] = LohaModule(name, layer, rank, alpha, spec.use_tucker, generator)
+        if not modules:
+            raise LohaError(f"preset {spec.preset!r} selects no layer of this model ({len(layers)} candidates)")
+        self.loha = nn.ModuleDict(modules)
+        device = next(iter(modules.values())).layer.weight.device
+        self.to(device)
+
+    @property
+    def family(self) -> str:
+        return self.names.family
+
+    def attach(self) -> "LohaNetwork":
+        for module in self.loha.values():
+            module.attach()
+        return self
+
+    def detach(self) -> None:
+        for module in self.loha.values():
+            module.detach()
+
+    def file_tensors(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        out = {}
+        for module in self.loha.values():
+            out.update(module.file_tensors(dtype))
+        return out
+
+    def load_file_tensors(self, tensors: Mapping[str, torch.Tensor], label: str = "network") -> None:
+        """Take the factors of a file this network wrote (resume, continue training)."""
+        with torch.no_grad():
+            for name, module in self.loha.items():
+                for suffix, param in module.named_parameters():
+                    key = f"{name}.{suffix}"
+                    if key not in tensors:
+                        raise LohaError(f"{label}: lacks '{key}' (shape {tuple(param.shape)})")
+                    if tuple(tensors[key].shape) != tuple(param.shape):
+                        raise LohaError(f"{label}: '{key}' has shape {tuple(tensors[key].shape)}, "
+                                        f"this network needs {tuple(param.shape)}")
+                    param.copy_(tensors[key])
+
+    def counts(self) -> dict[str, int]:
+        """Modules per component (unet, te1, te2)."""
+        out: dict[str, int] = {}
+        for target in self.names.targets:
+            if self.names.names(target)[0] in self.loha:
+                out[target.component] = out.get(target.component, 0) + 1
+        return out
+
+
+def resolve_targets(model: Mapping | nn.Module) -> tuple[NameMap, list[tuple[Target, nn.Module]]]:
+    """The name map of a model and each target's live layer.
+
+    A mapping of diffusers/transformers parts (``{"unet": …, "text_encoder": …}``) is
+    read with `map_modules`; a single module with an LDM-layout state dict (ComfyUI's
+    model, a CompVis LatentDiffusion) with `map_state_dict`.
+    """
+    if isinstance(model, Mapping):
+        names = map_modules(model)
+        root = nn.ModuleDict({k: v for k, v in model.items() if isinstance(v, nn.Module)})
+    else:
+        names = map_state_dict({k: v.shape for k, v in model.state_dict(keep_vars=True).items()})
+        root = model
+    pairs = []
+    for target in names.targets:
+        layer = root.get_submodule(target.key.removesuffix(".weight"))
+        pairs.append((target, layer))
+    return names, pairs

@@ -1,0 +1,372 @@
+"""The trainer: ΔW autograd (gradcheck, lycoris-lora 4.1.3's fixed Tucker gradients),
+module names, dataset, files that lycoris-lora and our loader read with the same ΔW,
+resume, stop, checkpoints read through our name map, the command line."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import threading
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from loha.train.autograd import delta, hadamard_delta, loha_layer
+
+pytest.importorskip("diffusers")
+
+F64 = torch.float64
+
+
+def _param(*shape):
+    return torch.randn(*shape, dtype=F64, requires_grad=True)
+
+
+def _factors(o, i, r, kernel=(), tucker=False):
+    if tucker:
+        return (_param(r, o), _param(r, i), _param(r, o), _param(r, i), _param(r, r, *kernel), _param(r, r, *kernel))
+    k = i
+    for size in kernel:
+        k *= size
+    return (_param(o, r), _param(r, k), _param(o, r), _param(r, k), None, None)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+@pytest.mark.parametrize("tucker", [False, True])
+def test_delta_gradcheck(tucker):
+    torch.manual_seed(0)
+    factors = _factors(5, 3, 2, (3, 3), tucker)
+    present = [f for f in factors if f is not None]
+    rebuild = (lambda *f: hadamard_delta(f, 0.7)) if tucker else (lambda *f: hadamard_delta((*f, None, None), 0.7))
+    assert gradcheck(rebuild, present)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv-tucker", "conv1x1"])
+def test_layer_gradcheck(kind):
+    """Gradients of the input and of every factor through a whole layer, in float64."""
+    torch.manual_seed(0)
+    layers = {
+        "linear": (torch.nn.Linear(6, 5), (2, 4, 6), ()),
+        "conv": (torch.nn.Conv2d(2, 3, 3, stride=2, padding=1), (1, 2, 5, 5), (3, 3)),
+        "conv-tucker": (torch.nn.Conv2d(2, 3, 3, padding=1), (1, 2, 4, 4), (3, 3)),
+        "conv1x1": (torch.nn.Conv2d(3, 5, 1), (2, 3, 4, 4), ()),
+    }
+    layer, x_shape, kernel = layers[kind]
+    layer = layer.double().requires_grad_(False)
+    tucker = kind == "conv-tucker"
+    factors = _factors(layer.weight.shape[0], layer.weight.shape[1], 2, kernel, tucker)
+    present = [f for f in factors if f is not None]
+
+    def run(x, *f):
+        return loha_layer(x, layer, tuple(f) if tucker else (*f, None, None), 0.5)
+
+    assert gradcheck(run, (_param(*x_shape), *present))
+
+
+def test_layer_matches_plain_autograd():
+    """The layer's output and gradients equal those of op(x, W0 + scale·ΔW) by autograd."""
+    torch.manual_seed(1)
+    layer = torch.nn.Conv2d(4, 6, 3, padding=1).double().requires_grad_(False)
+    factors = _factors(6, 4, 3, (3, 3), tucker=True)
+    x = _param(2, 4, 5, 5)
+    grad = torch.randn(2, 6, 5, 5, dtype=F64)
+    ours = loha_layer(x, layer, factors, 0.25)
+    ours_grads = torch.autograd.grad(ours, (x, *factors), grad)
+    plain = torch.nn.functional.conv2d(x, layer.weight + 0.25 * delta(factors), layer.bias, padding=1)
+    plain_grads = torch.autograd.grad(plain, (x, *factors), grad)
+    torch.testing.assert_close(ours, plain)
+    for a, b in zip(ours_grads, plain_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("tucker", [False, True])
+def test_matches_lycoris_fixed_autograd(tucker):
+    """Same ΔW and gradients as lycoris-lora 4.1.3's HadaWeight / HadaWeightTucker (the
+    release that fixed the Tucker gradients of hada_w1_a/hada_w2_a)."""
+    from lycoris.functional.loha import HadaWeight, HadaWeightTucker
+
+    torch.manual_seed(2)
+    w1a, w1b, w2a, w2b, t1, t2 = factors = _factors(7, 4, 3, (3, 3), tucker)
+    ours = hadamard_delta(factors, 0.6)
+    scale = torch.tensor(0.6, dtype=F64)
+    if tucker:
+        theirs = HadaWeightTucker.apply(t1, w1b, w1a, t2, w2b, w2a, scale)
+        order = (w1a, w1b, w2a, w2b, t1, t2)
+    else:
+        theirs = HadaWeight.apply(w1b, w1a, w2b, w2a, scale)
+        order = (w1a, w1b, w2a, w2b)
+    grad = torch.randn_like(ours)
+    torch.testing.assert_close(ours, theirs.reshape(ours.shape))
+    for a, b in zip(torch.autograd.grad(ours, order, grad), torch.autograd.grad(theirs, order, grad.reshape(theirs.shape))):
+        torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def test_modules_named_as_files_name_them():
+    from loha.keys import map_modules
+    from loha.train.modules import LohaNetwork, NetworkSpec
+    from tests.tiny_models import sd1_parts
+
+    parts = sd1_parts()
+    names = map_modules(parts)
+    counts = {}
+    for preset in ("attn-only", "attn-mlp", "full"):
+        net = LohaNetwork(parts, NetworkSpec(preset=preset, text_encoder=True))
+        counts[preset] = net.counts()
+        for name in net.loha:
+            target = names.lookup(name)
+            assert target is not None and names.names(target)[0] == name
+    assert counts["attn-only"]["unet"] < counts["attn-mlp"]["unet"] < counts["full"]["unet"]
+    assert counts["full"]["unet"] == sum(t.component == "unet" for t in names.targets)
+    assert counts["full"]["te1"] == 12  # 2 layers × q, k, v, out, fc1, fc2
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in net.loha
+
+
+def test_attach_detach_restores_forward():
+    from loha.train.modules import LohaNetwork, NetworkSpec
+    from tests.tiny_models import run_parts, sd1_parts
+
+    parts = sd1_parts()
+    before = run_parts(parts)
+    net = LohaNetwork(parts, NetworkSpec(preset="full", text_encoder=True)).attach()
+    with torch.no_grad():
+        for module in net.loha.values():
+            module.hada_w2_a.normal_(std=0.5)
+    changed = run_parts(parts)
+    assert not torch.allclose(changed["unet"], before["unet"])
+    net.detach()
+    after = run_parts(parts)
+    for key in before:
+        assert torch.equal(before[key], after[key])
+    assert all("forward" not in module.layer.__dict__ for module in net.loha.values())
+
+
+def test_ldm_layout_model_gets_the_same_names():
+    """A module tree with LDM names (as ComfyUI's model has) is wrapped under the same file names."""
+    from loha.demo import unet_key_map
+    from loha.train.modules import LohaNetwork, NetworkSpec
+    from tests.tiny_models import sd1_unet
+
+    unet = sd1_unet()
+    by_diffusers = LohaNetwork({"unet": unet}, NetworkSpec(preset="full"))
+    ldm = torch.nn.Module()
+    for key, ldm_key in unet_key_map(unet.state_dict()).items():
+        path = "diffusion_model." + ldm_key.rpartition(".")[0]
+        parent = ldm
+        for part in path.split(".")[:-1]:
+            if part not in parent._modules:
+                parent.add_module(part, torch.nn.Module())
+            parent = parent._modules[part]
+        parent._modules[path.rpartition(".")[2]] = unet.get_submodule(key.rpartition(".")[0])
+    by_ldm = LohaNetwork(ldm, NetworkSpec(preset="full"))
+    assert sorted(by_ldm.loha) == sorted(by_diffusers.loha)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def test_dataset_folders_repeats_captions_buckets(tmp_path):
+    from PIL import Image
+
+    from loha.train.data import Dataset, buckets
+
+    (tmp_path / "3_red thing").mkdir()
+    (tmp_path / "misc").mkdir()  # not N_name: ignored
+    Image.new("RGB", (128, 128), "red").save(tmp_path / "3_red thing" / "a.png")
+    (tmp_path / "3_red thing" / "a.txt").write_text("red, square\n")
+    Image.new("RGB", (192, 64), "blue").save(tmp_path / "3_red thing" / "b.jpg")
+    Image.new("RGB", (64, 64), "green").save(tmp_path / "root.png")
+    Image.new("RGB", (64, 64), "green").save(tmp_path / "misc" / "ignored.png")
+    data = Dataset(str(tmp_path), resolution=128, step=64)
+    assert [os.path.basename(i.path) for i in data.items] == ["root.png", "a.png", "b.jpg"]
+    assert data.captions == [tmp_path.name.replace("_", " "), "red, square", "red thing"]
+    assert [i.repeats for i in data.items] == [1, 3, 3]
+    assert data.buckets == [(128, 128), (128, 128), (192, 64)]
+    assert data.tag_frequency["3_red thing"] == {"red": 1, "square": 1, "red thing": 1}
+    assert data.dirs["3_red thing"] == {"n_repeats": 3, "img_count": 2}
+    assert all(w * h <= 128 * 128 and w % 64 == 0 and h % 64 == 0 for w, h in buckets(128))
+    epoch = data.epoch(seed=0, epoch=0, batch_size=2)
+    assert all(len({data.buckets[i] for i in batch}) == 1 for batch in epoch)
+    assert epoch == data.epoch(seed=0, epoch=0, batch_size=2)
+    assert epoch != data.epoch(seed=0, epoch=1, batch_size=2) or len(epoch) == 1
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+def _config(tmp_path, name="net", **kwargs):
+    from loha.train import SAMPLE_DATA, NetworkSpec, TrainConfig
+
+    spec = kwargs.pop("network", NetworkSpec(preset="full", rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0,
+                                             use_tucker=True, text_encoder=True))
+    settings = dict(resolution=64, steps=3, batch_size=2, learning_rate=5e-3, seed=3, device="cpu")
+    settings.update(kwargs)
+    return TrainConfig(data=SAMPLE_DATA, output=str(tmp_path / f"{name}.safetensors"), network=spec, **settings)
+
+
+def _train(config, **callbacks):
+    from loha.train import Callbacks, train
+    from tests.train_helpers import tiny_base
+
+    return train(config, Callbacks(**callbacks), base=tiny_base())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trained")
+    result = _train(_config(tmp))
+    return result
+
+
+def test_file_has_kohya_metadata(trained):
+    import loha
+
+    net = loha.load(trained.path)
+    meta = net.metadata
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    args = json.loads(meta["ss_network_args"])
+    assert args["algo"] == "loha" and args["conv_dim"] == "2" and args["use_tucker"] == "True"
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "2.0")
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_steps"] == "3"
+    assert json.loads(meta["ss_tag_frequency"])["10_shapes"]["white background"] == 12
+    assert float(meta["ss_training_started_at"]) <= float(meta["ss_training_finished_at"])
+    assert len(meta["sshs_model_hash"]) == 64
+    assert net.family == "sd1"
+    tucker = [m for m in net.modules.values() if m.tucker]
+    assert tucker and all(m.kind == "loha" for m in net.modules.values())
+    assert {m.rank for m in net.modules.values()} == {2, 4}
+
+
+def test_file_loads_in_lycoris_and_ours_with_the_same_delta(trained):
+    """lycoris-lora's create_network_from_weights takes every module of our file, and its
+    forward path, our loader (loha.patch) and the trainer's own forward give one model."""
+    import loha
+    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+    from lycoris.utils.preset import read_preset
+    from tests.tiny_models import _preset_file, run_parts
+    from tests.train_helpers import WithTextModel, tiny_base
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    net = loha.load(trained.path)
+    base = tiny_base()
+    reference = run_parts(base.parts())
+
+    ours = copy.deepcopy(base.parts())
+    handle = loha.patch(ours, [(net, 1.0, 1.0)])
+    assert not handle.unmatched
+    patched = run_parts(ours)
+
+    theirs = copy.deepcopy(base.parts())
+    wrapped = WithTextModel(theirs["text_encoder"])
+    # lycoris-lora builds (and drops) a network with its class-wide preset first; its
+    # built-in "full" names time_embedding twice on diffusers UNets, so use ours.
+    LycorisNetworkKohya.apply_preset(read_preset(_preset_file()))
+    lyco = create_network_from_weights(1.0, trained.path, None, wrapped, theirs["unet"], for_inference=True)[0]
+    assert len(lyco.unet_loras) + len(lyco.text_encoder_loras) == len(net.modules)
+    lyco.apply_to(wrapped, theirs["unet"], True, True)
+    lyco.load_weights(trained.path)
+    by_lycoris = run_parts(theirs)
+
+    from loha.train.modules import LohaNetwork, NetworkSpec
+    from safetensors.torch import load_file
+
+    live = copy.deepcopy(base.parts())
+    network = LohaNetwork(live, NetworkSpec(preset="full", rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0,
+                                            use_tucker=True, text_encoder=True))
+    network.load_file_tensors(load_file(trained.path))
+    network.attach()
+    by_trainer = run_parts(live)
+
+    for key in reference:
+        change = (patched[key] - reference[key]).abs().max()
+        assert change > 1e-4, f"training changed nothing in {key}"
+        torch.testing.assert_close(by_lycoris[key], patched[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(by_trainer[key], patched[key], rtol=1e-4, atol=1e-5)
+
+
+SMALL = dict(preset="attn-only", rank=2, alpha=1.0)
+
+
+def test_resume_continues_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from loha.train import NetworkSpec
+
+    spec = NetworkSpec(**SMALL)
+    straight = _train(_config(tmp_path, "straight", steps=3, network=spec))
+    first = _train(_config(tmp_path, "resumed", steps=2, network=spec))
+    resumed = _train(_config(tmp_path, "resumed", steps=3, network=spec, resume=str(tmp_path / "resumed-state")))
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-5)
+    assert first.losses == resumed.losses[:2]
+    a, b = load_file(straight.path), load_file(resumed.path)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_intermediate_saves_samples_and_stop(tmp_path):
+    import loha
+
+    stop = threading.Event()
+    seen = {"progress": [], "saved": [], "samples": []}
+
+    def progress(step, total, loss, lr):
+        seen["progress"].append((step, total, loss))
+        if step == 4:
+            stop.set()
+
+    from loha.train import NetworkSpec
+
+    result = _train(_config(tmp_path, steps=50, save_every=2, sample_every=3, sample_steps=2,
+                            network=NetworkSpec(**SMALL)),
+                    progress=progress, stop=stop, saved=lambda s, p: seen["saved"].append((s, p)),
+                    sample=lambda s, images, p: seen["samples"].append((s, len(images), p)))
+    assert result.stopped and result.steps == 4
+    assert [s for s, _, _ in seen["progress"]] == [1, 2, 3, 4]
+    assert [s for s, _ in seen["saved"]] == [2, 4, 4]
+    assert os.path.isfile(tmp_path / "net-step000002.safetensors")
+    assert loha.load(result.path).metadata["ss_steps"] == "4"
+    assert seen["samples"][0][:2] == (3, 2) and os.path.isfile(seen["samples"][0][2])
+
+
+def test_v_prediction_and_mixed_precision_and_checkpointing(tmp_path):
+    from loha.train import NetworkSpec
+
+    spec = NetworkSpec(**SMALL)
+    plain = _train(_config(tmp_path, "plain", network=spec, prediction_type="v_prediction", steps=2))
+    checkpointed = _train(_config(tmp_path, "ckpt", network=spec, prediction_type="v_prediction", steps=2,
+                                  gradient_checkpointing=True))
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-4)
+    bf16 = _train(_config(tmp_path, "bf16", network=spec, mixed_precision="bf16", steps=2))
+    assert all(torch.isfinite(torch.tensor(bf16.losses)))
+
+
+def test_checkpoint_read_through_our_name_map(tmp_path):
+    """An LDM checkpoint file loads into diffusers modules that compute what the original did."""
+    from loha.train.models import demo_model, from_checkpoint, write_checkpoint
+    from tests.tiny_models import run_parts
+
+    model = demo_model(seed=5)
+    path = write_checkpoint(model, str(tmp_path / "demo.safetensors"))
+    loaded = from_checkpoint(path, vae=path + ".vae")
+    a, b = run_parts(model.parts()), run_parts(loaded.parts())
+    for key in a:
+        assert torch.equal(a[key], b[key])
+    assert torch.equal(model.tokenizer(["a red circle"]), loaded.tokenizer(["a red circle"]))
+
+
+def test_command_line(tmp_path, capsys):
+    from loha.train.cli import main
+
+    out = tmp_path / "cli.safetensors"
+    code = main(["--model", "demo", "--data", _config(tmp_path).data, "--out", str(out), "--steps", "2",
+                 "--resolution", "64", "--rank", "2", "--preset", "attn-only", "--seed", "1"])
+    assert code == 0 and out.is_file()
+    printed = capsys.readouterr().out
+    assert "step 2/2" in printed and str(out) in printed
