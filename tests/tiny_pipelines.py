@@ -117,13 +117,11 @@ LDM_UNET = "model.diffusion_model."
 def _ldm_places(pipe) -> list[tuple]:
     """(target, LDM key, rows) for every patchable weight of the pipeline, from keys.py's targets."""
     names = keys.map_modules(parts(pipe))
-    unet_paths = [t.path for t in names.targets if t.component == "unet"]
-    index = {pair.diffusers: pair for pair in keys._unet_pairs(keys._layout_from_diffusers(unet_paths))}
+    unet_keys = keys.unet_key_map((f"{t.path}.weight" for t in names.targets if t.component == "unet"), from_ldm=False)
     places = []
     for target in names.targets:
         if target.component == "unet":
-            _, ldm_path, _ = keys._translate(target.path, index, by_ldm=False)
-            places.append((target, f"{LDM_UNET}{ldm_path}.weight", None))
+            places.append((target, LDM_UNET + unet_keys[f"{target.path}.weight"], None))
             continue
         prefix, openclip = LDM_TEXT[names.family][target.component]
         if not openclip:
