@@ -150,7 +150,7 @@ def render(summary: dict, against_result: dict | None = None) -> str:
     lines = [f"{s['file'] or s['name']}  ({_size(s['size_bytes'])}, {', '.join(s['dtypes']) or 'no tensors'})"]
 
     def row(label: str, text: str) -> None:
-        lines.append(f"  {label:<14}{text}")
+        lines.append(f"  {label:<15} {text}")
 
     row("family", f"{family} ({FAMILY_NAMES.get(family, family)})" if family else "unknown")
     parts = ", ".join(
