@@ -72,7 +72,7 @@ class ModelView:
     transformers model, or any torch module whose parameters use the LDM layout.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, family: str | None = None):
         if isinstance(model, Mapping) and all(isinstance(v, torch.nn.Module) for v in model.values()):
             self._modules = dict(model)
         elif isinstance(model, Mapping):
@@ -87,18 +87,25 @@ class ModelView:
             self._tensors = {k: p.data for k, p in model.named_parameters()}
         else:
             raise LohaError(f"cannot patch a {type(model).__name__}: expected a state dict, modules or a pipeline")
-        self.names: NameMap = map_modules(self._modules) if self._modules is not None else map_state_dict(self._tensors)
+        if self._modules is not None:
+            self.names: NameMap = map_modules(self._modules, family=family)
+        else:
+            self.names = map_state_dict(self._tensors, family=family)
+        self._params: dict[str, torch.nn.Parameter | None] = {}  # resolved module attributes
 
     def tensor(self, key: str) -> torch.Tensor | None:
         """The live tensor under `key` (writes to it change the model), or None."""
         if self._modules is None:
             return self._tensors.get(key)
-        part, _, path = key.partition(".")
-        module_path, _, attr = path.rpartition(".")
-        try:
-            param = getattr(self._modules[part].get_submodule(module_path), attr)
-        except (KeyError, AttributeError):
-            return None
+        if key not in self._params:
+            part, _, path = key.partition(".")
+            module_path, _, attr = path.rpartition(".")
+            try:
+                self._params[key] = getattr(self._modules[part].get_submodule(module_path), attr)
+            except (KeyError, AttributeError):
+                self._params[key] = None
+        param = self._params[key]
+        # .data at each call: hosts move models between devices by swapping a parameter's data
         return None if param is None else param.data
 
 
@@ -223,18 +230,21 @@ class PatchHandle:
         return list(self._backups)
 
     def restore(self) -> None:
-        """Copy every original weight back, bit for bit."""
+        """Copy every original weight back, bit for bit, and let the backups go."""
+        self._copy_back()
+        self._backups.clear()
+
+    def _copy_back(self) -> None:
         with torch.no_grad():
             for key, original in self._backups.items():
                 self._view.tensor(key).copy_(original)
-        self._backups.clear()
 
     def set_strengths(self, strengths: Iterable) -> None:
         """New (unet[, te]) strengths per use, in order; re-applies from cached factors."""
         for use, value in zip(self.uses, strengths, strict=True):
             unet, *te = value if isinstance(value, tuple) else (value,)
             use.unet, use.te = unet, (te[0] if te else None)
-        self.restore()
+        self._copy_back()  # the backups stay: re-applying needs no second copy
         self._apply()
 
     def _apply(self) -> None:
@@ -252,6 +262,10 @@ class PatchHandle:
                     if any(i.bias is not None for i in items):
                         apply_to_bias(self._view.tensor(_bias_key(key)), items)
                 kernels.add_hadamard_many_(batch)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            self.restore()
+            labels = ", ".join(u.network.label for u in self.uses)
+            raise LohaError(f"out of memory while patching {labels}; every weight was restored ({exc})") from exc
         except BaseException:
             self.restore()
             raise
@@ -357,12 +371,13 @@ def _check_finite(net: Network, module: Module, tensors) -> None:
             raise FormatError(f"{net.label}: module '{module.name}' holds NaN or Inf values")
 
 
-def patch(model, networks, skip_bad: bool = False) -> PatchHandle:
+def patch(model, networks, skip_bad: bool = False, family: str | None = None) -> PatchHandle:
     """Apply networks to `model` in place; returns a handle whose restore() undoes it exactly.
 
     `networks`: a Network or path (strength 1), a `Use`, a (network, unet[, te]) tuple,
     or a list of these. Names that match nothing are listed on `handle.unmatched`. A bad
     module makes the whole patch fail and change nothing, unless `skip_bad` is set: then
-    it is left out with a warning and listed on `handle.skipped`.
+    it is left out with a warning and listed on `handle.skipped`. `family` ("sd1", "sd2",
+    "sdxl") is detected from the model's shapes unless given.
     """
-    return PatchHandle(ModelView(model), as_uses(networks), skip_bad)
+    return PatchHandle(ModelView(model, family), as_uses(networks), skip_bad)

@@ -1,0 +1,90 @@
+"""Long use loses nothing: many patch/restore cycles and many files leave weights exact and
+memory flat; an out-of-memory error half-way through a patch restores the model."""
+
+import gc
+import importlib
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import loha
+
+patch_module = importlib.import_module("loha.patch")  # `loha.patch` is the function
+import tiny_models as T
+
+
+def snapshot(parts):
+    return {f"{p}.{k}": v.clone() for p, m in parts.items() for k, v in m.state_dict().items()}
+
+
+def assert_unchanged(before, parts):
+    after = snapshot(parts)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def rss_mb() -> float:
+    gc.collect()
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def test_thousand_cycles_with_changing_strengths(tmp_path):
+    full = T.sd1_parts()
+    path = T.make_loha_file(full, tmp_path / "n.safetensors", use_tucker=True)
+    parts = {"text_encoder": full["text_encoder"]}  # the text encoder alone keeps 1000 cycles quick
+    before = snapshot(parts)
+    handle = loha.patch(parts, (path, 1.0), family="sd1")
+    assert all(name.startswith("lora_unet_") for name in handle.unmatched[path])
+    handle.restore()
+    warm = rss_mb()
+    for cycle in range(1000):
+        handle.set_strengths([(0.1 + (cycle % 17) / 10, (cycle % 5) / 4)])
+        if cycle % 97 == 0 and cycle % 5:  # text-encoder strength is non-zero
+            fc1 = parts["text_encoder"].encoder.layers[0].mlp.fc1.weight
+            assert not torch.equal(fc1, before["text_encoder.encoder.layers.0.mlp.fc1.weight"])
+        handle.restore()
+    assert_unchanged(before, parts)
+    assert rss_mb() - warm < 30, "memory grew over 1000 patch/restore cycles"
+
+
+def test_hundred_different_files_do_not_grow_memory(tmp_path):
+    full = T.sd1_parts()
+    base = load_file(T.make_loha_file(full, tmp_path / "base.safetensors"))
+    parts = {"text_encoder": full["text_encoder"]}
+    paths = []
+    for i in range(100):
+        g = torch.Generator().manual_seed(i)
+        save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) if v.dim() else v for k, v in base.items()},
+                  tmp_path / f"n{i}.safetensors")
+        paths.append(tmp_path / f"n{i}.safetensors")
+    before = snapshot(parts)
+    for path in paths[:10]:  # warm up allocator caches
+        loha.patch(parts, str(path), family="sd1").restore()
+    warm = rss_mb()
+    for path in paths[10:]:
+        loha.patch(parts, str(path), family="sd1").restore()
+    assert_unchanged(before, parts)
+    assert rss_mb() - warm < 30, "memory grew over 90 loads of different files"
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, MemoryError])
+def test_out_of_memory_half_way_restores_the_model(tmp_path, monkeypatch, error):
+    parts = T.sd1_parts()
+    a = T.make_loha_file(parts, tmp_path / "a.safetensors", seed=1)
+    b = T.make_loha_file(parts, tmp_path / "b.safetensors", seed=2, dora_wd=True)
+    before = snapshot(parts)
+    calls = []
+    real = patch_module.apply_to_tensor
+
+    def failing(*args):  # two networks on every weight: each call writes at once; fail on the 5th
+        calls.append(1)
+        if len(calls) == 5:
+            raise error("simulated allocation failure")
+        real(*args)
+
+    monkeypatch.setattr(patch_module, "apply_to_tensor", failing)
+    with pytest.raises(loha.LohaError, match=r"out of memory while patching .*a\.safetensors.*restored"):
+        loha.patch(parts, [a, b])
+    assert len(calls) == 5
+    assert_unchanged(before, parts)
