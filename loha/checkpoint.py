@@ -34,7 +34,10 @@ from . import keys as K
 from .errors import LohaError
 from .stream import Entry, Writer, data_order, dtype_name
 
-__all__ = ["ldm_state_dict", "save_checkpoint", "diffusers_parts", "random_checkpoint", "LAYOUTS", "PUBLISHED"]
+__all__ = [
+    "ldm_state_dict", "save_checkpoint", "diffusers_parts", "random_checkpoint", "plan",
+    "detect_checkpoint_family", "LAYOUTS", "PUBLISHED",
+]
 
 
 # --------------------------------------------------------------------------- tables
@@ -306,15 +309,16 @@ def _layouts(family: str) -> dict[str, Layout]:
 # --------------------------------------------------------------------------- diffusers -> LDM
 
 
+#: Pipeline attributes that are checkpoint parts (``pipe.components`` holds others too).
+_KNOWN_PARTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+
+
 def _state(part) -> Mapping[str, torch.Tensor]:
     return part.state_dict() if isinstance(part, torch.nn.Module) else part
 
 
 def _states(parts: Mapping) -> dict[str, Mapping[str, torch.Tensor]]:
     return {attr: _state(part) for attr, part in parts.items() if part is not None and attr in _KNOWN_PARTS}
-
-
-_KNOWN_PARTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 
 
 def _family_of(states: Mapping[str, Mapping]) -> str:
@@ -416,8 +420,19 @@ def detect_checkpoint_family(state: Mapping) -> str:
     return K.detect_family(context, {})
 
 
-def _part_state(state: Mapping, layout: Layout) -> dict[str, tuple]:
-    return {k[len(layout.prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(layout.prefix)}
+def _part_keys(state: Mapping, layout: Layout) -> dict[str, str]:
+    """The part's keys in ``state``, as plan names (no prefix) -> actual keys.
+
+    Some SD1 checkpoints keep CLIP without the ``text_model.`` level; both spellings load.
+    """
+    names = {}
+    for key in state:
+        if key.startswith(layout.prefix):
+            name = key[len(layout.prefix):]
+            if layout.kind == "clip" and not name.startswith(K.TEXT_MODEL_LEVEL) and name != "text_projection.weight":
+                name = K.TEXT_MODEL_LEVEL + name
+            names[name] = key
+    return names
 
 
 def _count(shapes: Mapping, pattern: str) -> int:
@@ -582,22 +597,24 @@ def diffusers_parts(state: Mapping, family: str | None = None, device="cpu",
     hints = _hints(state, family)
     parts = {}
     for attr, layout in _layouts(family).items():
-        shapes = _part_state(state, layout)
-        if not shapes:
+        names = _part_keys(state, layout)
+        if not names:
             continue
+        shapes = {name: tuple(state[key].shape) for name, key in names.items()}
         module = _meta_module(attr, layout, _config(attr, layout, shapes, family, overrides, hints))
         target = {k: tuple(v.shape) for k, v in module.state_dict().items()}
         sources = _PLANNERS[layout.kind](attr, target, layout)
-        unexplained = sorted(layout.prefix + k for k in shapes if layout.prefix + k not in sources)
+        unexplained = sorted(names[n] for n in names if layout.prefix + n not in sources)
         if unexplained:
             raise LohaError(f"checkpoint part '{attr}': {len(unexplained)} keys have no diffusers counterpart "
-                            f"(first: '{unexplained[0]}' {shapes[unexplained[0][len(layout.prefix):]]})")
+                            f"(first: '{unexplained[0]}' {tuple(state[unexplained[0]].shape)})")
         loaded = {}
-        for key, source in sources.items():
+        for ldm_key, source in sources.items():
             if source.extra:
                 continue
-            if key not in state:
-                raise LohaError(f"checkpoint part '{attr}': missing '{key}' (expected shape {source.shape})")
+            key = names.get(ldm_key[len(layout.prefix):])
+            if key is None:
+                raise LohaError(f"checkpoint part '{attr}': missing '{ldm_key}' (expected shape {source.shape})")
             if tuple(state[key].shape) != source.shape:
                 raise LohaError(f"checkpoint '{key}' has shape {tuple(state[key].shape)}, "
                                 f"the {attr} read off the checkpoint needs {source.shape}")

@@ -11,6 +11,7 @@ diffusers modules.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -166,6 +167,24 @@ def test_transformers_4_layout_converts_the_same():
     assert got.keys() == want.keys()
     for key, value in got.items():
         assert torch.equal(value, want[key]), key
+
+
+def test_sd1_checkpoint_without_text_model_level_loads():
+    """Some SD1 checkpoints in the wild keep CLIP keys without ``text_model.``."""
+    parts = sd1_parts()
+    ldm = {k.replace("transformer.text_model.", "transformer."): v for k, v in ldm_state_dict(parts).items()}
+    back = diffusers_parts(ldm, overrides=TINY)
+    assert_same_state(back["text_encoder"].state_dict(), parts["text_encoder"].state_dict())
+
+
+def test_missing_and_left_over_keys_are_named():
+    ldm = ldm_state_dict(sd1_parts())
+    key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    with pytest.raises(LohaError, match=re.escape(key)):
+        diffusers_parts({k: v for k, v in ldm.items() if k != key}, overrides=TINY)
+    stray = "cond_stage_model.transformer.text_model.encoder.layers.0.extra.weight"
+    with pytest.raises(LohaError, match=re.escape(stray)):
+        diffusers_parts({**ldm, stray: torch.zeros(2)}, overrides=TINY)
 
 
 def test_save_checkpoint_writes_the_state_dict(tmp_path):
