@@ -9,10 +9,8 @@ merges it with the streaming merge, patches the same checkpoint in memory with
 and draws a picture of the effect. Needs diffusers and transformers
 (``pip install loha[diffusers]``); nothing is downloaded.
 
-The converter between diffusers and LDM state dicts here is built on `keys`' block
-tables (plus the few names that only non-patchable weights have: resnet norms and
-the final norm); the demo and the merge benchmark use it to write real-layout
-checkpoints.
+The checkpoint is written and read back with `loha.checkpoint` (diffusers parts <->
+LDM layout).
 """
 
 from __future__ import annotations
@@ -27,14 +25,8 @@ from typing import Callable, Mapping
 import torch
 
 from .errors import LohaError
-from .keys import RESNET_PARTS, _layout_from_diffusers, _unet_pairs
 
 UNET_PREFIX = "model.diffusion_model."
-TEXT_PREFIX = "cond_stage_model.transformer.text_model."
-
-# Names only non-patchable weights have (so `keys` has no use for them).
-_RESNET_NORMS = {"norm1": "in_layers.0", "norm2": "out_layers.0"}
-_UNET_EXTRA = {"conv_norm_out": "out.0"}
 
 #: SD1.5's UNet structure with small widths, and a 2-layer CLIP-L-wide text encoder.
 DEMO_UNET = dict(
@@ -49,23 +41,10 @@ DEMO_UNET = dict(
     attention_head_dim=8,
     norm_num_groups=8,
 )
+#: What the weights cannot tell `checkpoint.diffusers_parts` about the demo model.
+DEMO_OVERRIDES = {"unet": {"attention_head_dim": 8, "norm_num_groups": 8}, "text_encoder": {"num_attention_heads": 12}}
 DEMO_TEXT = dict(hidden_size=768, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=12,
                  vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-#: The real SD1.5 sizes (for the merge benchmark).
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-
 #: The weight whose ΔW the picture shows (a square attention projection).
 PICTURED_WEIGHT = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
 
@@ -78,59 +57,6 @@ unet_target_name = ["conv_in", "conv_out"]
 text_encoder_target_module = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"]
 text_encoder_target_name = []
 """
-
-
-# --------------------------------------------------------------------------- diffusers <-> LDM
-
-
-def unet_key_map(keys) -> dict[str, str]:
-    """diffusers UNet state-dict key -> LDM key (without the checkpoint prefix)."""
-    keys = list(keys)
-    modules = {k.rpartition(".")[0] for k in keys}
-    pairs = {p.diffusers: p for p in _unet_pairs(_layout_from_diffusers(modules))}
-    mapping = {}
-    for key in keys:
-        module, _, param = key.rpartition(".")
-        parts = module.split(".")
-        for cut in range(len(parts), 0, -1):
-            pair = pairs.get(".".join(parts[:cut]))
-            if pair is not None:
-                break
-        else:
-            if module not in _UNET_EXTRA:
-                raise LohaError(f"no LDM name for diffusers UNet weight '{key}'")
-            mapping[key] = f"{_UNET_EXTRA[module]}.{param}"
-            continue
-        inner = ".".join(parts[cut:])
-        if pair.resnet:
-            inner = {**RESNET_PARTS, **_RESNET_NORMS}.get(inner)
-            if inner is None:
-                raise LohaError(f"no LDM name for diffusers resnet weight '{key}'")
-        mapping[key] = ".".join(p for p in (pair.ldm, inner, param) if p)
-    return mapping
-
-
-def text_key(key: str) -> str:
-    """A transformers CLIP text-model key (with or without `text_model.`) -> its SD1 LDM key."""
-    return TEXT_PREFIX + key.removeprefix("text_model.")
-
-
-def to_ldm(unet_sd: Mapping[str, torch.Tensor], text_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An SD1 LDM checkpoint state dict from diffusers UNet and CLIP text-model state dicts."""
-    out = {UNET_PREFIX + ldm: unet_sd[k] for k, ldm in unet_key_map(unet_sd).items()}
-    out.update({text_key(k): v for k, v in text_sd.items()})
-    positions = TEXT_PREFIX + "embeddings.position_ids"
-    if positions not in out:  # real SD1 checkpoints carry it (an int64 tensor among floats)
-        n = text_sd[next(k for k in text_sd if k.endswith("position_embedding.weight"))].shape[0]
-        out[positions] = torch.arange(n, dtype=torch.int64)[None]
-    return out
-
-
-def from_ldm(ldm: Mapping[str, torch.Tensor], unet, text) -> None:
-    """Load an SD1 LDM state dict into diffusers/transformers modules (strictly)."""
-    unet_map = unet_key_map(unet.state_dict())
-    unet.load_state_dict({k: ldm[UNET_PREFIX + v] for k, v in unet_map.items()})
-    text.load_state_dict({k: ldm[text_key(k)] for k in text.state_dict()})
 
 
 # --------------------------------------------------------------------------- the models
@@ -267,7 +193,10 @@ def _forward(parts: dict, sample, ids) -> torch.Tensor:
 def run(out_dir: str = "loha-demo", seed: int = 0, strength: tuple[float, float] = (1.0, 1.0),
         echo: Callable[[str], None] = print, prefer_lycoris: bool = True) -> dict:
     """Run the demo into `out_dir`; returns what it measured (also echoed line by line)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from .checkpoint import diffusers_parts, save_checkpoint
+    from .keys import unet_key_map
 
     from .patch import patch as patch_model
     from .format import load
@@ -292,13 +221,12 @@ def run(out_dir: str = "loha-demo", seed: int = 0, strength: tuple[float, float]
 
     echo(f"loha demo: everything goes to {out_dir}/ (seed {seed})")
     parts = build_parts(seed)
-    ldm = to_ldm(parts["unet"].state_dict(), parts["text_encoder"].state_dict())
-    save_file(ldm, paths["checkpoint"], metadata={"modelspec.title": "loha demo SD1-architecture model"})
+    save_checkpoint(paths["checkpoint"], parts, metadata={"modelspec.title": "loha demo SD1-architecture model"})
     n_unet = sum(p.numel() for p in parts["unet"].parameters())
     n_text = sum(p.numel() for p in parts["text_encoder"].parameters())
     echo(f"  1. checkpoint  SD1.5's UNet structure at small widths ({n_unet / 1e6:.1f}M params) + a CLIP-L-wide "
          f"text encoder ({n_text / 1e6:.1f}M), seeded random weights, LDM layout, fp32: "
-         f"{_name(paths['checkpoint'])} {_mb(paths['checkpoint'])}, {len(ldm)} tensors ({lap('checkpoint'):.2f} s)")
+         f"{_name(paths['checkpoint'])} {_mb(paths['checkpoint'])} ({lap('checkpoint'):.2f} s)")
 
     maker = make_network(parts, paths["network"], seed, prefer_lycoris=prefer_lycoris)
     summary = summarize(load(paths["network"]))
@@ -331,9 +259,7 @@ def run(out_dir: str = "loha-demo", seed: int = 0, strength: tuple[float, float]
 
     sample, ids = _inputs(DEMO_UNET, seed)
     before = _forward(parts, sample, ids)
-    merged_parts = copy.deepcopy(parts)
-    from_ldm(merged, merged_parts["unet"], merged_parts["text_encoder"])
-    after = _forward(merged_parts, sample, ids)
+    after = _forward(diffusers_parts(merged, overrides=DEMO_OVERRIDES), sample, ids)
     # The same network patched onto the diffusers modules (the other name layout) agrees.
     patch_model(parts, [(load(paths["network"]), unet_s, te_s)])
     live = _forward(parts, sample, ids)
@@ -346,12 +272,8 @@ def run(out_dir: str = "loha-demo", seed: int = 0, strength: tuple[float, float]
     if layouts > 1e-3 * max(1.0, before.abs().max().item()):
         raise LohaError(f"demo check failed: merged and diffusers-patched outputs differ by {layouts}")
 
-    key = UNET_PREFIX + unet_key_map(parts["unet"].state_dict())[PICTURED_WEIGHT]
-    from safetensors import safe_open
-
-    with safe_open(paths["checkpoint"], framework="pt") as f:  # (`ldm` shares memory with the patched parts)
-        w0 = f.get_tensor(key)
-    picture = draw(paths, before[0], after[0], w0, merged[key])
+    key = UNET_PREFIX + unet_key_map(parts["unet"].state_dict(), from_ldm=False)[PICTURED_WEIGHT]
+    picture = draw(paths, before[0], after[0], load_file(paths["checkpoint"])[key], merged[key])
     report["picture"] = picture
     echo(f"  7. picture     {picture}: UNet output before | after | difference (top); "
          f"{key.removeprefix(UNET_PREFIX)} W | W+ΔW | ΔW (bottom) ({lap('picture'):.2f} s)")

@@ -19,11 +19,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import ldm_files as L
 import loha
 import tiny_models as T
 from loha import merge as M
 from loha import stream
+from loha.checkpoint import ldm_state_dict
 
 
 def sha256(path) -> str:
@@ -47,6 +47,11 @@ def patched(state, networks, dtype=None):
     return out
 
 
+def ldm_checkpoint(parts) -> dict:
+    """The LDM checkpoint state dict of tiny diffusers parts (own memory, contiguous)."""
+    return {k: v.detach().clone().contiguous() for k, v in ldm_state_dict(parts).items()}
+
+
 def assert_same(merged: dict, expected: dict):
     assert merged.keys() == expected.keys()
     for k in expected:
@@ -59,7 +64,7 @@ def sd1(tmp_path_factory):
     """A tiny SD1 checkpoint (fp32, LDM layout) and two LyCORIS networks for it."""
     d = tmp_path_factory.mktemp("sd1")
     parts = T.sd1_parts()
-    state = L.sd1_state(parts)
+    state = ldm_checkpoint(parts)
     ckpt = str(d / "model.safetensors")
     save_file(state, ckpt, metadata={"modelspec.title": "tiny", "format": "pt"})
     plain = T.make_loha_file(parts, d / "plain.safetensors", seed=1)
@@ -160,7 +165,7 @@ def test_half_checkpoint_keeps_its_dtype_and_rounds_once(sd1, tmp_path):
 
 def test_sdxl_fused_openclip_rows(tmp_path):
     parts = T.sdxl_parts()
-    state = L.sdxl_state(parts)
+    state = ldm_checkpoint(parts)
     save_file(state, tmp_path / "xl.safetensors")
     net = T.make_loha_file(parts, tmp_path / "n.safetensors", dtype=torch.float16)
     result = M.merge(tmp_path / "xl.safetensors", [(net, 1.0, 0.5)], tmp_path / "out.safetensors")
