@@ -151,3 +151,14 @@ def test_demo_runs(tmp_path, capsys):
 
     with Image.open(tmp_path / "demo" / "demo.png") as image:
         assert image.size[0] > image.size[1] > 100
+
+
+def test_picture_without_pillow_is_a_ppm(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "PIL", None)  # `from PIL import …` now fails
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(4, 8, 8, generator=g)
+    w = torch.randn(16, 16, generator=g)
+    path = D.draw({"checkpoint": str(tmp_path / "x.safetensors")}, out, out * 1.5, w, w + 0.1, size=32, gap=2)
+    assert path.endswith("demo.ppm")
+    data = open(path, "rb").read()
+    assert data.startswith(b"P6\n100 66\n255\n") and len(data) == len(b"P6\n100 66\n255\n") + 100 * 66 * 3
