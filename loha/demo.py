@@ -59,6 +59,16 @@ text_encoder_target_name = []
 """
 
 
+def to_ldm(unet_sd, text_sd) -> dict[str, torch.Tensor]:
+    """SD1 LDM checkpoint state dict of diffusers UNet and CLIP text-model state dicts.
+
+    A shorthand kept for callers of the demo's first converter; `loha.checkpoint` is the API.
+    """
+    from .checkpoint import ldm_state_dict
+
+    return ldm_state_dict({"unet": unet_sd, "text_encoder": text_sd}, family="sd1")
+
+
 # --------------------------------------------------------------------------- the models
 
 
