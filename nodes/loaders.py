@@ -1,0 +1,138 @@
+"""LoHa Loader, LoHa Loader (model only) and LoHa Stack: drop-ins for ComfyUI's LoraLoader.
+
+Each clones the MODEL/CLIP patchers it is given and adds `LohaPatch`es at the
+strengths asked for, exactly where the built-in loader adds its own patches; the
+original patchers are untouched, so removing the node restores the base model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import loha
+
+from . import host
+from .patches import plan_patches
+
+CATEGORY = "loaders/loha"
+LOG = logging.getLogger("loha")
+STACK_SLOTS = 4
+NONE = "None"
+
+MODEL_IN = ("MODEL", {"tooltip": "The diffusion model to apply the LoHa to."})
+CLIP_IN = ("CLIP", {"tooltip": "The text encoder(s) to apply the LoHa to."})
+BLOCKS_IN = ("LOHA_BLOCKS", {"tooltip": "Per-block strengths from a LoHa Block Weights node; "
+                                        "without it every block gets the full strength."})
+
+
+def strength_in(part: str, default: float = 1.0):
+    return ("FLOAT", {"default": default, "min": -100.0, "max": 100.0, "step": 0.01,
+                      "tooltip": f"How strongly to change the {part}; 0 leaves it as it is, "
+                                 "negative values invert the effect."})
+
+
+def lora_in(extra=()):
+    return (list(extra) + host.lora_names(),
+            {"tooltip": "A LoHa file (LoRA and LoKr modules in it work too) from the loras folders."})
+
+
+def apply_loha(model, clip, path: str, strength_model: float, strength_clip: float, blocks: str = ""):
+    """Clones of `model`/`clip` (either may be None) with the network at `path` added."""
+    parts = {}
+    if model is not None and strength_model != 0:
+        parts["model"] = model.model.state_dict()
+    if clip is not None and strength_clip != 0:
+        parts["clip"] = clip.patcher.model.state_dict()
+    if not parts:
+        return model, clip
+    result = plan_patches(loha.load(path), parts, blocks)
+    if result.unmatched:
+        LOG.warning("loha: %s: %d names match no weight of this %s model: %s", path,
+                    len(result.unmatched), result.family, ", ".join(result.unmatched))
+    strengths = {"model": strength_model, "clip": strength_clip}
+    patched = {"model": model, "clip": clip}
+    for part, patches in result.patches.items():
+        clone = patched[part].clone()
+        added = set(clone.add_patches(patches, strengths[part]))
+        missed = [key for key in patches if key not in added]
+        if missed:
+            LOG.warning("loha: %s: %s has no tensors %s", path, part, ", ".join(missed))
+        patched[part] = clone
+    return patched["model"], patched["clip"]
+
+
+class LohaLoader:
+    DESCRIPTION = ("Applies a LoHa to the model and text encoder, like Load LoRA but computed by "
+                   "loha's kernels, with correct DoRA and optional per-block strengths.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL", "CLIP")
+    OUTPUT_TOOLTIPS = ("The model with the LoHa applied.", "The text encoder with the LoHa applied.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": MODEL_IN,
+                "clip": CLIP_IN,
+                "lora_name": lora_in(),
+                "strength_model": strength_in("diffusion model"),
+                "strength_clip": strength_in("text encoder"),
+            },
+            "optional": {"blocks": BLOCKS_IN},
+        }
+
+    def load(self, model, clip, lora_name, strength_model, strength_clip, blocks=""):
+        return apply_loha(model, clip, host.lora_path(lora_name), strength_model, strength_clip, blocks)
+
+
+class LohaLoaderModelOnly:
+    DESCRIPTION = "Applies a LoHa to the diffusion model only (its text-encoder modules are skipped)."
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with the LoHa applied.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"model": MODEL_IN, "lora_name": lora_in(), "strength_model": strength_in("diffusion model")},
+            "optional": {"blocks": BLOCKS_IN},
+        }
+
+    def load(self, model, lora_name, strength_model, blocks=""):
+        return apply_loha(model, None, host.lora_path(lora_name), strength_model, 0, blocks)[:1]
+
+
+class LohaStack:
+    DESCRIPTION = (f"Applies up to {STACK_SLOTS} LoHa files in order, each with its own strengths; "
+                   f"slots set to {NONE} are skipped.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL", "CLIP")
+    OUTPUT_TOOLTIPS = ("The model with every LoHa applied.", "The text encoder with every LoHa applied.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required = {"model": MODEL_IN, "clip": CLIP_IN}
+        for i in range(1, STACK_SLOTS + 1):
+            required[f"lora_{i}"] = lora_in([NONE])
+            required[f"strength_model_{i}"] = strength_in("diffusion model")
+            required[f"strength_clip_{i}"] = strength_in("text encoder")
+        return {"required": required, "optional": {"blocks": BLOCKS_IN}}
+
+    def load(self, model, clip, blocks="", **slots):
+        chosen = [i for i in range(1, STACK_SLOTS + 1) if slots[f"lora_{i}"] != NONE]
+        bar = host.progress(len(chosen))
+        for i in chosen:
+            model, clip = apply_loha(model, clip, host.lora_path(slots[f"lora_{i}"]),
+                                     slots[f"strength_model_{i}"], slots[f"strength_clip_{i}"], blocks)
+            bar.update(1)
+        return model, clip
+
+
+NODES = {
+    "LohaLoader": (LohaLoader, "LoHa Loader"),
+    "LohaLoaderModelOnly": (LohaLoaderModelOnly, "LoHa Loader (model only)"),
+    "LohaStack": (LohaStack, "LoHa Stack"),
+}

@@ -1,0 +1,83 @@
+"""Full-size SD1.5-architecture files for the real-host tests, from seeded random weights.
+
+    python tests/comfy_assets.py OUT_DIR
+
+writes ``OUT_DIR/sd15-random.safetensors`` (an fp16 checkpoint in the LDM layout
+people download: UNet, CLIP-L text encoder, VAE; `loha.checkpoint.random_checkpoint`)
+and ``OUT_DIR/loha-sd15.safetensors`` (a LoHa made by lycoris-lora for that
+architecture, at a low rank, covering attention, feed-forward, resnets, samplers and
+the text encoder; lycoris-lora is given the layers on the meta device, since it only
+needs their shapes). Nothing is downloaded, and only one tensor of the checkpoint is
+in memory at a time.
+
+lycoris-lora on transformers 5 names text-encoder modules without ``text_model_``;
+files in the wild (made under transformers 4) have it, and ComfyUI's built-in loader
+only knows that spelling, so the file is written with it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import torch
+
+CHECKPOINT = "sd15-random.safetensors"
+LOHA = "loha-sd15.safetensors"
+#: Bump when the files' content changes (cached copies are rebuilt).
+VERSION = "2"
+METADATA = {
+    "ss_network_module": "lycoris.kohya", "ss_base_model_version": "sd_v1", "ss_network_dim": "4",
+    "ss_network_alpha": "2.0", "ss_network_args": '{"algo": "loha", "conv_dim": "4", "conv_alpha": "2.0"}',
+    "ss_tag_frequency": '{"1_random": {"random weights": 3, "test": 2, "loha": 1}}',
+}
+
+
+def build(out_dir: str, seed: int = 0) -> None:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from loha.checkpoint import PUBLISHED, random_checkpoint
+    from loha.stream import save
+    from tiny_models import lycoris_network
+
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic(os.path.join(out_dir, CHECKPOINT), lambda path: random_checkpoint(path, "sd1", seed, torch.float16))
+    with torch.device("meta"):  # lycoris-lora needs the layers' shapes only; its factors are real
+        parts = {"unet": UNet2DConditionModel(**PUBLISHED["sd1"]["unet"]),
+                 "text_encoder": CLIPTextModel(CLIPTextConfig(**PUBLISHED["sd1"]["text_encoder"]))}
+    network = lycoris_network(parts, seed=seed, dim=4, alpha=2.0, conv_dim=4, conv_alpha=2.0)
+    tensors = {_wild_text_name(k): v.detach().to(torch.float16).contiguous()
+               for k, v in network.state_dict().items()}
+    _atomic(os.path.join(out_dir, LOHA), lambda path: save(tensors, path, METADATA))
+
+
+def _atomic(path: str, write) -> None:
+    partial = path + ".partial"
+    write(partial)
+    os.replace(partial, path)
+
+
+def _wild_text_name(key: str) -> str:
+    return re.sub(r"^lora_te_encoder_", "lora_te_text_model_encoder_", key)
+
+
+def ensure(out_dir: str) -> dict[str, str]:
+    """Paths of the two files in `out_dir`, built there (in a child process) if missing."""
+    import subprocess
+
+    paths = {"checkpoint": os.path.join(out_dir, CHECKPOINT), "loha": os.path.join(out_dir, LOHA)}
+    stamp = os.path.join(out_dir, "VERSION")
+    current = os.path.isfile(stamp) and open(stamp).read() == VERSION
+    if not (current and all(os.path.isfile(p) for p in paths.values())):
+        here = os.path.dirname(os.path.abspath(__file__))
+        subprocess.run([sys.executable, os.path.abspath(__file__), out_dir], check=True, cwd=here,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))})
+        with open(stamp, "w") as f:
+            f.write(VERSION)
+    return paths
+
+
+if __name__ == "__main__":
+    build(sys.argv[1])

@@ -1,0 +1,220 @@
+"""The node pack inside a real ComfyUI, driven over its HTTP API.
+
+Needs LOHA_COMFYUI_DIR (and LOHA_COMFYUI_PYTHON); skipped without them. Uses a
+full-size SD1.5-architecture checkpoint of seeded random weights and a LoHa made by
+lycoris-lora for it (tests/comfy_assets.py, built once into pytest's cache), 64×64
+images and one sampling step, so a graph runs in about a minute on a CPU.
+
+What is shown: our LoHa Loader gives the image the built-in LoraLoader gives at the
+same strengths (max pixel difference ≤ 1); after a LoHa graph the base graph gives
+the base image bit for bit (ComfyUI unpatched our patches); no name is left
+unloaded; the stack, block weights, info node and merge-and-save work in the real
+host; the routes refuse names outside the loras folder. The images are written to
+each test's output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import urllib.parse
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+import comfy_assets
+import comfy_host as H
+
+CHECKPOINT = "sd15-random.safetensors"
+LOHA = "loha-sd15.safetensors"
+STRENGTHS = (0.8, 0.6)
+
+
+@pytest.fixture(scope="module")
+def assets(request):
+    H.comfyui_dir()
+    return comfy_assets.ensure(str(request.config.cache.mkdir("loha-comfy-assets")))
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory, assets):
+    server = H.Comfy(str(tmp_path_factory.mktemp("comfyui")), {CHECKPOINT: assets["checkpoint"]},
+                     {LOHA: assets["loha"]})
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Images rendered so far in this module, by label (some tests reuse others')."""
+    return {}
+
+
+def loader(cls=None, strengths=STRENGTHS, blocks=None, name=LOHA):
+    node = {"class_type": cls or "LohaLoader",
+            "inputs": {"model": H.CKPT_MODEL, "clip": H.CKPT_CLIP, "lora_name": name,
+                       "strength_model": strengths[0], "strength_clip": strengths[1]}}
+    if blocks is not None:
+        node["inputs"]["blocks"] = blocks
+    return node
+
+
+def render(comfy, graph, extra_nodes=None):
+    if extra_nodes:
+        graph.update(extra_nodes)
+    return comfy.images(comfy.run(graph))[0]
+
+
+def diff(a, b) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def save_strip(path, labelled):
+    from PIL import Image
+
+    strip = np.concatenate([image for _, image in labelled], axis=1)
+    Image.fromarray(strip).resize((strip.shape[1] * 4, strip.shape[0] * 4), Image.NEAREST).save(path)
+    print(f"\n{path}: " + " | ".join(label for label, _ in labelled))
+
+
+def unloaded_names(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "lora key not loaded" in line or "match no weight" in line]
+
+
+def test_patch_time_inside_comfyui(assets, tmp_path):
+    """Runs first, in a ComfyUI process of its own, before the server holds a model."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_patch_time.py")
+    done = subprocess.run([H.comfyui_python(), script, H.comfyui_dir(), assets["checkpoint"], assets["loha"], "2"],
+                          cwd=H.comfyui_dir(), capture_output=True, text=True, timeout=H.RUN_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    times = json.loads(done.stdout.strip().splitlines()[-1])
+    (tmp_path / "patch-time.json").write_text(json.dumps(times, indent=1))
+    builtin, ours = times["LoraLoader"], times["LohaLoader"]
+    print(f"\npatch time inside ComfyUI ({times['threads']} threads, best of 2, {ours['keys']} weights): "
+          f"LoraLoader {builtin['patch_s']:.1f} s (ΔW {builtin['calculate_s']:.1f} s, node {builtin['node_s']:.1f} s), "
+          f"LoHa Loader {ours['patch_s']:.1f} s (ΔW {ours['calculate_s']:.1f} s, node {ours['node_s']:.1f} s)")
+    assert ours["keys"] == builtin["keys"]
+    assert ours["calculate_s"] < builtin["calculate_s"]
+
+
+def test_same_image_as_lora_loader_and_base_returns(comfy, images, tmp_path):
+    ours = render(comfy, H.image_graph(CHECKPOINT, loader()))
+    after_ours = render(comfy, H.image_graph(CHECKPOINT))  # same loaded model object, unpatched by ComfyUI
+    builtin = render(comfy, H.image_graph(CHECKPOINT, loader("LoraLoader")))
+    comfy.free()  # forget every cached output and loaded model: the next base is read from disk
+    fresh = render(comfy, H.image_graph(CHECKPOINT))
+    images.update(ours=ours, base=fresh)
+    save_strip(tmp_path / "base-ours-lora_loader-base_after.png",
+               [("fresh base", fresh), ("LoHa Loader", ours), ("LoraLoader", builtin), ("base after ours", after_ours)])
+
+    print(f"max |ours - LoraLoader| = {diff(ours, builtin)}, mean |ours - base| = "
+          f"{np.abs(ours.astype(int) - fresh.astype(int)).mean():.1f}")
+    assert np.abs(ours.astype(int) - fresh.astype(int)).mean() > 5, "the LoHa must visibly change the image"
+    assert diff(ours, builtin) <= 1
+    assert np.array_equal(after_ours, fresh), "removing the LoHa must give the base image exactly"
+    assert unloaded_names(comfy.log()) == []
+
+
+def test_stack_block_weights_and_model_only(comfy, images, tmp_path):
+    if "ours" not in images:
+        pytest.skip("needs the images of test_same_image_as_lora_loader_and_base_returns")
+    stack = {"class_type": "LohaStack", "inputs": {"model": H.CKPT_MODEL, "clip": H.CKPT_CLIP}}
+    for i, (name, sm, sc) in enumerate([(LOHA, 0.5, 0.6), (LOHA, 0.3, 0.0), ("None", 1.0, 1.0), ("None", 1.0, 1.0)], 1):
+        stack["inputs"].update({f"lora_{i}": name, f"strength_model_{i}": sm, f"strength_clip_{i}": sc})
+    stacked = render(comfy, H.image_graph(CHECKPOINT, stack))
+
+    blocks = {"blocks": {"class_type": "LohaBlockWeights", "inputs": {"preset": "NONE", "weights": ""}}}
+    model_only = loader("LohaLoaderModelOnly", blocks=["blocks", 0])
+    del model_only["inputs"]["clip"], model_only["inputs"]["strength_clip"]
+    nothing = render(comfy, H.image_graph(CHECKPOINT, model_only), blocks)
+    blocks["blocks"]["inputs"] = {"preset": "none", "weights": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1"}
+    outs_only = render(comfy, H.image_graph(CHECKPOINT, model_only), blocks)
+    save_strip(tmp_path / "stack-none-outall.png",
+               [("stack 0.5+0.3", stacked), ("model only, NONE", nothing), ("model only, OUTALL list", outs_only)])
+
+    assert diff(stacked, images["ours"]) <= 1, "0.5 + 0.3 of one LoHa is 0.8 of it"
+    assert np.array_equal(nothing, images["base"]), "all blocks at 0 change nothing"
+    assert diff(outs_only, images["base"]) > 1 and diff(outs_only, images["ours"]) > 1
+    assert unloaded_names(comfy.log()) == []
+
+
+def test_merge_and_save_bakes_the_loha(comfy, images, tmp_path):
+    if "ours" not in images:
+        pytest.skip("needs the images of test_same_image_as_lora_loader_and_base_returns")
+    graph = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "loader": loader(),
+        "save": {"class_type": "LohaMergeSave", "inputs": {
+            "model": ["loader", 0], "clip": ["loader", 1], "vae": H.CKPT_VAE, "filename_prefix": "checkpoints/merged"}},
+    }
+    entry = comfy.run(graph)
+    path = entry["outputs"]["save"]["text"][0]
+    assert os.path.isfile(path) and os.path.dirname(path) == os.path.join(comfy.base, "output", "checkpoints")
+    with safe_open(path, "pt") as f:
+        records = json.loads(f.metadata()["loha_merged"])
+        keys = set(f.keys())
+    assert [(r["name"], r["unet"], r["te"]) for r in records] == [(LOHA, *STRENGTHS)]
+    assert any(k.startswith("first_stage_model.") for k in keys) and any(k.startswith("model.diffusion_model.") for k in keys)
+
+    merged_name = "merged-" + os.path.basename(path)
+    os.symlink(path, os.path.join(comfy.base, "models", "checkpoints", merged_name))
+    comfy.free()  # let go of the first model before a second full one is loaded
+    merged = render(comfy, H.image_graph(merged_name))
+    save_strip(tmp_path / "loader-merged.png", [("LoHa Loader", images["ours"]), ("merged checkpoint", merged)])
+    assert diff(merged, images["ours"]) <= 1
+    comfy.free()
+    os.remove(os.path.join(comfy.base, "models", "checkpoints", merged_name))
+    os.remove(path)
+
+
+def test_info_node_and_tooltips(comfy):
+    entry = comfy.run({"info": {"class_type": "LohaInfo", "inputs": {"lora_name": LOHA}}})
+    text = entry["outputs"]["info"]["text"][0]
+    assert re.search(r"family +sd1", text) and "rank" in text and "random weights (3)" in text
+
+    info = comfy.get_json("/object_info")
+    ours = {name: spec for name, spec in info.items() if spec["python_module"].startswith("custom_nodes.")
+            and name.startswith("Loha") and name != "LohaTrain"}
+    assert set(ours) == {"LohaLoader", "LohaLoaderModelOnly", "LohaStack", "LohaBlockWeights", "LohaMergeSave", "LohaInfo"}
+    for name, spec in ours.items():
+        assert spec["category"] == "loaders/loha", name
+        for group in ("required", "optional"):
+            for input_name, input_spec in spec["input"].get(group, {}).items():
+                assert input_spec[1].get("tooltip"), f"{name}.{input_name}"
+    assert info["LohaLoader"]["input"]["required"]["lora_name"][0] == [LOHA]
+
+
+def test_routes_read_only_inside_the_loras_folder(comfy, tmp_path):
+    loras = os.path.join(comfy.base, "models", "loras")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"\x89PNG secret")
+    os.symlink(outside / "secret.png", os.path.join(loras, "escape.preview.png"))
+    with open(os.path.join(loras, LOHA), "rb") as src, open(os.path.join(loras, "escape.safetensors"), "wb") as dst:
+        dst.write(src.read())
+    preview = os.path.join(loras, LOHA.replace(".safetensors", ".preview.png"))
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(preview)
+    try:
+        for prefix in ("", "/api"):
+            status, body = comfy.request(f"{prefix}/loha/info?name={urllib.parse.quote(LOHA)}")
+            payload = json.loads(body)
+            assert status == 200 and payload["summary"]["family"] == "sd1" and payload["preview"] is True
+            assert comfy.base not in body.decode()
+            status, body = comfy.request(f"{prefix}/loha/preview?name={LOHA}")
+            assert status == 200 and body == open(preview, "rb").read()
+        for name, status in [("../user/comfy.settings.json", 400), ("%2e%2e%2fuser", 400), ("/etc/passwd", 400),
+                             ("%2Fetc%2Fpasswd", 400), ("%252e%252e%252fuser", 404), ("..%5Cuser", 400),
+                             ("nothing.safetensors", 404)]:
+            for route in ("info", "preview"):
+                got, body = comfy.request(f"/loha/{route}?name={name}")
+                assert got == status, (route, name, got, body)
+        status, body = comfy.request("/loha/preview?name=escape.safetensors")  # its preview links out
+        assert status == 404 and body != b"\x89PNG secret"
+    finally:
+        for path in (preview, os.path.join(loras, "escape.preview.png"), os.path.join(loras, "escape.safetensors")):
+            os.remove(path)
