@@ -42,6 +42,8 @@ COMPONENT_FOLDERS = {component: folder for folder, component in FOLDER_COMPONENT
 #: kohya prefix of each component; the first text encoder is "lora_te_" when it is the only one.
 KOHYA_PREFIXES = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
 SINGLE_TEXT_PREFIX = "lora_te_"
+#: LoHaConfig's defaults, for configs that leave `r` or `alpha` out.
+PEFT_DEFAULTS = {"r": 8, "alpha": 8}
 LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 # Module paths that only a text encoder has (a folder holding one adapter says no part).
 _TEXT_PATH = re.compile(r"(^|\.)encoder\.layers\.\d+\.")
@@ -107,11 +109,11 @@ def load_folder(folder: str | os.PathLike) -> Network:
         component = FOLDER_COMPONENTS[attr]
         for path, factors in modules.items():
             name = kohya_name(component, path, single_text)
-            rank = pattern_value(config.get("rank_pattern"), path, config.get("r"))
+            rank = pattern_value(config.get("rank_pattern"), path, config.get("r", PEFT_DEFAULTS["r"]))
             if "hada_w1_b" not in factors or factors["hada_w1_b"].shape[0] != rank:
                 shapes = {s: tuple(t.shape) for s, t in factors.items()}
                 raise FormatError(f"{sub}: module '{path}': the config says rank {rank}, the factors are {shapes}")
-            alpha = pattern_value(config.get("alpha_pattern"), path, config.get("alpha", rank))
+            alpha = pattern_value(config.get("alpha_pattern"), path, config.get("alpha", PEFT_DEFAULTS["alpha"]))
             for suffix, tensor in factors.items():
                 tensors[f"{name}.{suffix}"] = tensor
             tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
