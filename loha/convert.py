@@ -31,7 +31,7 @@ from . import delta as D
 from .errors import FormatError, LohaError, UnmatchedError
 from .format import Network, load, save
 from .keys import FAMILIES, NameMap, map_modules, map_state_dict
-from .patch import ModelView, Use, as_uses, plan
+from .patch import ModelView, as_uses, plan
 
 #: kohya's `ss_base_model_version` per family.
 BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -65,6 +65,16 @@ def base_names(base, family: str | None = None, diffusers: bool = False) -> Name
     return view.names
 
 
+def matched(names: NameMap, uses) -> list:
+    """Every module of `uses` planned against the base (names, shapes, factors checked); none unmatched."""
+    items, unmatched = plan(names, as_uses(uses))
+    if unmatched:
+        listed = [name for group in unmatched.values() for name in group]
+        where = "; ".join(f"{label}: {', '.join(group)}" for label, group in unmatched.items())
+        raise UnmatchedError(f"{len(listed)} modules match no weight of the base model ({where})", listed)
+    return items
+
+
 def _check_out(out: str, overwrite: bool) -> None:
     if os.path.exists(out) and not overwrite:
         raise LohaError(f"{out}: exists (pass overwrite=True / --force to replace it)")
@@ -77,14 +87,7 @@ def to_kohya(network: Network, out: str | os.PathLike, names: NameMap | None = N
     """Write `network` as a LyCORIS/kohya file, each module under the spelling kohya uses for it."""
     out = os.fspath(out)
     _check_out(out, overwrite)
-    targets = {}
-    if names is not None:
-        items, unmatched = plan(names, [Use(network)])  # names and shapes checked against the base
-        if unmatched:
-            listed = unmatched[network.label]
-            raise UnmatchedError(f"{network.label}: {len(listed)} modules match no weight of the base model: "
-                                 + ", ".join(listed), listed)
-        targets = {item.module.name: item.target for item in items}
+    targets = {item.module.name: item.target for item in matched(names, network)} if names is not None else {}
     tensors = {}
     for module in network.modules.values():
         name = names.names(targets[module.name])[0] if targets else module.name
@@ -109,7 +112,7 @@ def kohya_to_peft(src, out, base=None, *, overwrite: bool = False) -> list[str]:
     network = src if isinstance(src, Network) else load(src)
     out = os.fspath(out)
     _check_out(out, overwrite)
-    return save_folder(network, out, base_names(base, network.family, diffusers=True))
+    return save_folder(network, out, matched(base_names(base, network.family, diffusers=True), network))
 
 
 # --------------------------------------------------------------------------- LoHa -> LoRA
@@ -147,11 +150,7 @@ def to_lora(networks, out, rank: int | None = None, base=None, *, dtype: torch.d
     out = os.fspath(out)
     _check_out(out, overwrite)
     names = base_names(base, next((u.network.family for u in uses if u.network.family), None))
-    items, unmatched = plan(names, uses)
-    if unmatched:
-        listed = "; ".join(f"{label}: {', '.join(n)}" for label, n in unmatched.items())
-        raise UnmatchedError(f"names that match no weight of the base model: {listed}",
-                             [n for group in unmatched.values() for n in group])
+    items = matched(names, uses)
     stacks: dict = {}
     for item in items:
         strength = item.use.strength(item.target)

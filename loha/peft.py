@@ -14,7 +14,7 @@ expressions of ``alpha_pattern``/``rank_pattern``, first match wins, as PEFT's
 Reading renames every module to its kohya name (``lora_unet_<diffusers path>``,
 ``lora_te[1|2]_text_model_<path>``) and adds the ``alpha`` tensor, so the result is an
 ordinary network for every layout the name map knows, ComfyUI's and the WebUI's too.
-Writing needs the base model's module paths (a name map over diffusers modules).
+Writing needs the base model's module paths (modules planned against diffusers modules).
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from collections import Counter, defaultdict
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import FormatError, UnmatchedError
+from .errors import FormatError
 from .format import Network, from_tensors
-from .keys import TEXT_MODEL_LEVEL, NameMap
-from .patch import Use, plan
+from .keys import TEXT_MODEL_LEVEL
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -147,20 +146,16 @@ def _metadata(configs: dict[str, dict]) -> dict[str, str]:
 # --------------------------------------------------------------------------- writing
 
 
-def save_folder(network: Network, folder: str | os.PathLike, names: NameMap) -> list[str]:
+def save_folder(network: Network, folder: str | os.PathLike, items: list) -> list[str]:
     """Write `network` as a PEFT LoHa folder (one adapter per model part); returns the adapter folders.
 
-    `names` must be a name map over diffusers modules (`keys.map_modules`): its target
-    keys give PEFT's module paths. Every module must be a LoHa without DoRA (PEFT's LoHa
-    has neither LoRA modules nor DoRA), and Tucker must be on for all k×k convolutions or
-    for none (PEFT's ``use_effective_conv2d`` is one switch).
+    `items` are the network's modules planned against diffusers modules
+    (`convert.matched` over `keys.map_modules`): their target keys give PEFT's module
+    paths. Every module must be a LoHa without DoRA (PEFT's LoHa has neither LoRA
+    modules nor DoRA), and Tucker must be on for all k×k convolutions or for none
+    (PEFT's ``use_effective_conv2d`` is one switch).
     """
     folder = os.fspath(folder)
-    items, unmatched = plan(names, [Use(network)])  # names and shapes checked against the base
-    if unmatched:
-        listed = unmatched[network.label]
-        raise UnmatchedError(f"{network.label}: {len(listed)} modules match no weight of the base model: "
-                             + ", ".join(listed), listed)
     parts: dict[str, dict[str, tuple]] = defaultdict(dict)  # attr -> path -> (module, target, tensors)
     for item in items:
         module = item.module

@@ -189,3 +189,18 @@ def test_checkpoint_file_as_base(tmp_path):
         return {k: work[k].double() - state[k].double() for k in state if not torch.equal(work[k], state[k])}
 
     assert_same_deltas(patched(report.out), patched(path))
+
+
+def test_refusals_name_the_module(tmp_path):
+    from loha.convert import kohya_to_peft
+
+    parts = T.sd1_parts()
+    path = T.make_loha_file(parts, tmp_path / "n.safetensors")
+    with pytest.raises(loha.ShapeError, match=r"its target '[^']+' has shape"):  # tiny file, real SD1 base
+        kohya_to_peft(path, tmp_path / "peft", base="sd1")
+    dora = T.make_loha_file(parts, tmp_path / "dora.safetensors", dora_wd=True)
+    with pytest.raises(loha.FormatError, match=r"module 'lora_\w+' is DoRA"):
+        to_lora(dora, tmp_path / "lora.safetensors", base=parts)
+    with pytest.raises(loha.FormatError, match="PEFT's LoHa cannot hold it"):
+        kohya_to_peft(dora, tmp_path / "peft2", base=parts)
+    assert not os.path.exists(tmp_path / "lora.safetensors")
