@@ -6,6 +6,7 @@
     python -m loha demo [--out FOLDER]
     python -m loha convert SRC[:UNET[:TE]] [...] -o OUT --to lycoris|peft|lora [--rank R] [--base BASE]
     python -m loha train -o OUT [--model demo|DIFFUSERS_FOLDER|CHECKPOINT] [--data FOLDER] [...]
+    python -m loha ui [--checkpoints DIR] [--networks DIR] [--output DIR] [--port N]
 
 Errors print as ``loha: <message>`` on stderr, without a traceback, and exit 1;
 usage errors exit 2; an interrupt exits 130 (after removing any partial output).
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.cli import add_train_parser
 
     add_train_parser(sub)
+    from .ui import add_ui_parser
+
+    add_ui_parser(sub)
     return parser
 
 

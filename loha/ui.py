@@ -1,0 +1,217 @@
+"""Gradio blocks for LoHa files: Merge and Inspect tabs (Train when `loha.ui_train` is there).
+
+The same blocks serve the standalone app (`python -m loha ui`) and the WebUI's "LoHa"
+tab, so they keep to what gradio 3.41 (WebUI 1.8) and current gradio both have.
+Tabs come from a registry: a module in `OPTIONAL_TABS` that imports, with a `TITLE`
+and a `tab(folders)` that adds its components, gets a tab of its own. The handlers
+are plain functions of strings, testable without a browser.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+from .errors import LohaError
+
+log = logging.getLogger("loha")
+
+CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
+DTYPES = ("keep", "fp16", "bf16", "fp32")
+#: Tabs other modules provide, shown first when the module imports: module name.
+OPTIONAL_TABS = ("loha.ui_train",)
+
+
+@dataclass
+class Folders:
+    """Where the tabs look for files and write merges."""
+
+    checkpoints: list[str] = field(default_factory=list)
+    networks: list[str] = field(default_factory=list)
+    output: str = "."
+
+    def checkpoint_files(self) -> dict[str, str]:
+        return _files(self.checkpoints, CHECKPOINT_EXTENSIONS)
+
+    def network_files(self) -> dict[str, str]:
+        return _files(self.networks, (".safetensors",))
+
+
+def _files(folders: list[str], extensions: tuple[str, ...]) -> dict[str, str]:
+    """Name (path below its folder) -> path, the first folder winning a name."""
+    found: dict[str, str] = {}
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        for root, dirs, names in os.walk(folder, followlinks=True):
+            dirs.sort()
+            for name in sorted(names):
+                if name.lower().endswith(extensions):
+                    path = os.path.join(root, name)
+                    found.setdefault(os.path.relpath(path, folder), path)
+    return found
+
+
+def _resolve(value: str, listed: dict[str, str], what: str) -> str:
+    value = (value or "").strip()
+    path = listed.get(value, value)
+    if not value or not os.path.isfile(path):
+        raise LohaError(f"{what} {value!r}: no such file" if value else f"choose a {what}")
+    return path
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def inspect_file(folders: Folders, network: str, against: str = "") -> tuple[str, dict]:
+    """(text report, summary dict) of a network, optionally checked against a checkpoint."""
+    from .format import load
+    from .inspect import against as check_against
+    from .inspect import render, summarize
+
+    try:
+        net = load(_resolve(network, folders.network_files(), "network"))
+        summary = summarize(net)
+        checked = check_against(net, _resolve(against, folders.checkpoint_files(), "checkpoint")) if against else None
+        return render(summary, checked), summary
+    except LohaError as exc:
+        return f"Error: {exc}", {}
+
+
+def merge_spec_lines(folders: Folders, text: str) -> list[str]:
+    """`name[:unet[:te]]` lines with listed names replaced by their paths."""
+    from .merge import parse_spec
+
+    listed = folders.network_files()
+    specs = []
+    for line in (text or "").splitlines():
+        if not line.strip():
+            continue
+        name, unet, te = parse_spec(line.strip())
+        path = _resolve(name, listed, "network")
+        specs.append(":".join([path, f"{unet:g}", *([f"{te:g}"] if te is not None else [])]))
+    if not specs:
+        raise LohaError("list at least one network, one per line: name[:unet[:te]]")
+    return specs
+
+
+def merge_files(folders: Folders, checkpoint: str, networks: str, out_name: str, dtype: str = "keep",
+                overwrite: bool = False) -> str:
+    """Merge and say what happened, in Markdown (errors included: the UI shows them as they are)."""
+    from .merge import merge, uses_from_specs
+
+    try:
+        source = _resolve(checkpoint, folders.checkpoint_files(), "checkpoint")
+        uses = uses_from_specs(merge_spec_lines(folders, networks))
+        name = (out_name or "").strip()
+        if not name:
+            raise LohaError("give the merged checkpoint a file name")
+        out = name if os.path.isabs(name) else os.path.join(folders.output, name)
+        out = out if out.endswith(".safetensors") else out + ".safetensors"
+        result = merge(source, uses, out, dtype=None if dtype == "keep" else dtype, overwrite=overwrite)
+    except LohaError as exc:
+        return f"**Error:** {exc}"
+    unmatched = sum(len(v) for v in result.unmatched.values())
+    lines = [f"Wrote `{result.out}`: {len(result.changed)} tensors changed, "
+             f"{result.seconds['total']:.1f} s."]
+    if unmatched:
+        lines.append(f"{unmatched} network names matched no weight.")
+    return "\n\n".join(lines)
+
+
+def append_line(name: str, text: str) -> str:
+    """The networks box after choosing `name` in "Add a network" (strength 1)."""
+    if not name:
+        return text
+    text = (text or "").rstrip()
+    return f"{text}\n{name}:1" if text else f"{name}:1"
+
+
+# --------------------------------------------------------------------------- tabs
+
+
+def _refresh_button(gr, target, choices):
+    button = gr.Button("Refresh", scale=0, min_width=90)
+    button.click(fn=lambda: gr.update(choices=sorted(choices())), inputs=[], outputs=[target])
+    return button
+
+
+def merge_tab(gr, folders: Folders) -> None:
+    with gr.Row():
+        checkpoint = gr.Dropdown(sorted(folders.checkpoint_files()), label="Checkpoint", allow_custom_value=True)
+        _refresh_button(gr, checkpoint, folders.checkpoint_files)
+    with gr.Row():
+        add = gr.Dropdown(sorted(folders.network_files()), label="Add a network", allow_custom_value=True)
+        _refresh_button(gr, add, folders.network_files)
+    networks = gr.Textbox(label="Networks, one per line: name[:unet strength[:text-encoder strength]]", lines=4)
+    with gr.Row():
+        out_name = gr.Textbox(label="Output file name", value="merged.safetensors")
+        dtype = gr.Radio(list(DTYPES), value="keep", label="Output dtype")
+        overwrite = gr.Checkbox(label="Overwrite", value=False)
+    run = gr.Button("Merge", variant="primary")
+    status = gr.Markdown()
+    add.change(fn=append_line, inputs=[add, networks], outputs=[networks])
+    run.click(fn=lambda *a: merge_files(folders, *a), inputs=[checkpoint, networks, out_name, dtype, overwrite],
+              outputs=[status])
+
+
+def inspect_tab(gr, folders: Folders) -> None:
+    with gr.Row():
+        network = gr.Dropdown(sorted(folders.network_files()), label="Network", allow_custom_value=True)
+        _refresh_button(gr, network, folders.network_files)
+        against = gr.Dropdown([""] + sorted(folders.checkpoint_files()), value="", allow_custom_value=True,
+                              label="Check names against a checkpoint (optional)")
+    run = gr.Button("Inspect", variant="primary")
+    report = gr.Textbox(label="Report", lines=16, interactive=False)
+    summary = gr.JSON(label="Summary")
+    run.click(fn=lambda n, a: inspect_file(folders, n, a), inputs=[network, against], outputs=[report, summary])
+
+
+#: The tabs this module always has, in order: (title, builder).
+TABS = (("Merge", merge_tab), ("Inspect", inspect_tab))
+
+
+def tabs() -> list[tuple[str, object]]:
+    """Optional tabs whose module imports, then the built-in ones."""
+    found = []
+    for name in OPTIONAL_TABS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                log.warning("loha: the %s tab is off: %s", name, exc)
+            continue
+        found.append((module.TITLE, module.tab))
+    return found + list(TABS)
+
+
+def build(folders: Folders):
+    """The LoHa blocks: one tab per entry of `tabs()`."""
+    import gradio as gr
+
+    with gr.Blocks(analytics_enabled=False, title="LoHa") as blocks:
+        with gr.Tabs():
+            for title, make in tabs():
+                with gr.Tab(title):
+                    make(gr, folders)
+    return blocks
+
+
+def add_ui_parser(sub) -> None:
+    """`loha ui`: the same tabs in a standalone app (the CLI calls this to add the command)."""
+    p = sub.add_parser("ui", help="Merge and Inspect (and Train) in a browser",
+                       description="The LoHa tabs the WebUI shows, as a standalone Gradio app.")
+    p.add_argument("--checkpoints", action="append", metavar="DIR", help="checkpoint folder (repeatable; default .)")
+    p.add_argument("--networks", action="append", metavar="DIR", help="network folder (repeatable; default .)")
+    p.add_argument("--output", default=".", metavar="DIR", help="where merges are written (default .)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=None, help="port (default: gradio's first free one)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    folders = Folders(checkpoints=args.checkpoints or ["."], networks=args.networks or ["."], output=args.output)
+    build(folders).launch(server_name=args.host, server_port=args.port)
+    return 0

@@ -1,0 +1,182 @@
+"""Stable Diffusion WebUI (AUTOMATIC1111 1.8+) extension: `<loha:…>`, a "LoHa" cards page and tab.
+
+The WebUI imports this file at start-up with the extension folder on `sys.path`, so
+the `loha` package next to it is importable. Everything that does not need the
+WebUI lives in `loha.webui` (prompt arguments, files, the active set) and `loha.ui`
+(the tab's Gradio blocks); this file only registers them with the WebUI.
+"""
+
+import logging
+import os
+import re
+
+from modules import extra_networks, hashes, paths, script_callbacks, shared, ui_extra_networks
+
+from loha import LohaError
+from loha.webui import ActiveSet, card_metadata, list_networks, parse_request, preferred_weight
+
+log = logging.getLogger("loha")
+NAME = "loha"  # the prompt syntax: <loha:name:…>; `lora` and `lyco` stay the built-in's
+INFOTEXT_KEY = "LoHa hashes"
+
+
+def network_folders() -> list[str]:
+    """--loha-dir first (default models/LoHa), then the Lora folder."""
+    lora = getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(paths.models_path, "Lora")
+    loha = getattr(shared.cmd_opts, "loha_dir", None) or os.path.join(paths.models_path, "LoHa")
+    return [loha, lora]
+
+
+class Files:
+    """Name -> path of every network file, refreshed when a name is not found."""
+
+    def __init__(self):
+        self.paths: dict[str, str] = {}
+
+    def refresh(self) -> dict[str, str]:
+        self.paths = list_networks(network_folders())
+        return self.paths
+
+    def find(self, name: str) -> str | None:
+        if name not in self.paths:
+            self.refresh()
+        return self.paths.get(name)
+
+
+files = Files()
+active = ActiveSet()
+
+
+def shorthash(name: str, path: str, compute: bool) -> str:
+    """The short hash the built-in Lora shows (kohya's hash of the tensor data, 12 digits)."""
+    read = hashes.sha256 if compute else hashes.sha256_from_cache
+    value = read(path, f"{NAME}/{name}", use_addnet_hash=True)
+    return value[:12] if value else ""
+
+
+class ExtraNetworkLoha(extra_networks.ExtraNetwork):
+    def __init__(self):
+        super().__init__(NAME)
+
+    def activate(self, p, params_list):
+        wanted, missing = [], []
+        for params in params_list:
+            request = parse_request(params.positional, params.named, shared.opts.extra_networks_default_multiplier)
+            path = files.find(request.name)
+            if path is None:
+                missing.append(request.name)
+            else:
+                wanted.append((request, path))
+        if missing:
+            p.comment(f"LoHa not found: {', '.join(missing)}")
+        try:
+            changed = active.update(shared.sd_model, wanted)
+        except LohaError as exc:
+            active.clear(shared.sd_model)
+            raise LohaError(f"LoHa not applied: {exc}") from None
+        if changed:
+            for label, names in active.unmatched.items():
+                log.warning("loha: %s: %d names match no weight of this model, e.g. %s", label, len(names), names[0])
+        if wanted and shared.opts.data.get("loha_add_hashes_to_infotext", True):
+            listed = [f"{r.name.replace(':', '').replace(',', '')}: {shorthash(r.name, path, True)}" for r, path in wanted]
+            p.extra_generation_params[INFOTEXT_KEY] = ", ".join(listed)
+
+    def deactivate(self, p):
+        pass  # weights stay patched until the set changes, as the built-in Lora keeps its own
+
+
+class ExtraNetworksPageLoha(ui_extra_networks.ExtraNetworksPage):
+    def __init__(self):
+        super().__init__("LoHa")
+
+    def refresh(self):
+        files.refresh()
+
+    def list_items(self):
+        for index, name in enumerate(list(files.refresh())):
+            item = self.create_item(name, index)
+            if item is not None:
+                yield item
+
+    def create_item(self, name, index=None, enable_filter=True):
+        path = files.paths.get(name)
+        if path is None:
+            return None
+        try:
+            from loha import load
+
+            metadata = card_metadata(load(path))
+        except LohaError as exc:
+            metadata = {"error": str(exc)}
+        stem = os.path.splitext(path)[0]
+        weight = preferred_weight(path, shared.opts.extra_networks_default_multiplier)
+        short = shorthash(name, path, False)
+        return {
+            "name": name,
+            "filename": path,
+            "shorthash": short,  # 1.8's tree view reads it from every item
+            "preview": self.find_preview(stem),
+            "description": self.find_description(stem),
+            "search_terms": [self.search_terms_from_path(path), metadata.get("tags", ""), short],
+            "local_preview": f"{stem}.{shared.opts.samples_format}",
+            "metadata": metadata,
+            "sort_keys": {"default": index, **self.get_sort_keys(path)},
+            "prompt": ui_extra_networks.quote_js(f"<{NAME}:{name}:{weight:g}>"),
+        }
+
+    def allowed_directories_for_previews(self):
+        return [d for d in network_folders() if os.path.isdir(d)]
+
+
+re_loha = re.compile(r"<loha:([^:>]+)")
+
+
+def infotext_pasted(infotext, params):
+    """Pasted infotext names LoHa by hash too: rename ones whose file is here under another name."""
+    listed = params.get(INFOTEXT_KEY)
+    if not listed:
+        return
+    wanted = dict(x.strip().rsplit(":", 1) for x in listed.split(",") if ":" in x)
+    wanted = {k.strip(): v.strip() for k, v in wanted.items()}
+    by_hash = {shorthash(n, p, False): n for n, p in files.refresh().items()}
+
+    def rename(m):
+        name = by_hash.get(wanted.get(m.group(1), ""))
+        return f"<loha:{name}" if name else m.group(0)
+
+    params["Prompt"] = re_loha.sub(rename, params.get("Prompt", ""))
+
+
+def before_ui():
+    ui_extra_networks.register_page(ExtraNetworksPageLoha())
+    extra_networks.register_extra_network(ExtraNetworkLoha())
+
+
+def on_ui_tabs():
+    from loha.ui import Folders, build
+
+    folders = Folders(
+        checkpoints=[os.path.join(paths.models_path, "Stable-diffusion")],
+        networks=network_folders(),
+        output=os.path.join(paths.models_path, "Stable-diffusion"),
+    )
+    return [(build(folders), "LoHa", "loha")]
+
+
+def on_model_loaded(sd_model):
+    active.forget()  # new weights were loaded over the patched ones: nothing to restore
+
+
+def on_unloaded():
+    active.clear(shared.sd_model)
+
+
+shared.options_templates.update(shared.options_section(("extra_networks", "Extra Networks"), {
+    "loha_add_hashes_to_infotext": shared.OptionInfo(True, "Add LoHa hashes to infotext"),
+}))
+
+script_callbacks.on_before_ui(before_ui)
+script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_model_loaded(on_model_loaded)
+script_callbacks.on_script_unloaded(on_unloaded)
+script_callbacks.on_infotext_pasted(infotext_pasted)
