@@ -29,9 +29,10 @@ import torch
 
 from . import delta as D
 from .errors import FormatError, LohaError, UnmatchedError
-from .format import Network, load, save
+from .format import Network, load
 from .keys import FAMILIES, NameMap, map_modules, map_state_dict
 from .patch import ModelView, as_uses, plan
+from .stream import save
 
 #: kohya's `ss_base_model_version` per family.
 BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -96,7 +97,8 @@ def to_kohya(network: Network, out: str | os.PathLike, names: NameMap | None = N
     metadata = dict(network.metadata)
     if network.family:
         metadata.setdefault("ss_base_model_version", BASE_VERSIONS[network.family])
-    return save(tensors, out, metadata)
+    save(tensors, out, metadata)
+    return out
 
 
 def peft_to_kohya(src, out, base=None, *, overwrite: bool = False) -> str:

@@ -366,16 +366,6 @@ def from_tensors(tensors: Mapping[str, torch.Tensor], name: str = "network", met
     return Network(_Source(tensors=tensors), name, metadata or {})
 
 
-def save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> str:
-    """Write a network file: contiguous tensors plus string metadata (kohya's convention)."""
-    from safetensors.torch import save_file
-
-    path = os.fspath(path)
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path,
-              {k: str(v) for k, v in (metadata or {}).items()})
-    return path
-
-
 def parse_json_metadata(metadata: Mapping[str, str], key: str):
     """A JSON-valued metadata entry (ss_network_args, ss_tag_frequency), or None if absent/bad."""
     try:

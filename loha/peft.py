@@ -25,11 +25,12 @@ import re
 from collections import Counter, defaultdict
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import FormatError
 from .format import Network, from_tensors
 from .keys import TEXT_MODEL_LEVEL
+from .stream import save
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -176,7 +177,7 @@ def save_folder(network: Network, folder: str | os.PathLike, items: list) -> lis
                 if suffix.startswith("hada_w") and suffix.endswith("_b") and not module.tucker:
                     tensor = tensor.reshape(tensor.shape[0], -1)  # PEFT's flattened conv factor
                 tensors[f"{PEFT_PREFIX}{path}.{suffix}"] = tensor.contiguous()
-        save_file(tensors, os.path.join(out, WEIGHTS_FILE))
+        save(tensors, os.path.join(out, WEIGHTS_FILE), {"format": "pt"})
         with open(os.path.join(out, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(adapter_config(network.label, {p: (m, t) for p, (m, t, _) in modules.items()}), f, indent=2)
         written.append(out)
