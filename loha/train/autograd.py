@@ -50,16 +50,17 @@ def _branch_grads(grad: torch.Tensor, a, b, t):
     return grad_a, grad_b, grad_t
 
 
-def delta_grads(grad: torch.Tensor, factors: Factors, needs=(True,) * 6) -> tuple:
-    """Gradients of (w1a, w1b, w2a, w2b, t1, t2) given grad of ΔW (ΔW's layout)."""
+def delta_grads(grad: torch.Tensor, factors: Factors, needs=(True,) * 6, branches=None) -> tuple:
+    """Gradients of (w1a, w1b, w2a, w2b, t1, t2) given grad of ΔW (ΔW's layout);
+    `branches` (B1, B2) when the caller has them already. One O×K temporary at a time."""
     w1a, w1b, w2a, w2b, t1, t2 = factors
+    b1, b2 = branches or (branch(w1a, w1b, t1), branch(w2a, w2b, t2))
     out = [None] * 6
+    pulled = torch.mul(grad, b2)
     if any(needs[i] for i in (0, 1, 4)):
-        g1 = _branch_grads(grad * branch(w2a, w2b, t2), w1a, w1b, t1)
-        out[0], out[1], out[4] = g1
+        out[0], out[1], out[4] = _branch_grads(pulled, w1a, w1b, t1)
     if any(needs[i] for i in (2, 3, 5)):
-        g2 = _branch_grads(grad * branch(w1a, w1b, t1), w2a, w2b, t2)
-        out[2], out[3], out[5] = g2
+        out[2], out[3], out[5] = _branch_grads(torch.mul(grad, b1, out=pulled), w2a, w2b, t2)
     return tuple(g if need else None for g, need in zip(out, needs))
 
 
@@ -135,28 +136,29 @@ class LohaLayerFunction(torch.autograd.Function):
         factors = (w1a, w1b, w2a, w2b, t1, t2)
         ctx.save_for_backward(x, weight, *factors)
         ctx.op, ctx.scale = op, scale
-        merged = weight + (delta(factors) * scale).reshape(weight.shape).to(weight.dtype)
-        return op(x, merged, bias)
+        b1, b2 = branch(w1a, w1b, t1), branch(w2a, w2b, t2)
+        return op(x, _merged(weight, b1, b2, scale), bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, *factors = ctx.saved_tensors
-        dw = delta(factors)
+        w1a, w1b, w2a, w2b, t1, t2 = factors
+        b1, b2 = branch(w1a, w1b, t1), branch(w2a, w2b, t2)
         need_x = ctx.needs_input_grad[0]
-        merged = weight + (dw * ctx.scale).reshape(weight.shape).to(weight.dtype) if need_x else weight
-        del dw
+        merged = _merged(weight, b1, b2, ctx.scale) if need_x else weight
         grad_x, grad_w = ctx.op.backward(x, merged, grad, need_x)
         del merged
-        grad_dw = grad_w.to(factors[0].dtype).reshape(_delta_shape(factors)) * ctx.scale
-        grads = delta_grads(grad_dw, factors, ctx.needs_input_grad[5:])
+        grad_dw = grad_w.to(w1a.dtype).reshape(b1.shape).mul_(ctx.scale)
+        del grad_w
+        grads = delta_grads(grad_dw, factors, ctx.needs_input_grad[5:], (b1, b2))
         return (grad_x, None, None, None, None, *grads)
 
 
-def _delta_shape(factors: Factors) -> tuple[int, ...]:
-    w1a, w1b, _, _, t1, _ = factors
-    if t1 is None:
-        return (w1a.shape[0], w1b.shape[1])
-    return (w1a.shape[1], w1b.shape[1], *t1.shape[2:])
+def _merged(weight: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, scale: float) -> torch.Tensor:
+    """W0 + scale·(B1 ⊙ B2) in W0's shape: one fused pass, or ΔW rounded once to W0's dtype."""
+    if b1.dtype == weight.dtype:
+        return torch.addcmul(weight, b1.view(weight.shape), b2.view(weight.shape), value=scale)
+    return weight + (b1 * b2 * scale).view(weight.shape).to(weight.dtype)
 
 
 def loha_layer(x, layer: torch.nn.Module, factors: Factors, scale: float, op: _Op | None = None):

@@ -131,16 +131,13 @@ class Dataset:
         return [item.caption for item in self.items]
 
     @torch.no_grad()
-    def encode(self, vae, progress=None) -> None:
-        """Encode every image once (the distribution's mean, scaled as the UNet sees it)."""
+    def encode(self, encode_pixels, progress=None) -> None:
+        """Encode every image once: `encode_pixels` maps (1, 3, H, W) in [-1, 1] to latents."""
         if self.latents is not None:
             return
-        param = next(vae.parameters())
-        factor = getattr(vae.config, "scaling_factor", 0.18215)
         self.latents = []
         for index, (item, bucket) in enumerate(zip(self.items, self.buckets)):
-            pixels = load_pixels(item.path, bucket)[None].to(param.device, param.dtype)
-            latent = vae.encode(pixels).latent_dist.mean * factor
+            latent = encode_pixels(load_pixels(item.path, bucket)[None])
             self.latents.append(latent[0].float().cpu())
             if progress:
                 progress(index + 1, len(self.items))

@@ -163,14 +163,6 @@ class _Processes:
             self.dist.destroy_process_group()
 
 
-def _encode_text(model: BaseModel, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
-    out = model.text_encoder(ids, output_hidden_states=clip_skip > 1)
-    if clip_skip == 1:
-        return out.last_hidden_state
-    final_norm = getattr(model.text_encoder, "text_model", model.text_encoder).final_layer_norm
-    return final_norm(out.hidden_states[-clip_skip])
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -199,8 +191,6 @@ class Trainer:
             self._log(f"loading {config.model}")
             self.base = load_base(config.model, config.tokenizer, config.vae, config.seed)
         base = self.base
-        for module in (base.unet, base.text_encoder, base.vae):
-            module.requires_grad_(False)
         _quiet()
         self.dtype = DTYPES[config.mixed_precision] or torch.float32
         base.to(self.device, DTYPES[config.mixed_precision])
@@ -209,21 +199,17 @@ class Trainer:
 
         self.dataset = Dataset(config.data, config.resolution, config.bucket_step)
         self._log(f"encoding {len(self.dataset)} images once ({len(set(self.dataset.buckets))} buckets)")
-        self.dataset.encode(base.vae)
+        self.dataset.encode(base.encode_pixels)
         self.per_epoch, self._epoch = len(self.dataset.epoch(config.seed, 0, config.batch_size)), None
-        self.ids = base.tokenizer(self.dataset.captions)
-        self.embeddings = None
-        if not config.network.text_encoder:
+        self.ids = self.embeddings = None
+        if config.network.text_encoder:
+            self.ids = base.tokenize(self.dataset.captions)
+        else:
             with torch.no_grad():
-                self.embeddings = _encode_text(base, self.ids.to(self.device), config.clip_skip)
+                self.embeddings = base.encode_captions(self.dataset.captions, config.clip_skip)
 
         self.network = LohaNetwork(base.parts(), config.network, seed=config.seed).attach()
-        if config.gradient_checkpointing:
-            base.unet.enable_gradient_checkpointing()
-            if config.network.text_encoder:
-                base.text_encoder.gradient_checkpointing_enable()
-        base.unet.train(config.gradient_checkpointing)
-        base.text_encoder.train(config.gradient_checkpointing and config.network.text_encoder)
+        base.modes(config.gradient_checkpointing, config.network.text_encoder)
 
         groups = {"unet": [], "te": []}
         components = {self.network.names.names(t)[0]: t.component for t in self.network.names.targets}
@@ -271,8 +257,8 @@ class Trainer:
         if self.embeddings is not None:
             context = self.embeddings[batch]
         else:
-            context = _encode_text(self.base, self.ids[batch].to(self.device), config.clip_skip)
-        pred = self.base.unet(noisy.to(self.dtype), timesteps, encoder_hidden_states=context.to(self.dtype)).sample
+            context = self.base.encode_text(self.ids[batch].to(self.device), config.clip_skip)
+        pred = self.base.predict(noisy, timesteps, context)
         return torch.nn.functional.mse_loss(pred.float(), target)
 
     def _train_step(self) -> float:
@@ -353,27 +339,21 @@ class Trainer:
         from PIL import Image
 
         base, config = self.base, self.config
-        ids = base.tokenizer([prompt] * count).to(self.device)
-        context = _encode_text(base, ids, config.clip_skip).to(self.dtype)
-        factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
-        size = config.resolution // factor
+        context = base.encode_captions([prompt] * count, config.clip_skip)
+        size = config.resolution // base.vae_factor
         generator = torch.Generator().manual_seed(seed)
-        x = torch.randn((count, base.unet.config.in_channels, size, size), generator=generator).to(self.device)
+        x = torch.randn((count, base.latent_channels, size, size), generator=generator).to(self.device)
         times = torch.linspace(len(self.alphas) - 1, 0, steps).round().long().tolist()
-        was_training = base.unet.training
-        base.unet.eval()
         for i, t in enumerate(times):
             a = self.alphas[t]
             a_next = self.alphas[times[i + 1]] if i + 1 < len(times) else torch.tensor(1.0)
-            out = base.unet(x.to(self.dtype), torch.tensor([t] * count, device=self.device),
-                            encoder_hidden_states=context).sample.float()
+            out = base.predict(x, torch.tensor([t] * count, device=self.device), context).float()
             if self.prediction == "epsilon":
                 eps, x0 = out, (x - (1 - a).sqrt() * out) / a.sqrt()
             else:
                 x0, eps = a.sqrt() * x - (1 - a).sqrt() * out, (1 - a).sqrt() * x + a.sqrt() * out
             x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
-        base.unet.train(was_training)
-        pixels = base.vae.decode((x / base.vae.config.scaling_factor).to(self.dtype)).sample.float()
+        pixels = base.decode_latents(x).float()
         arrays = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a) for a in arrays]
 

@@ -1,9 +1,8 @@
 """Base models to train on: an LDM checkpoint file, a diffusers folder, or the demo model.
 
-A checkpoint is read through our own name map (`loha.demo.from_ldm`, built on
-`loha.keys`' block tables) into diffusers/transformers modules, so the modules the
-trainer wraps carry exactly the names a file must use. Its VAE is converted with
-diffusers' LDM converter. Checkpoints carry no tokenizer: pass the folder of one
+A checkpoint is read into diffusers/transformers modules by `loha.checkpoint`
+(built on `loha.keys`' block tables), so the modules the trainer wraps carry exactly
+the names a file must use. Checkpoints carry no tokenizer: pass the folder of one
 (``vocab.json`` + ``merges.txt``, e.g. a diffusers model's ``tokenizer/``).
 
 The demo model is SD1.5's architecture at small widths with seeded random weights
@@ -21,19 +20,16 @@ import torch
 
 from ..errors import LohaError
 
-#: AutoencoderKL of SD1/SD2 (the LDM VAE every such checkpoint holds).
-SD_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512, scaling_factor=0.18215,
+#: The demo VAE: SD's AutoencoderKL (8× downsampling, 4 latent channels) at small widths.
+DEMO_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+    block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128, scaling_factor=0.18215,
 )
-#: The demo VAE: the same 8× downsampling at small widths.
-DEMO_VAE = dict(SD_VAE, block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=128)
-#: Metadata keys a checkpoint written by `write_checkpoint` carries (configs, tokenizer).
-CONFIG_KEYS = {"unet": "loha.unet_config", "text_encoder": "loha.text_config", "vae": "loha.vae_config"}
-TOKENIZER_KEY = "loha.tokenizer"
-#: kohya/LDM key prefix of the VAE in a checkpoint.
-VAE_PREFIX = "first_stage_model."
+#: Metadata a checkpoint written by `write_checkpoint` carries: the parts' configs
+#: (`loha.checkpoint` overrides) and the tokenizer kind.
+CONFIG_KEY = "loha.train.configs"
+TOKENIZER_KEY = "loha.train.tokenizer"
 
 
 class ByteTokenizer:
@@ -67,7 +63,12 @@ class HFTokenizer:
 
 @dataclass
 class BaseModel:
-    """What training needs from a base model; `parts()` is what `keys.map_modules` reads."""
+    """A diffusers/transformers base model, as the training loop uses one.
+
+    The loop calls only the methods below, so another host's model (ComfyUI's
+    MODEL/CLIP/VAE) trains through the same loop by providing them; `parts()` is what
+    `LohaNetwork` wraps (a mapping of diffusers parts, or one LDM-layout module).
+    """
 
     unet: torch.nn.Module
     text_encoder: torch.nn.Module
@@ -83,8 +84,55 @@ class BaseModel:
 
     def to(self, device, dtype=None) -> "BaseModel":
         for module in (self.unet, self.text_encoder, self.vae):
+            module.requires_grad_(False)
             module.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
         return self
+
+    def modes(self, checkpointing: bool, text_encoder: bool) -> None:
+        """Training modes: diffusers checkpoints only modules in training mode."""
+        if checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if text_encoder:
+                self.text_encoder.gradient_checkpointing_enable()
+        self.unet.train(checkpointing)
+        self.text_encoder.train(checkpointing and text_encoder)
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> latents as the UNet sees them (the distribution's mean)."""
+        param = next(self.vae.parameters())
+        return self.vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mean * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        param = next(self.vae.parameters())
+        return self.vae.decode((latents / self.vae.config.scaling_factor).to(param.device, param.dtype)).sample
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(captions)
+
+    def encode_captions(self, captions: list[str], clip_skip: int = 1) -> torch.Tensor:
+        """Conditioning for captions (no gradient needed: the frozen-encoder path and samples)."""
+        device = next(self.text_encoder.parameters()).device
+        return self.encode_text(self.tokenize(captions).to(device), clip_skip)
+
+    def encode_text(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        out = self.text_encoder(ids, output_hidden_states=clip_skip > 1)
+        if clip_skip == 1:
+            return out.last_hidden_state
+        final_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+        return final_norm(out.hidden_states[-clip_skip])
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The UNet's noise (or v) prediction."""
+        dtype = self.unet.dtype
+        return self.unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype)).sample
 
 
 def _need_diffusers():
@@ -167,31 +215,31 @@ def _read_checkpoint(path: str) -> tuple[dict, dict]:
 
 
 def from_checkpoint(path: str, tokenizer: str | None = None, vae: str | None = None) -> BaseModel:
-    """An SD1.x LDM checkpoint (.safetensors, or .ckpt loaded with weights_only)."""
-    from ..demo import SD15_TEXT, SD15_UNET, from_ldm
-    from ..keys import map_state_dict
+    """An SD1.x/SD2.x LDM checkpoint (.safetensors, or .ckpt loaded with weights_only).
+
+    `loha.checkpoint` reads the architecture off the shapes and loads every tensor;
+    a checkpoint written by `write_checkpoint` also carries what shapes cannot tell.
+    """
+    _need_diffusers()
+    _quiet()
+    from ..checkpoint import diffusers_parts
 
     if not os.path.isfile(path):
         raise LohaError(f"{path}: no such checkpoint")
     state, meta = _read_checkpoint(path)
-    family = map_state_dict(state).family
-    if family != "sd1":
-        raise LohaError(f"{path}: a {family} checkpoint; the trainer reads SD1.x checkpoints, "
-                        "or any SD1.x/SD2.x model as a diffusers folder")
-    configs = {part: json.loads(meta[key]) if key in meta else default
-               for (part, key), default in zip(CONFIG_KEYS.items(), (SD15_UNET, SD15_TEXT, SD_VAE))}
-    unet_module, text_module, vae_module = _build(configs["unet"], configs["text_encoder"], configs["vae"], None)
-    from_ldm(state, unet_module, text_module)
+    configs = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
+    parts = diffusers_parts(state, overrides=configs)
+    if "text_encoder_2" in parts:
+        raise LohaError(f"{path}: SDXL is not supported by the trainer yet; SD1.x/SD2.x only")
     if vae is not None:
-        vae_module = from_diffusers_vae(vae)
-    elif any(k.startswith(VAE_PREFIX) for k in state):
-        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+        parts["vae"] = from_diffusers_vae(vae)
+    if "vae" not in parts:
+        raise LohaError(f"{path}: holds no VAE (first_stage_model.*); pass one (a diffusers VAE folder)")
+    from ..keys import map_modules
 
-        vae_module.load_state_dict(convert_ldm_vae_checkpoint(state, configs["vae"]))
-    else:
-        raise LohaError(f"{path}: holds no VAE ({VAE_PREFIX}*); pass one (a diffusers VAE folder)")
-    return BaseModel(unet_module, text_module, vae_module, _tokenizer(path, meta, tokenizer, configs), family,
-                     os.path.splitext(os.path.basename(path))[0], configs=configs)
+    family = map_modules(parts).family
+    return BaseModel(parts["unet"], parts["text_encoder"], parts["vae"], _tokenizer(path, meta, tokenizer),
+                     family, os.path.splitext(os.path.basename(path))[0], configs=configs or {})
 
 
 def from_diffusers_vae(folder: str):
@@ -202,32 +250,28 @@ def from_diffusers_vae(folder: str):
     return AutoencoderKL.from_pretrained(folder, subfolder=sub).eval()
 
 
-def _tokenizer(path: str, meta: dict, folder: str | None, configs: dict):
+def _tokenizer(path: str, meta: dict, folder: str | None):
     if folder is not None:
         from transformers import CLIPTokenizer
 
         sub = "tokenizer" if os.path.isdir(os.path.join(folder, "tokenizer")) else None
         return HFTokenizer(CLIPTokenizer.from_pretrained(folder, subfolder=sub))
     if meta.get(TOKENIZER_KEY) == ByteTokenizer.name:
-        return ByteTokenizer(length=configs["text_encoder"]["max_position_embeddings"])
+        return ByteTokenizer(length=json.loads(meta[CONFIG_KEY])["text_encoder"]["max_position_embeddings"])
     raise LohaError(f"{path}: a checkpoint carries no tokenizer; pass --tokenizer FOLDER "
                     "(vocab.json + merges.txt, e.g. a diffusers SD1.5 model's tokenizer/)")
 
 
 def write_checkpoint(model: BaseModel, path: str) -> str:
-    """Save a model built from configs (the demo) as an LDM checkpoint that
-    `from_checkpoint` reads back: UNet and text encoder in LDM layout, configs and
-    tokenizer in the metadata; the VAE under diffusers names in a `path`.vae folder."""
-    from safetensors.torch import save_file
+    """Save a model built from configs (the demo) as an LDM checkpoint (VAE included) that
+    `from_checkpoint` reads back, its configs and tokenizer kind in the metadata."""
+    from ..checkpoint import save_checkpoint
 
-    from ..demo import to_ldm
-
-    meta = {key: json.dumps(model.configs[part]) for part, key in CONFIG_KEYS.items()}
+    meta = {CONFIG_KEY: json.dumps(model.configs)}
     if isinstance(model.tokenizer, ByteTokenizer):
         meta[TOKENIZER_KEY] = ByteTokenizer.name
-    save_file(to_ldm(model.unet.state_dict(), model.text_encoder.state_dict()), path, metadata=meta)
-    model.vae.save_pretrained(path + ".vae")
-    return path
+    parts = {"unet": model.unet, "text_encoder": model.text_encoder, "vae": model.vae}
+    return save_checkpoint(path, parts, metadata=meta, family=model.family)
 
 
 def load_base(source: str, tokenizer: str | None = None, vae: str | None = None, seed: int = 0) -> BaseModel:
