@@ -6,7 +6,7 @@ name)}; registering a new module is adding its name there.
 
 from importlib import import_module
 
-NODE_MODULES = ("loaders", "blocks", "save", "info")
+NODE_MODULES = ("loaders", "blocks", "save", "info", "train")
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
