@@ -106,12 +106,14 @@ class TrainLoha:
                 f"{k}: {v}" for k, v in PRESET_HELP.items())}),
             "rank": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "Rank of each Hadamard factor."}),
             "alpha": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 256.0, "tooltip": "ΔW is scaled by alpha/rank."}),
-            "steps": ("INT", {"default": 500, "min": 1, "max": 1000000}),
-            "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-7, "max": 1.0, "step": 1e-5}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+            "steps": ("INT", {"default": 500, "min": 1, "max": 1000000, "tooltip": "Optimiser steps."}),
+            "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-7, "max": 1.0, "step": 1e-5,
+                                        "tooltip": "AdamW learning rate (constant)."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per step (one bucket)."}),
             "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
                                    "tooltip": "Bucket area = resolution²; images keep their aspect ratio."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+                             "tooltip": "Fixes the initial factors, the batch order, the noise and the timesteps."}),
         }}
 
     def train(self, model, clip, vae, folder, name, preset, rank, alpha, steps, learning_rate, batch_size,
