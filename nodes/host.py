@@ -6,6 +6,8 @@ needs it. Everything a node reads from disk comes through the "loras" folders he
 
 from __future__ import annotations
 
+import os
+
 LORA_FOLDER = "loras"
 
 
@@ -39,8 +41,6 @@ def progress(total: int):
 
 def save_path(filename_prefix: str, extension: str) -> str:
     """A new file name in ComfyUI's output folder for `filename_prefix`, as its savers number them."""
-    import os
-
     import folder_paths
 
     folder, filename, counter, _, _ = folder_paths.get_save_image_path(

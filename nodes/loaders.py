@@ -8,16 +8,22 @@ original patchers are untouched, so removing the node restores the base model.
 from __future__ import annotations
 
 import logging
+import os
+from collections import OrderedDict
 
 import loha
 
 from . import host
-from .patches import plan_patches
+from .patches import PatchSet, plan_patches
 
 CATEGORY = "loaders/loha"
 LOG = logging.getLogger("loha")
 STACK_SLOTS = 4
 NONE = "None"
+#: Planned files kept for re-runs that only change strengths (the patches take the
+#: strength when ComfyUI applies them, so a plan serves every strength).
+PLAN_CACHE_SIZE = 8
+_plans: OrderedDict = OrderedDict()
 
 MODEL_IN = ("MODEL", {"tooltip": "The diffusion model to apply the LoHa to."})
 CLIP_IN = ("CLIP", {"tooltip": "The text encoder(s) to apply the LoHa to."})
@@ -36,16 +42,34 @@ def lora_in(extra=()):
             {"tooltip": "A LoHa file (LoRA and LoKr modules in it work too) from the loras folders."})
 
 
+def shapes_of(module) -> dict[str, tuple]:
+    return {key: tuple(value.shape) for key, value in module.state_dict().items()}
+
+
+def planned(path: str, parts: dict[str, dict[str, tuple]], blocks: str) -> PatchSet:
+    """`plan_patches` for the file at `path`, reused while the file and the model's shapes stay."""
+    stat = os.stat(path)
+    key = (path, stat.st_mtime_ns, stat.st_size, blocks,
+           tuple((part, tuple(shapes.items())) for part, shapes in sorted(parts.items())))
+    if key in _plans:
+        _plans.move_to_end(key)
+    else:
+        _plans[key] = plan_patches(loha.load(path), parts, blocks)
+        while len(_plans) > PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+    return _plans[key]
+
+
 def apply_loha(model, clip, path: str, strength_model: float, strength_clip: float, blocks: str = ""):
     """Clones of `model`/`clip` (either may be None) with the network at `path` added."""
     parts = {}
     if model is not None and strength_model != 0:
-        parts["model"] = model.model.state_dict()
+        parts["model"] = shapes_of(model.model)
     if clip is not None and strength_clip != 0:
-        parts["clip"] = clip.patcher.model.state_dict()
+        parts["clip"] = shapes_of(clip.patcher.model)
     if not parts:
         return model, clip
-    result = plan_patches(loha.load(path), parts, blocks)
+    result = planned(path, parts, blocks)
     if result.unmatched:
         LOG.warning("loha: %s: %d names match no weight of this %s model: %s", path,
                     len(result.unmatched), result.family, ", ".join(result.unmatched))

@@ -52,7 +52,11 @@ class LohaPatch(WeightAdapterBase):
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
-        """Add strength·ΔW into `weight` (ComfyUI's fp32 working copy) in place and return it."""
+        """Add strength·ΔW into `weight` (ComfyUI's fp32 working copy) in place and return it.
+
+        Our patches are added under plain keys, so ComfyUI passes no offset and an
+        identity `function`; row slices of fused weights are the items' own business.
+        """
         use = Use(self.use.network, strength, strength, self.use.blocks)
         items = [replace(item, use=use) for item in self.items]
         with torch.no_grad():
@@ -70,17 +74,16 @@ class PatchSet:
     unmatched: list[str] = field(default_factory=list)
 
 
-def plan_patches(network: Network, parts: Mapping[str, Mapping], blocks: str = "") -> PatchSet:
+def plan_patches(network: Network, parts: Mapping[str, Mapping[str, tuple]], blocks: str = "") -> PatchSet:
     """Match `network` against ComfyUI parts and prepare one patch per changed tensor.
 
-    `parts` maps "model" and/or "clip" to that patcher's state dict (only shapes are
-    read). `blocks` is a block-weight preset or comma list (`loha.blocks`). Names of
+    `parts` maps "model" and/or "clip" to the shapes of that patcher's state dict
+    ({key: shape}). `blocks` is a block-weight preset or comma list (`loha.blocks`). Names of
     a part that is not given (text encoders for a model-only loader) are not counted
     as unmatched. Raises `LohaError` for a file of another model family, and when
     nothing at all matches.
     """
-    shapes = {key: tuple(value.shape) for part in parts.values() for key, value in part.items()}
-    names = map_state_dict(shapes)
+    names = map_state_dict({key: shape for part in parts.values() for key, shape in part.items()})
     if network.family not in (None, names.family):
         raise LohaError(f"{network.label}: the file is for {network.family} models, this model is {names.family}")
     use = Use(network, 1.0, 1.0, block_weights.parse(blocks, names.family))

@@ -64,6 +64,7 @@ def main(comfy_dir: str, checkpoint: str, lora_path: str, repeats: int = 3) -> d
         return comfy.sd.load_lora_for_models(model, clip, lora, 0.8, 0.6)
 
     def ours():
+        loaders._plans.clear()  # time a first load, not a re-run that reuses the plan
         return loaders.apply_loha(model, clip, lora_path, 0.8, 0.6)
 
     results = {}

@@ -63,8 +63,9 @@ def comfy_state(parts: dict) -> dict:
 
 
 def split(state: dict) -> dict:
-    return {"model": {k: v for k, v in state.items() if k.startswith("diffusion_model.")},
-            "clip": {k: v for k, v in state.items() if k.startswith("clip_l.")}}
+    """Shapes per ComfyUI part, as the loaders hand them to plan_patches."""
+    return {"model": {k: tuple(v.shape) for k, v in state.items() if k.startswith("diffusion_model.")},
+            "clip": {k: tuple(v.shape) for k, v in state.items() if k.startswith("clip_l.")}}
 
 
 def patch_like_comfyui(state: dict, patches: dict, strength: float) -> None:
@@ -209,6 +210,20 @@ def test_block_weights_node():
     assert node.VALIDATE_INPUTS("INS", "") is True  # an SD preset
     message = node.VALIDATE_INPUTS("none", "1,2,3")
     assert "3 values" in message and "17 or 26" in message and "12 or 20" in message
+
+
+def test_plans_are_reused_until_the_file_changes(sd1, tmp_path):
+    _, path, state = sd1
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(open(path, "rb").read())
+    parts = split(state)
+    first = loaders.planned(str(copy), parts, "")
+    assert loaders.planned(str(copy), parts, "") is first  # a strength change re-runs with this
+    assert loaders.planned(str(copy), parts, "OUTALL") is not first
+    assert loaders.planned(str(copy), {"model": parts["model"]}, "") is not first
+    stat = os.stat(copy)
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file was replaced
+    assert loaders.planned(str(copy), parts, "") is not first
 
 
 def test_zero_strengths_return_the_inputs_unchanged():

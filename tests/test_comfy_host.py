@@ -48,9 +48,16 @@ def comfy(tmp_path_factory, assets):
 
 
 @pytest.fixture(scope="module")
-def images():
-    """Images rendered so far in this module, by label (some tests reuse others')."""
-    return {}
+def images(comfy):
+    """Reference images by label ("base", "ours"), rendered once per module when first asked for."""
+    graphs = {"base": lambda: H.image_graph(CHECKPOINT), "ours": lambda: H.image_graph(CHECKPOINT, loader())}
+
+    class Images(dict):
+        def __missing__(self, label):
+            self[label] = render(comfy, graphs[label]())
+            return self[label]
+
+    return Images()
 
 
 def loader(cls=None, strengths=STRENGTHS, blocks=None, name=LOHA):
@@ -119,8 +126,6 @@ def test_same_image_as_lora_loader_and_base_returns(comfy, images, tmp_path):
 
 
 def test_stack_block_weights_and_model_only(comfy, images, tmp_path):
-    if "ours" not in images:
-        pytest.skip("needs the images of test_same_image_as_lora_loader_and_base_returns")
     stack = {"class_type": "LohaStack", "inputs": {"model": H.CKPT_MODEL, "clip": H.CKPT_CLIP}}
     for i, (name, sm, sc) in enumerate([(LOHA, 0.5, 0.6), (LOHA, 0.3, 0.0), ("None", 1.0, 1.0), ("None", 1.0, 1.0)], 1):
         stack["inputs"].update({f"lora_{i}": name, f"strength_model_{i}": sm, f"strength_clip_{i}": sc})
@@ -142,8 +147,7 @@ def test_stack_block_weights_and_model_only(comfy, images, tmp_path):
 
 
 def test_merge_and_save_bakes_the_loha(comfy, images, tmp_path):
-    if "ours" not in images:
-        pytest.skip("needs the images of test_same_image_as_lora_loader_and_base_returns")
+    ours = images["ours"]
     graph = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
         "loader": loader(),
@@ -163,8 +167,8 @@ def test_merge_and_save_bakes_the_loha(comfy, images, tmp_path):
     os.symlink(path, os.path.join(comfy.base, "models", "checkpoints", merged_name))
     comfy.free()  # let go of the first model before a second full one is loaded
     merged = render(comfy, H.image_graph(merged_name))
-    save_strip(tmp_path / "loader-merged.png", [("LoHa Loader", images["ours"]), ("merged checkpoint", merged)])
-    assert diff(merged, images["ours"]) <= 1
+    save_strip(tmp_path / "loader-merged.png", [("LoHa Loader", ours), ("merged checkpoint", merged)])
+    assert diff(merged, ours) <= 1
     comfy.free()
     os.remove(os.path.join(comfy.base, "models", "checkpoints", merged_name))
     os.remove(path)
