@@ -42,6 +42,8 @@ def test_converted_lora_gives_the_loha_image_in_comfyui(comfy):
     from_lora = comfy.images(comfy.run(H.image_graph(CHECKPOINT, lora_loader(LORA))))[0]
     base = comfy.images(comfy.run(H.image_graph(CHECKPOINT)))[0]
     unloaded = [line for line in comfy.log().splitlines() if "lora key not loaded" in line]
+    print(f"\nmax |LoRA - LoHa| = {int(np.abs(from_lora.astype(np.int16) - from_loha.astype(np.int16)).max())}, "
+          f"mean |LoHa - base| = {np.abs(from_loha.astype(int) - base.astype(int)).mean():.1f}")
     assert unloaded == []
     assert np.abs(from_loha.astype(int) - base.astype(int)).mean() > 5, "the LoHa must visibly change the image"
     assert int(np.abs(from_lora.astype(np.int16) - from_loha.astype(np.int16)).max()) <= 1
