@@ -48,6 +48,23 @@ def random_unet(config: dict, dtype=torch.float32, seed: int = 0):
     return unet.eval().requires_grad_(False)
 
 
+def release_freed_memory() -> None:
+    """Make glibc hand big freed blocks back to the OS (Linux; a no-op elsewhere).
+
+    The anchors allocate and free weight-sized temporaries per layer; glibc's adaptive
+    mmap threshold would otherwise keep gigabytes of them in its heaps and the run can
+    be killed for memory on a shared machine. Fixed thresholds stop that.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: blocks >= 1 MiB are mmapped
+        libc.mallopt(-1, 1 << 24)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def median(xs):
     return statistics.median(xs)
 
@@ -59,7 +76,7 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def stream_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> dict:
+def stream_bandwidth(nbytes: int = 1 << 29, reps: int = 5) -> dict:
     """Bytes read + written per second: a copy between two buffers, and an in-place pass."""
     x = torch.ones(nbytes // 4)
     y = torch.empty_like(x)

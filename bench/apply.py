@@ -37,7 +37,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import SD15, SDXL, matmul_rate, median, random_unet, stream_bandwidth, timed  # noqa: E402
+from _common import (  # noqa: E402
+    SD15,
+    SDXL,
+    matmul_rate,
+    median,
+    random_unet,
+    release_freed_memory,
+    stream_bandwidth,
+    timed,
+)
 
 from loha import kernels  # noqa: E402
 
@@ -178,8 +187,7 @@ def lycoris_triton(layers):
         w = weight(l)
         flat = w.view(w.shape[0], -1)
         out = loha_merge(l.a1, l.b1, l.a2, l.b2, gamma=l.scale, base=flat, out_dtype=w.dtype)
-        if out.data_ptr() != flat.data_ptr():
-            flat.copy_(out)
+        l.module.weight.data = out.view(w.shape)  # it returns a new tensor: store it as the weight
 
 
 def peft_merge(layers):
@@ -212,8 +220,9 @@ def run(args) -> None:
     config = SDXL if args.sdxl else SD15
     label = "SDXL" if args.sdxl else "SD1.5"
     dtypes = [dict(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)[d] for d in args.dtypes.split(",")]
-    reps = args.reps or (2 if args.quick else 5)
+    reps = args.reps or (3 if args.quick else 5)
     anchor_reps = max(1, min(reps, 1 if args.quick else 3))
+    release_freed_memory()
 
     t0 = time.perf_counter()
     build_dtype = torch.float32 if torch.float32 in dtypes else dtypes[0]
@@ -232,28 +241,22 @@ def run(args) -> None:
         f"device {device}"
     )
 
-    if device.type == "cpu":
-        bwd = stream_bandwidth()
-        bw = max(bwd.values())
-        rate = matmul_rate()
-        print(
-            f"machine: stream {bwd['copy'] / 1e9:.1f} GB/s (copy) {bwd['inplace'] / 1e9:.1f} GB/s (in place) "
-            f"-> floor uses {bw / 1e9:.1f}; fp32 matmul {rate / 1e9:.0f} GFLOP/s"
-        )
-    else:
-        bw, rate = _cuda_floors()
-        print(f"machine: {torch.cuda.get_device_name()}, copy {bw / 1e9:.0f} GB/s, fp32 matmul {rate / 1e12:.1f} TFLOP/s")
+    def probe_floor():
+        if device.type == "cpu":
+            bwd = stream_bandwidth(reps=2)
+            return max(bwd.values()), matmul_rate(reps=2)
+        return _cuda_floors()
 
-    rows = []
+    print(f"load average before: {_load()}")
     for dtype in dtypes:
         set_weight_dtype(layers, dtype, device)
-        fl = floors(layers, bw, rate)
-        floor = max(fl.values())
         times: dict[str, list[float]] = {m: [] for m in methods}
+        probes = []
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         for rep in range(reps):
+            probes.append(probe_floor())  # the floor is measured in the same rounds
             for name, fn in methods.items():
-                if name != "ours" and name != "ours + backup copy" and rep >= anchor_reps:
+                if not name.startswith("ours") and rep >= anchor_reps:
                     continue
 
                 def call(fn=fn):
@@ -261,18 +264,30 @@ def run(args) -> None:
                     sync()
 
                 times[name].append(timed(call))
+        bw = median([p[0] for p in probes])
+        rate = median([p[1] for p in probes])
+        fl = floors(layers, bw, rate)
+        floor = max(fl.values())
         comfy = median(times["ComfyUI way"])
         dname = str(dtype).replace("torch.", "")
         print(
-            f"\n{label} {dname}: floor {floor:.3f} s (memory {fl['memory']:.3f} s, matmul {fl['compute']:.3f} s); "
-            f"medians of {reps} (ours) / {anchor_reps} (anchors) interleaved runs"
+            f"\n{label} {dname}: floor {floor:.3f} s = max(memory {fl['memory']:.3f} s at {bw / 1e9:.1f} GB/s, "
+            f"matmul {fl['compute']:.3f} s at {rate / 1e9:.0f} GFLOP/s); medians of {reps} (ours) / "
+            f"{anchor_reps} (anchors) interleaved rounds; load average now {_load()}"
         )
         print(f"{'method':<22}{'seconds':>10}{'vs ComfyUI':>12}{'vs floor':>10}   runs")
         for name, ts in times.items():
             t = median(ts)
             print(f"{name:<22}{t:>10.3f}{comfy / t:>11.1f}x{t / floor:>9.2f}x   {' '.join(f'{x:.2f}' for x in ts)}")
-            rows.append((dname, name, t))
     del net
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
 
 
 def _cuda_floors():
@@ -316,34 +331,46 @@ def tune(args) -> None:
     def factors(o, k, r1, r2):
         return [torch.randn(*s, generator=gen) * 0.1 for s in ((o, r1), (r1, k), (o, r2), (r2, k))]
 
-    # 1. Khatri–Rao vs two products per tile, single thread, ns per element of W.
-    print("\nKhatri-Rao addmm_ vs products+addcmul_ (1 thread, W 1280x11520, ns/element):")
+    # 1. Khatri–Rao vs two products per tile: one thread, its CPU time (steadier than the
+    #    wall clock when other processes share the machine), ns per element of W.
+    def thread_med(fn, n=reps):
+        fn()
+        ts = []
+        for _ in range(n):
+            t = time.thread_time()
+            fn()
+            ts.append(time.thread_time() - t)
+        return median(ts)
+
+    from loha import delta as D
+
+    print("\nKhatri-Rao addmm_ vs products+addcmul_ (1 thread CPU time, W 1280x11520, ns/element):")
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     o, k = 1280, 11520
-    for dtype in (torch.float32, torch.float16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         w = torch.randn(o, k).to(dtype)
         line = []
-        for r in (1, 2, 3, 4, 5, 6, 8):
+        for r in (1, 2, 3, 4, 5, 6):
             a1, b1, a2, b2 = factors(o, k, r, r)
-            from loha import delta as D
-
             had = tiled.Job(w, tiled.HADAMARD, (a1, b1, a2, b2), 0.01)
             kr = tiled.Job(w, tiled.MATMUL, (D.khatri_rao(a1, a2), D.face_split(b1, b2)), 0.01)
-            th = med(lambda: tiled.run_serial([had], tuning.CPU_TILE_ELEMS))
-            tk = med(lambda: tiled.run_serial([kr], tuning.CPU_TILE_ELEMS))
-            line.append(f"R1R2={r * r}: {th / w.numel() * 1e9:.2f}/{tk / w.numel() * 1e9:.2f}")
+            th = thread_med(lambda: tiled.run_serial([had], tuning.CPU_TILE_ELEMS))
+            tk = thread_med(lambda: tiled.run_serial([kr], tuning.CPU_TILE_ELEMS))
+            line.append(f"{r * r}: {th / w.numel() * 1e9:.2f}/{tk / w.numel() * 1e9:.2f}")
         print(f"  {str(dtype)[6:]}: " + "  ".join(line))
     torch.set_num_threads(prev)
 
-    # 2. Caller thread vs worker pool, by layer size (rank 16 fp32).
+    # 2. Caller thread vs worker threads, by layer size (rank 16 fp32), wall clock.
     print("\ncaller thread vs worker threads (rank 16, fp32, ms):")
-    for o, k in ((320, 320), (320, 768), (640, 640), (640, 1280), (1280, 1280), (1280, 5120)):
+    n = torch.get_num_threads()
+    for o, k in ((128, 128), (320, 320), (640, 640), (1280, 1280), (1280, 5120)):
         w = torch.randn(o, k)
         job = tiled.Job(w, tiled.HADAMARD, tuple(factors(o, k, 16, 16)), 0.01)
-        ts = med(lambda: tiled.run_serial([job], tuning.CPU_TILE_ELEMS))
-        tp = med(lambda: tiled._get_pool(torch.get_num_threads()).run(tiled.tiles([job], min(tuning.CPU_TILE_ELEMS, max(k, o * k // 8)))))
-        print(f"  {o}x{k} ({o * k:>8} elements): caller {ts * 1e3:.2f}  pool {tp * 1e3:.2f}")
+        ts = med(lambda: tiled.run_serial([job], tuning.CPU_TILE_ELEMS), 4 * reps)
+        share = max(1, min(tuning.CPU_TILE_ELEMS, -(-o * k // n)))
+        tp = med(lambda: tiled._get_pool(n).run(tiled.tiles([job], share)), 4 * reps)
+        print(f"  {o}x{k} ({o * k:>8} elements): caller {ts * 1e3:.3f}  workers {tp * 1e3:.3f}")
 
     # 3. Tile size over a whole SD1.5 LoHa.
     print("\ntile size, whole SD1.5 LoHa (s):")
@@ -375,6 +402,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-peft", action="store_true", help="skip PEFT")
     p.add_argument("--tune", action="store_true", help="measure the dispatch thresholds instead")
     args = p.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
     if args.dtypes is None:
         args.dtypes = "fp16" if args.sdxl and not args.cuda else "fp32,fp16"
     if args.tune:

@@ -239,3 +239,24 @@ def test_triton_never_chosen_on_cpu(monkeypatch):
     monkeypatch.setattr(kernels, "_triton", lambda: pytest.fail("Triton used for a CPU tensor"))
     w, f = loha_case(10, 10, 2, 2, torch.float16)
     kernels.add_hadamard_many_([(w, *f, 1.0)])
+
+
+@pytest.mark.parametrize("mode", ["parameter", "inference"])
+def test_worker_threads_follow_the_callers_autograd_mode(monkeypatch, mode):
+    """Grad and inference modes are per thread: the workers must not trip over either."""
+    monkeypatch.setattr(tuning, "CPU_PARALLEL_MIN_ELEMS", 0)
+    monkeypatch.setattr(tuning, "CPU_TILE_ELEMS", 300)
+    if torch.get_num_threads() < 2:
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    g = gen(12)
+    f = [rand(40, 3, g=g), rand(3, 30, g=g), rand(40, 3, g=g), rand(3, 30, g=g)]
+    if mode == "parameter":
+        w = torch.nn.Parameter(rand(40, 30, g=g))
+        w0 = w.detach().clone()
+        kernels.add_hadamard_many_([(w, *f, 0.5)])  # the patcher holds no_grad; the workers must too
+    else:
+        with torch.inference_mode():
+            w = rand(40, 30, g=g)
+            w0 = w.clone()
+            kernels.add_hadamard_many_([(w, *f, 0.5)])
+    assert_rounded_once(w.detach(), w0, D.hadamard_delta(*f), 0.5)

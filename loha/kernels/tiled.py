@@ -47,7 +47,10 @@ class _Scratch(threading.local):
     def get(self, n: int, device: torch.device) -> torch.Tensor:
         buf = self.bufs.get(device)
         if buf is None or buf.numel() < n:
-            buf = torch.empty(n, dtype=_F32, device=device)
+            # A normal tensor even when made under inference mode, so later calls
+            # outside it may still write into it.
+            with torch.inference_mode(False):
+                buf = torch.empty(n, dtype=_F32, device=device)
             self.bufs[device] = buf
         return buf
 
@@ -102,8 +105,17 @@ def tiles(jobs: list[Job], tile_elems: int) -> list[tuple[Job, int, int]]:
 
 
 def run_serial(jobs: list[Job], tile_elems: int) -> None:
-    for job, r0, r1 in tiles(jobs, tile_elems):
-        run_rows(job, r0, r1)
+    """All tiles in the calling thread (CPU: torch's intra-op threads; CUDA: one stream)."""
+    work = tiles(jobs, tile_elems)
+    if not work:
+        return
+    scratch = None
+    dev = work[0][0].weight.device
+    if dev.type != "cpu":  # one scratch per call, back to the caching allocator after
+        need = max(3 * (r1 - r0) * job.weight.shape[1] for job, r0, r1 in work)
+        scratch = torch.empty(need, dtype=_F32, device=dev)
+    for job, r0, r1 in work:
+        run_rows(job, r0, r1, scratch)
 
 
 # ---- CPU worker threads ----------------------------------------------------------------
@@ -116,8 +128,10 @@ class _Batch:
         self.done = threading.Semaphore(0)
         self.errors: list[BaseException] = []
         self.n_workers = n_workers
-        # Inference mode is per thread: tensors made under it (ComfyUI runs nodes so)
-        # may only be updated in place under it, so the workers take the caller's.
+        # Autograd modes are per thread. Tensors made under inference mode (ComfyUI runs
+        # nodes so) may only be updated in place under it, so the workers take the
+        # caller's; and they never record autograd (weights may be parameters that
+        # require grad, viewed under the caller's no_grad).
         self.inference = torch.is_inference_mode_enabled()
 
 
@@ -156,7 +170,7 @@ class _Pool:
             if batch is None:
                 return
             try:
-                with torch.inference_mode(batch.inference):
+                with torch.inference_mode(batch.inference), torch.no_grad():
                     while not batch.errors:
                         i = next(batch.next)
                         if i >= len(batch.work):
@@ -197,7 +211,7 @@ def _get_pool(n: int) -> _Pool:
 
 
 def run_cpu(jobs: list[Job], tile_elems: int | None = None, threads: int | None = None) -> None:
-    """Run CPU jobs: in the caller when small, else tile by tile on the worker threads.
+    """Run CPU jobs: tiny ones in the caller, the rest tile by tile on the worker threads.
 
     Jobs must not overlap in memory (the caller splits overlapping ones into waves).
     """
@@ -207,10 +221,8 @@ def run_cpu(jobs: list[Job], tile_elems: int | None = None, threads: int | None 
     if n <= 1 or total < tuning.CPU_PARALLEL_MIN_ELEMS:
         run_serial(jobs, tile_elems)
         return
-    work = tiles(jobs, tile_elems)
-    if len(work) == 1:
-        run_serial(jobs, tile_elems)
-        return
+    # Tiles no bigger than an even share, so that one layer alone still uses every worker.
+    work = tiles(jobs, max(1, min(tile_elems, -(-total // n))))
     # Largest tiles first, so the last ones to finish are small.
     work.sort(key=lambda t: -(t[2] - t[1]) * t[0].weight.shape[1])
     _get_pool(n).run(work)

@@ -22,13 +22,19 @@ CPU_TILE_ELEMS = 1 << 18
 
 # Below this many elements in one call, the work runs in the calling thread with
 # torch's own intra-op threads: handing tiles to the worker threads costs ~50-100 µs.
-# --tune: MEASURE-ME
-CPU_PARALLEL_MIN_ELEMS = 1 << 18
+# Above it the workers win, and by far when other processes compete for the cores
+# (OpenMP teams then wait on descheduled threads). --tune, rank-16 fp32 layer, ms
+# (caller / workers), machine under load: 1e5 elements 0.061/0.155, 4.1e5 0.249/0.438,
+# 1.6e6 13.5/1.15.
+CPU_PARALLEL_MIN_ELEMS = 1 << 19
 
 # The Khatri–Rao form W.addmm_(a1•a2, b1∗b2) does 2·R1·R2 flops per element against
 # 2·(R1+R2) for the two products, but it is one MKL call that reads and writes W once.
-# It is used when R1·R2 <= this value. --tune: MEASURE-ME
-CPU_KR_MAX_RANK_PRODUCT = {torch.float32: 9, torch.float16: 4, torch.bfloat16: 4}
+# It is used when R1·R2 <= this value. --tune, one thread, W 1280×11520, thread CPU
+# ns per element of W (products+addcmul / Khatri–Rao), R1·R2 = 1, 4, 9, 16, 25:
+#   fp32: 0.47/0.24  0.62/0.33  0.67/0.53  0.71/0.71  0.76/0.92
+#   fp16: 0.62/0.34  0.86/0.36  0.92/0.47  0.91/0.66  0.95/0.93   (bf16 as fp16)
+CPU_KR_MAX_RANK_PRODUCT = {torch.float32: 9, torch.float16: 16, torch.bfloat16: 16}
 
 # ---- CUDA ---------------------------------------------------------------------------
 
@@ -45,4 +51,4 @@ TRITON_NUM_WARPS = 4
 TRITON_PRECISION = "tf32x3"
 
 # Elements per row tile for the pure-torch fallback on CUDA (no Triton).
-CUDA_TILE_ELEMS = 1 << 24
+CUDA_TILE_ELEMS = 1 << 22  # 48 MiB of fp32 scratch per call
