@@ -141,6 +141,7 @@ class LohaLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        grad = grad.contiguous()  # gradients often arrive as views (expanded, permuted): GEMMs want rows
         x, weight, *factors = ctx.saved_tensors
         w1a, w1b, w2a, w2b, t1, t2 = factors
         b1, b2 = branch(w1a, w1b, t1), branch(w2a, w2b, t2)
