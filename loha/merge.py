@@ -97,7 +97,7 @@ def merge(
             raise _unmatched_error(checkpoint, names.family, unmatched)
         grouped = by_tensor(items)
         biases = {_bias_key(k): v for k, v in grouped.items() if any(i.bias is not None for i in v)}
-        records = [_record(use, sum(1 for i in items if i.use is use)) for use in uses]
+        records = [merge_record(use, sum(1 for i in items if i.use is use)) for use in uses]
         metadata = _metadata(source.metadata, records)
         entries = data_order(
             Entry(k, dtype_name(_cast_dtype(dt, out_dtype)), shape) for k, (dt, shape) in source.layout().items()
@@ -237,7 +237,7 @@ def file_hashes(path: str | os.PathLike) -> dict[str, str]:
     return {"sha256": digest, "autov2": digest[:10], "model_hash": data.hexdigest()}
 
 
-def _record(use: Use, modules: int) -> dict:
+def merge_record(use: Use, modules: int) -> dict:
     net = use.network
     record = {
         "name": os.path.basename(net.path) if net.path else net.name,

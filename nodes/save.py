@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from loha.merge import MERGED_KEY, _record as merge_record
+from loha.merge import MERGED_KEY, merge_record
 from loha.patch import Use
 from loha.stream import Entry, Writer, data_order, dtype_name
 
