@@ -392,6 +392,59 @@ def tune(args) -> None:
         del items, jobs
 
 
+def tune_cuda(args) -> None:
+    """GPU: Triton tile shapes over a whole SDXL-size LoHa, and where cuBLAS Khatri–Rao wins."""
+    from diffusers import UNet2DConditionModel
+
+    from loha import delta as D
+    from loha.kernels import triton_hadamard as T
+
+    dev = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+
+    def cuda_med(fn, n=10):
+        fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(n):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b) / 1e3)
+        return median(ts)
+
+    with torch.device("meta"):
+        mods = [m for m in UNet2DConditionModel(**SDXL).modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    shapes = [(m.weight.shape[0], m.weight[0].numel(), 8 if getattr(m, "kernel_size", (1, 1)) != (1, 1) else 16) for m in mods]
+    bw, _ = _cuda_floors()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        items = [
+            (torch.randn(o, k, device=dev).to(dtype), *(torch.randn(*s, device=dev) * 0.1 for s in ((o, r), (r, k), (o, r), (r, k))), 0.1)
+            for o, k, r in shapes
+        ]
+        nbytes = sum(2 * it[0].numel() * it[0].element_size() for it in items)
+        print(f"\nSDXL {str(dtype)[6:]}: HBM floor {nbytes / bw * 1e3:.2f} ms")
+        for bm, bn, nw in ((64, 64, 8), (32, 64, 4), (64, 128, 8), (128, 64, 8), (32, 128, 4), (64, 64, 4)):
+            for prec in ("tf32x3", "ieee"):
+                t = cuda_med(lambda: T.add_hadamard_many_(items, block_m=bm, block_n=bn, num_warps=nw, precision=prec))
+                print(f"  {bm}x{bn} warps {nw} {prec}: {t * 1e3:.2f} ms ({nbytes / t / 1e9:.0f} GB/s)")
+        del items
+    print("\nKhatri-Rao addmm_ vs Triton, W 1280x11520 (ms):")
+    for dtype in (torch.float32, torch.float16):
+        w = torch.randn(1280, 11520, device=dev).to(dtype)
+        for r in (1, 2, 3, 4):
+            f = [torch.randn(*s, device=dev) * 0.1 for s in ((1280, r), (r, 11520), (1280, r), (r, 11520))]
+            u, v = D.khatri_rao(f[0], f[2]), D.face_split(f[1], f[3])
+            if dtype == torch.float32:
+                tk = cuda_med(lambda: w.addmm_(u, v, alpha=0.1))
+            else:
+                tk = cuda_med(lambda: w.copy_(w.float().addmm_(u, v, alpha=0.1)))
+            tt = cuda_med(lambda: T.add_hadamard_(w, *f, 0.1))
+            print(f"  {str(dtype)[6:]} R1R2={r * r}: Khatri-Rao {tk * 1e3:.3f}  Triton {tt * 1e3:.3f}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sdxl", action="store_true", help="SDXL-size UNet instead of SD1.5")
@@ -406,7 +459,7 @@ def main(argv=None) -> None:
     if args.dtypes is None:
         args.dtypes = "fp16" if args.sdxl and not args.cuda else "fp32,fp16"
     if args.tune:
-        tune(args)
+        tune_cuda(args) if args.cuda else tune(args)
     else:
         run(args)
 

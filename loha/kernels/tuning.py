@@ -42,10 +42,14 @@ CPU_KR_MAX_RANK_PRODUCT = {torch.float32: 9, torch.float16: 16, torch.bfloat16: 
 # Khatri–Rao addmm_ (cuBLAS) is kept for fp32 weights at rank products up to this.
 CUDA_KR_MAX_RANK_PRODUCT = {torch.float32: 1, torch.float16: 0, torch.bfloat16: 0}
 
-# Triton tile and launch shape (untuned defaults; --tune on a GPU sweeps them).
+# Triton tile and launch shape. Not timed (no GPU); chosen by register use, from
+# compiling the kernel ahead of time for sm_90 with Triton 3.9's ptxas (cuobjdump
+# -res-usage), fp16 W, padded rank 16, tf32x3: 64×64/8 warps 107 registers (two blocks,
+# 16 warps per SM), 32×64/4 108, 64×128/8 186 (one block per SM), 32×128/4 185;
+# padded rank 32: 148, rank 64: 204. `--tune` on a GPU sweeps these by time.
 TRITON_BLOCK_M = 64
 TRITON_BLOCK_N = 64
-TRITON_NUM_WARPS = 4
+TRITON_NUM_WARPS = 8
 # fp32 products on tensor cores via three TF32 passes (error ~1e-6 relative to ΔW,
 # far below one fp16/bf16 ulp and within the fp32 tolerance); "ieee" is exact FMA.
 TRITON_PRECISION = "tf32x3"
