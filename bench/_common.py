@@ -49,18 +49,17 @@ def random_unet(config: dict, dtype=torch.float32, seed: int = 0):
 
 
 def release_freed_memory() -> None:
-    """Make glibc hand big freed blocks back to the OS (Linux; a no-op elsewhere).
+    """Hand memory freed by the last method back to the OS (glibc; a no-op elsewhere).
 
-    The anchors allocate and free weight-sized temporaries per layer; glibc's adaptive
-    mmap threshold would otherwise keep gigabytes of them in its heaps and the run can
-    be killed for memory on a shared machine. Fixed thresholds stop that.
+    The anchors allocate and free weight-sized temporaries per layer, and glibc keeps
+    much of that in its heaps; on a shared machine the run can then be killed for
+    memory. Called between timed runs, never inside one (the allocator's behaviour in
+    the timed code is left as it is in the hosts).
     """
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: blocks >= 1 MiB are mmapped
-        libc.mallopt(-1, 1 << 24)  # M_TRIM_THRESHOLD
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -71,6 +70,7 @@ def median(xs):
 
 def timed(fn) -> float:
     gc.collect()
+    release_freed_memory()
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t

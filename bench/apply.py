@@ -43,7 +43,6 @@ from _common import (  # noqa: E402
     matmul_rate,
     median,
     random_unet,
-    release_freed_memory,
     stream_bandwidth,
     timed,
 )
@@ -222,7 +221,6 @@ def run(args) -> None:
     dtypes = [dict(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)[d] for d in args.dtypes.split(",")]
     reps = args.reps or (3 if args.quick else 5)
     anchor_reps = max(1, min(reps, 1 if args.quick else 3))
-    release_freed_memory()
 
     t0 = time.perf_counter()
     build_dtype = torch.float32 if torch.float32 in dtypes else dtypes[0]

@@ -135,21 +135,37 @@ def test_bad_shapes():
 # ---- both CPU tile forms, and the worker threads ------------------------------------------------
 
 
+FORMS = {"khatri-rao": tiled.MATMUL, "mkl": tiled.HADAMARD, "onednn": tiled.HADAMARD_ONEDNN}
+
+
+def force_form(monkeypatch, form, dtype):
+    """Make the CPU dispatch pick one tile form for every LoHa."""
+    monkeypatch.setitem(tuning.CPU_KR_MAX_RANK_PRODUCT, dtype, 10_000 if form == "khatri-rao" else 0)
+    if form == "mkl":
+        monkeypatch.setattr(tiled, "onednn_available", lambda: False)
+    if form == "onednn":
+        if not tiled.onednn_available():
+            pytest.skip("this torch has no fp32 oneDNN linear")
+        monkeypatch.setattr(tuning, "CPU_ONEDNN_MKL_MAX_RANK", 0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kr_limit", [0, 10_000])
-def test_khatri_rao_and_product_forms(monkeypatch, dtype, kr_limit):
-    monkeypatch.setitem(tuning.CPU_KR_MAX_RANK_PRODUCT, dtype, kr_limit)
-    job_kind = tiled.MATMUL if kr_limit else tiled.HADAMARD
-    w, f = loha_case(45, 61, 3, 5, dtype, seed=7)
-    assert kernels._hadamard_job(w, *f, 1.0).kind == job_kind
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("o,k,r1,r2", [(45, 61, 3, 5), (70, 33, 16, 16), (9, 200, 64, 1)])
+def test_each_cpu_tile_form(monkeypatch, dtype, form, o, k, r1, r2):
+    force_form(monkeypatch, form, dtype)
+    w, f = loha_case(o, k, r1, r2, dtype, seed=o + k)
+    assert kernels._hadamard_job(w, *f, 1.0).kind == FORMS[form]
     w0 = w.clone()
     kernels.add_hadamard_(w, *f, 0.9)
     assert_rounded_once(w, w0, D.hadamard_delta(*f), 0.9)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_many_on_worker_threads(monkeypatch, dtype):
+@pytest.mark.parametrize("form", ["mkl", "onednn"])
+def test_many_on_worker_threads(monkeypatch, dtype, form):
     """Many layers, small tiles, forced onto the worker threads; row slices of one tensor too."""
+    force_form(monkeypatch, form, dtype)
     monkeypatch.setattr(tuning, "CPU_PARALLEL_MIN_ELEMS", 0)
     monkeypatch.setattr(tuning, "CPU_TILE_ELEMS", 500)
     if torch.get_num_threads() < 2:  # a 1-core runner still exercises the pool

@@ -17,8 +17,9 @@ Dispatch (numbers in `tuning.py`, each with how it was measured):
   the Khatri–Rao `addmm_` for fp32 weights at tiny rank products; else the
   row-tiled torch path.
 - CPU: row tiles on single-threaded worker threads (tiled.py); per tile either the
-  two fp32 products multiplied and added (addcmul_), or, when R1·R2 is small, the
-  Khatri–Rao form `W.addmm_(a1•a2, b1∗b2)` from `loha.delta`.
+  two fp32 products multiplied and added (oneDNN's fused linear·mul when torch has it
+  and computes fp32 exactly, else two MKL GEMMs and addcmul_), or, when R1·R2 is small,
+  the Khatri–Rao form `W.addmm_(a1•a2, b1∗b2)` from `loha.delta`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from .. import delta as D
 from . import tiled, tuning
-from .tiled import DENSE, HADAMARD, MATMUL, Job
+from .tiled import DENSE, HADAMARD, HADAMARD_ONEDNN, MATMUL, Job
 
 _F32 = torch.float32
 _triton_module = None
@@ -85,7 +86,13 @@ def _hadamard_job(weight: torch.Tensor, a1, b1, a2, b2, scale: float) -> Job:
     limits = tuning.CUDA_KR_MAX_RANK_PRODUCT if dev.type == "cuda" else tuning.CPU_KR_MAX_RANK_PRODUCT
     if r1 * r2 <= limits.get(w.dtype, 0):
         return Job(w, MATMUL, (D.khatri_rao(a1, a2), D.face_split(b1, b2)), float(scale))
+    if dev.type == "cpu" and _onednn_wins(max(r1, r2), k) and tiled.onednn_available():
+        return Job(w, HADAMARD_ONEDNN, (a1, b1.t().contiguous(), a2, b2.t().contiguous()), float(scale))
     return Job(w, HADAMARD, (a1, b1, a2, b2), float(scale))
+
+
+def _onednn_wins(r: int, k: int) -> bool:
+    return not (r <= tuning.CPU_ONEDNN_MKL_MAX_RANK and k >= tuning.CPU_ONEDNN_MKL_MIN_K)
 
 
 def _overlap_waves(weights: list[torch.Tensor]) -> list[list[int]]:

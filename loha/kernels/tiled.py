@@ -27,6 +27,7 @@ _F32 = torch.float32
 
 # Job kinds.
 HADAMARD = "hadamard"  # tensors (a1, b1, a2, b2): two products, multiplied
+HADAMARD_ONEDNN = "hadamard-onednn"  # tensors (a1, b1ᵀ, a2, b2ᵀ): oneDNN, product fused (CPU)
 MATMUL = "matmul"  # tensors (u, v): u @ v (LoRA, or the Khatri–Rao form of a LoHa)
 DENSE = "dense"  # tensors (delta,): delta itself, (O, K)
 
@@ -58,6 +59,27 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
+_linear = None
+
+
+def onednn_available() -> bool:
+    """oneDNN's fused linear (the op torch's CPU compiler emits) computes in true fp32 here."""
+    global _linear
+    if _linear is None:
+        try:
+            op = torch.ops.mkldnn._linear_pointwise
+            prec = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", "ieee")
+            if not torch.backends.mkldnn.is_available() or prec not in ("ieee", "none"):
+                raise RuntimeError("oneDNN unavailable or not in fp32 mode")
+            a, b, c = torch.randn(3, 4), torch.randn(5, 4), torch.randn(3, 5)
+            if not torch.allclose(op.binary(a, c, b, None, "mul"), (a @ b.t()) * c, rtol=1e-6, atol=1e-6):
+                raise RuntimeError("oneDNN fused linear disagrees with matmul")
+            _linear = op
+        except Exception:
+            _linear = False
+    return bool(_linear)
+
+
 def rows_per_tile(k: int, tile_elems: int) -> int:
     return max(1, tile_elems // max(1, k))
 
@@ -83,6 +105,11 @@ def run_rows(job: Job, r0: int, r1: int, scratch: torch.Tensor | None = None) ->
         p1 = torch.mm(a1[r0:r1], b1, out=scratch[:m].view(n, k))
         p2 = torch.mm(a2[r0:r1], b2, out=scratch[m : 2 * m].view(n, k))
         acc.addcmul_(p1, p2, value=s)
+    elif job.kind == HADAMARD_ONEDNN:
+        a1, b1t, a2, b2t = job.tensors
+        p2 = _linear(a2[r0:r1], b2t, None, "none", [], "")
+        p = _linear.binary(a1[r0:r1], p2, b1t, None, "mul")  # (a1@b1)⊙p2 in one oneDNN call
+        acc.add_(p, alpha=s)
     elif job.kind == MATMUL:
         u, v = job.tensors
         acc.addmm_(u[r0:r1], v, alpha=s)

@@ -36,6 +36,19 @@ CPU_PARALLEL_MIN_ELEMS = 1 << 19
 #   fp16: 0.62/0.34  0.86/0.36  0.92/0.47  0.91/0.66  0.95/0.93   (bf16 as fp16)
 CPU_KR_MAX_RANK_PRODUCT = {torch.float32: 9, torch.float16: 16, torch.bfloat16: 16}
 
+# The two products: oneDNN's linear with a fused "mul" post-op (the op torch's CPU
+# compiler emits; AVX-512 kernels, one pass less) against MKL's two sgemm + addcmul_.
+# One thread, W 640×K, thread CPU ns per element of W (MKL / oneDNN):
+#   fp32 R8:  K320 0.67/0.63  K1280 0.87/0.76  K2880 0.83/0.82  K5760 0.83/0.72  K11520 0.88/0.80  K23040 0.86/0.92
+#   fp32 R16: K320 0.97/0.69  K1280 1.02/0.71  K2880 1.09/0.73  K5760 1.12/0.84  K11520 1.21/0.94  K23040 1.33/1.18
+#   fp32 R32: K320 1.60/1.02  K2880 1.75/1.03  K11520 2.09/1.27  R64: K320 2.99/1.53  K11520 4.11/2.12
+#   fp16 R8:  K320 0.74/0.71  K1280 0.82/0.73  K2880 0.78/0.74  K5760 0.85/0.80  K11520 0.96/0.93  K23040 0.94/1.06
+#   fp16 R16: K320 1.10/0.87  K1280 1.10/0.86  K2880 1.13/0.89  K5760 1.22/0.96  K11520 1.32/1.06  K23040 1.41/1.23
+# Whole SD1.5 LoHa, 2 workers: fp32 0.405 -> 0.372 s, fp16 0.478 -> 0.444 s.
+# MKL is kept only where it won: ranks up to this and K at least this.
+CPU_ONEDNN_MKL_MAX_RANK = 8
+CPU_ONEDNN_MKL_MIN_K = 16384
+
 # ---- CUDA ---------------------------------------------------------------------------
 
 # Not measured yet (see the module docstring). Triton handles every rank; the
