@@ -245,6 +245,11 @@ def run(args) -> None:
             return max(bwd.values()), matmul_rate(reps=2)
         return _cuda_floors()
 
+    if device.type == "cpu":
+        from loha.kernels import native
+
+        why = native.why_not()
+        print(f"ours on CPU: {'native accelerator (native.c)' if not why else 'pure-torch tiles (native: ' + why + ')'}")
     print(f"load average before: {_load()}")
     for dtype in dtypes:
         set_weight_dtype(layers, dtype, device)
@@ -315,7 +320,7 @@ def _cuda_floors():
 
 
 def tune(args) -> None:
-    from loha.kernels import tiled, tuning
+    from loha.kernels import native, tiled, tuning
 
     reps = 3 if args.quick else 7
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -342,7 +347,8 @@ def tune(args) -> None:
 
     from loha import delta as D
 
-    print("\nKhatri-Rao addmm_ vs products+addcmul_ (1 thread CPU time, W 1280x11520, ns/element):")
+    print(f"native accelerator: {'in use' if native.lib() else 'not in use: ' + native.why_not()}")
+    print("\nKhatri-Rao addmm_ vs the products (MKL / oneDNN / native) (1 thread CPU time, W 1280x11520, ns/element):")
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     o, k = 1280, 11520
@@ -351,12 +357,17 @@ def tune(args) -> None:
         line = []
         for r in (1, 2, 3, 4, 5, 6):
             a1, b1, a2, b2 = factors(o, k, r, r)
-            had = tiled.Job(w, tiled.HADAMARD, (a1, b1, a2, b2), 0.01)
-            kr = tiled.Job(w, tiled.MATMUL, (D.khatri_rao(a1, a2), D.face_split(b1, b2)), 0.01)
-            th = thread_med(lambda: tiled.run_serial([had], tuning.CPU_TILE_ELEMS))
-            tk = thread_med(lambda: tiled.run_serial([kr], tuning.CPU_TILE_ELEMS))
-            line.append(f"{r * r}: {th / w.numel() * 1e9:.2f}/{tk / w.numel() * 1e9:.2f}")
-        print(f"  {str(dtype)[6:]}: " + "  ".join(line))
+            forms = [
+                tiled.Job(w, tiled.MATMUL, (D.khatri_rao(a1, a2), D.face_split(b1, b2)), 0.01),
+                tiled.Job(w, tiled.HADAMARD, (a1, b1, a2, b2), 0.01),
+            ]
+            if tiled.onednn_available():
+                forms.append(tiled.Job(w, tiled.HADAMARD_ONEDNN, (a1, b1.t().contiguous(), a2, b2.t().contiguous()), 0.01))
+            if native.supports(dtype):
+                forms.append(tiled.Job(w, tiled.HADAMARD_NATIVE, (a1, b1, a2, b2), 0.01))
+            ts = [thread_med(lambda j=j: tiled.run_serial([j], tuning.CPU_TILE_ELEMS)) / w.numel() * 1e9 for j in forms]
+            line.append(f"{r * r}: " + "/".join(f"{t:.2f}" for t in ts))
+        print(f"  {str(dtype)[6:]} (KR/MKL/oneDNN/native): " + "  ".join(line))
     torch.set_num_threads(prev)
 
     # 2. Caller thread vs worker threads, by layer size (rank 16 fp32), wall clock.
@@ -370,8 +381,8 @@ def tune(args) -> None:
         tp = med(lambda: tiled._get_pool(n).run(tiled.tiles([job], share)), 4 * reps)
         print(f"  {o}x{k} ({o * k:>8} elements): caller {ts * 1e3:.3f}  workers {tp * 1e3:.3f}")
 
-    # 3. Tile size over a whole SD1.5 LoHa.
-    print("\ntile size, whole SD1.5 LoHa (s):")
+    # 3. Tile size over a whole SD1.5 LoHa: wall and process CPU seconds.
+    print("\ntile size, whole SD1.5 LoHa (wall s / process CPU s):")
     with torch.device("meta"):
         from diffusers import UNet2DConditionModel
 
@@ -380,13 +391,19 @@ def tune(args) -> None:
             for m in UNet2DConditionModel(**SD15).modules()
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
         ]
+    sizes = (1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 21)
     for dtype in (torch.float32, torch.float16):
         items = [(torch.randn(o, k).to(dtype), *factors(o, k, r, r), 0.01) for o, k, r in shapes]
         jobs = [kernels._hadamard_job(*it) for it in items]
-        line = []
-        for te in (1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 20):
-            line.append(f"2^{te.bit_length() - 1}: {med(lambda: tiled.run_cpu(jobs, tile_elems=te), 3):.3f}")
-        print(f"  {str(dtype)[6:]}: " + "  ".join(line))
+        res: dict = {te: [] for te in sizes}
+        for rep in range(1 + (2 if args.quick else 4)):
+            for te in sizes:  # interleaved
+                t, c = time.perf_counter(), time.process_time()
+                tiled.run_cpu(jobs, tile_elems=te)
+                if rep:
+                    res[te].append((time.perf_counter() - t, time.process_time() - c))
+        line = [f"2^{te.bit_length() - 1}: {median([x[0] for x in v]):.3f}/{median([x[1] for x in v]):.3f}" for te, v in res.items()]
+        print(f"  {str(dtype)[6:]}: " + "  ".join(line) + f"   (load {_load()})")
         del items, jobs
 
 

@@ -6,12 +6,14 @@ summed in another order than the reference's, so a value right on a rounding bou
 may land on the other side).
 """
 
+import platform
+
 import pytest
 import torch
 
 from loha import delta as D
 from loha import kernels
-from loha.kernels import tiled, tuning
+from loha.kernels import native, tiled, tuning
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -135,11 +137,22 @@ def test_bad_shapes():
 # ---- both CPU tile forms, and the worker threads ------------------------------------------------
 
 
-FORMS = {"khatri-rao": tiled.MATMUL, "mkl": tiled.HADAMARD, "onednn": tiled.HADAMARD_ONEDNN}
+FORMS = {
+    "khatri-rao": tiled.MATMUL,
+    "mkl": tiled.HADAMARD,
+    "onednn": tiled.HADAMARD_ONEDNN,
+    "native": tiled.HADAMARD_NATIVE,
+}
 
 
 def force_form(monkeypatch, form, dtype):
-    """Make the CPU dispatch pick one tile form for every LoHa."""
+    """Make the CPU dispatch pick one tile form for every LoHa (pure torch unless "native")."""
+    if form == "native":
+        if not native.supports(dtype):
+            pytest.skip(f"no native accelerator here ({native.why_not() or dtype})")
+        monkeypatch.setitem(tuning.CPU_NATIVE_KR_MAX_RANK_PRODUCT, dtype, 0)
+        return
+    monkeypatch.setattr(tuning, "CPU_NATIVE", False)
     monkeypatch.setitem(tuning.CPU_KR_MAX_RANK_PRODUCT, dtype, 10_000 if form == "khatri-rao" else 0)
     if form == "mkl":
         monkeypatch.setattr(tiled, "onednn_available", lambda: False)
@@ -147,6 +160,7 @@ def force_form(monkeypatch, form, dtype):
         if not tiled.onednn_available():
             pytest.skip("this torch has no fp32 oneDNN linear")
         monkeypatch.setattr(tuning, "CPU_ONEDNN_MKL_MAX_RANK", 0)
+        monkeypatch.setattr(tuning, "CPU_ONEDNN_MIN_RANK", 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -162,7 +176,7 @@ def test_each_cpu_tile_form(monkeypatch, dtype, form, o, k, r1, r2):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("form", ["mkl", "onednn"])
+@pytest.mark.parametrize("form", ["mkl", "onednn", "native"])
 def test_many_on_worker_threads(monkeypatch, dtype, form):
     """Many layers, small tiles, forced onto the worker threads; row slices of one tensor too."""
     force_form(monkeypatch, form, dtype)
@@ -276,3 +290,36 @@ def test_worker_threads_follow_the_callers_autograd_mode(monkeypatch, mode):
             w0 = w.clone()
             kernels.add_hadamard_many_([(w, *f, 0.5)])
     assert_rounded_once(w.detach(), w0, D.hadamard_delta(*f), 0.5)
+
+
+# ---- the optional native accelerator ------------------------------------------------------
+
+
+def test_native_is_optional(monkeypatch):
+    """Without the accelerator (no compiler, LOHA_NATIVE=0, failed build) the torch tiles run."""
+    monkeypatch.setattr(native, "_lib", False)
+    w, f = loha_case(30, 50, 16, 16, torch.float16)
+    assert kernels._hadamard_job(w, *f, 1.0).kind in (tiled.HADAMARD, tiled.HADAMARD_ONEDNN)
+    w0 = w.clone()
+    kernels.add_hadamard_(w, *f, 0.5)
+    assert_rounded_once(w, w0, D.hadamard_delta(*f), 0.5)
+
+
+@pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set variants")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # AVX2+F16C blocks; plain SSE2 without fp16
+def test_native_other_instruction_sets(monkeypatch, tmp_path, march):
+    """The accelerator's non-AVX-512 code (what other CPUs build), run here."""
+    fn = native.load(native.build(native.compiler(), march=march, out_dir=tmp_path))
+    good = native.self_test(fn)
+    assert good >= {torch.float32, torch.bfloat16}
+    assert (torch.float16 in good) == (march == "x86-64-v3")
+    monkeypatch.setattr(native, "_lib", fn)
+    monkeypatch.setattr(native, "_supported", good)
+    for dtype in sorted(good, key=str):
+        for o, k, r1, r2 in [(33, 77, 3, 5), (11, 64, 16, 16), (6, 300, 64, 1)]:
+            w, f = loha_case(o, k, r1, r2, dtype, seed=o)
+            assert kernels._hadamard_job(w, *f, 1.0).kind == tiled.HADAMARD_NATIVE
+            w0 = w.clone()
+            kernels.add_hadamard_(w, *f, 0.8)
+            assert_rounded_once(w, w0, D.hadamard_delta(*f), 0.8)

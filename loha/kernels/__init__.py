@@ -16,9 +16,11 @@ Dispatch (numbers in `tuning.py`, each with how it was measured):
 - CUDA, LoHa: the Triton kernel (grouped, many layers per launch) when triton imports;
   the Khatri–Rao `addmm_` for fp32 weights at tiny rank products; else the
   row-tiled torch path.
-- CPU: row tiles on single-threaded worker threads (tiled.py); per tile either the
-  two fp32 products multiplied and added (oneDNN's fused linear·mul when torch has it
-  and computes fp32 exactly, else two MKL GEMMs and addcmul_), or, when R1·R2 is small,
+- CPU: row tiles on single-threaded worker threads (tiled.py). Per tile, the optional
+  native accelerator (native.c, built on first use when a C compiler exists: both
+  products in registers, one pass over W); without it, pure torch: the two fp32
+  products multiplied and added (oneDNN's fused linear·mul when torch has it and
+  computes fp32 exactly, else two MKL GEMMs and addcmul_), or, when R1·R2 is small,
   the Khatri–Rao form `W.addmm_(a1•a2, b1∗b2)` from `loha.delta`.
 """
 
@@ -27,8 +29,8 @@ from __future__ import annotations
 import torch
 
 from .. import delta as D
-from . import tiled, tuning
-from .tiled import DENSE, HADAMARD, HADAMARD_ONEDNN, MATMUL, Job
+from . import native, tiled, tuning
+from .tiled import DENSE, HADAMARD, HADAMARD_NATIVE, HADAMARD_ONEDNN, MATMUL, Job
 
 _F32 = torch.float32
 _triton_module = None
@@ -83,15 +85,24 @@ def _hadamard_job(weight: torch.Tensor, a1, b1, a2, b2, scale: float) -> Job:
     r1, r2 = a1.shape[-1], a2.shape[-1]
     if a1.shape != (o, r1) or a2.shape != (o, r2) or b1.shape != (r1, k) or b2.shape != (r2, k):
         _check(o, k, [tuple(x.shape) for x in (a1, b1, a2, b2)], "LoHa")
-    limits = tuning.CUDA_KR_MAX_RANK_PRODUCT if dev.type == "cuda" else tuning.CPU_KR_MAX_RANK_PRODUCT
+    cpu = dev.type == "cpu"
+    use_native = cpu and tuning.CPU_NATIVE and native.supports(w.dtype)
+    if use_native:
+        limits = tuning.CPU_NATIVE_KR_MAX_RANK_PRODUCT
+    else:
+        limits = tuning.CPU_KR_MAX_RANK_PRODUCT if cpu else tuning.CUDA_KR_MAX_RANK_PRODUCT
     if r1 * r2 <= limits.get(w.dtype, 0):
         return Job(w, MATMUL, (D.khatri_rao(a1, a2), D.face_split(b1, b2)), float(scale))
-    if dev.type == "cpu" and _onednn_wins(max(r1, r2), k) and tiled.onednn_available():
+    if use_native:
+        return Job(w, HADAMARD_NATIVE, (a1, b1, a2, b2), float(scale))
+    if cpu and _onednn_wins(max(r1, r2), k) and tiled.onednn_available():
         return Job(w, HADAMARD_ONEDNN, (a1, b1.t().contiguous(), a2, b2.t().contiguous()), float(scale))
     return Job(w, HADAMARD, (a1, b1, a2, b2), float(scale))
 
 
 def _onednn_wins(r: int, k: int) -> bool:
+    if r < tuning.CPU_ONEDNN_MIN_RANK:
+        return False
     return not (r <= tuning.CPU_ONEDNN_MKL_MAX_RANK and k >= tuning.CPU_ONEDNN_MKL_MIN_K)
 
 

@@ -21,13 +21,14 @@ from typing import NamedTuple
 
 import torch
 
-from . import tuning
+from . import native, tuning
 
 _F32 = torch.float32
 
 # Job kinds.
 HADAMARD = "hadamard"  # tensors (a1, b1, a2, b2): two products, multiplied
 HADAMARD_ONEDNN = "hadamard-onednn"  # tensors (a1, b1ᵀ, a2, b2ᵀ): oneDNN, product fused (CPU)
+HADAMARD_NATIVE = "hadamard-native"  # tensors (a1, b1, a2, b2): the optional C tile (CPU)
 MATMUL = "matmul"  # tensors (u, v): u @ v (LoRA, or the Khatri–Rao form of a LoHa)
 DENSE = "dense"  # tensors (delta,): delta itself, (O, K)
 
@@ -90,6 +91,10 @@ def run_rows(job: Job, r0: int, r1: int, scratch: torch.Tensor | None = None) ->
     n, k = w.shape
     m = n * k
     if m == 0:
+        return
+    if job.kind == HADAMARD_NATIVE:  # one pass over W, no scratch
+        a1, b1, a2, b2 = job.tensors
+        native.hadamard_rows(w, a1[r0:r1], b1, a2[r0:r1], b2, job.scale)
         return
     exact = w.dtype == _F32
     if scratch is None:

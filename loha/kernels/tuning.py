@@ -14,11 +14,13 @@ import torch
 
 # ---- CPU ----------------------------------------------------------------------------
 
-# Elements of W per row tile. Each tile computes two fp32 (rows × K) products in a
-# per-thread scratch (3 × this many fp32 when W is fp16/bf16), adds them into W and
-# moves on, so the products are still in cache when they are used.
-# --tune: MEASURE-ME
-CPU_TILE_ELEMS = 1 << 18
+# Elements of W per row tile. Each tile computes its fp32 products (rows × K) and adds
+# them into W while they are still in cache (L2 2 MiB per core, L3 32 MiB shared here).
+# Smaller tiles pay more per-call overhead (oneDNN's fused linear costs ~13 µs a call,
+# MKL's sgemm ~1 µs); bigger ones spill the cache. --tune, whole SD1.5 LoHa, process
+# CPU seconds (fp32 / fp16): 2^16 1.30/1.46, 2^17 0.99/1.02, 2^18 0.74/0.82,
+# 2^19 0.67/0.73, 2^20 0.70/0.83, 2^21 0.89/1.13.
+CPU_TILE_ELEMS = 1 << 19
 
 # Below this many elements in one call, the work runs in the calling thread with
 # torch's own intra-op threads: handing tiles to the worker threads costs ~50-100 µs.
@@ -31,10 +33,12 @@ CPU_PARALLEL_MIN_ELEMS = 1 << 19
 # The Khatri–Rao form W.addmm_(a1•a2, b1∗b2) does 2·R1·R2 flops per element against
 # 2·(R1+R2) for the two products, but it is one MKL call that reads and writes W once.
 # It is used when R1·R2 <= this value. --tune, one thread, W 1280×11520, thread CPU
-# ns per element of W (products+addcmul / Khatri–Rao), R1·R2 = 1, 4, 9, 16, 25:
-#   fp32: 0.47/0.24  0.62/0.33  0.67/0.53  0.71/0.71  0.76/0.92
-#   fp16: 0.62/0.34  0.86/0.36  0.92/0.47  0.91/0.66  0.95/0.93   (bf16 as fp16)
-CPU_KR_MAX_RANK_PRODUCT = {torch.float32: 9, torch.float16: 16, torch.bfloat16: 16}
+# ns per element of W (Khatri–Rao / MKL products), R1·R2 = 1, 4, 9, 16, 25, 36:
+#   fp32: 0.22/0.40  0.35/0.49  0.44/0.54  0.61/0.65  0.72/0.68  0.96/0.70
+#   fp16: 0.28/0.49  0.31/0.73  0.41/0.73  0.53/0.74  0.75/0.79  0.96/0.80
+#   bf16: 0.29/0.50  0.32/0.69  0.41/0.73  0.56/0.75  0.77/0.79  0.99/0.83
+# (an earlier run, as MKL / Khatri–Rao: fp32 16: 0.71/0.71, 25: 0.76/0.92; fp16 25: 0.95/0.93)
+CPU_KR_MAX_RANK_PRODUCT = {torch.float32: 16, torch.float16: 25, torch.bfloat16: 25}
 
 # The two products: oneDNN's linear with a fused "mul" post-op (the op torch's CPU
 # compiler emits; AVX-512 kernels, one pass less) against MKL's two sgemm + addcmul_.
@@ -45,9 +49,24 @@ CPU_KR_MAX_RANK_PRODUCT = {torch.float32: 9, torch.float16: 16, torch.bfloat16: 
 #   fp16 R8:  K320 0.74/0.71  K1280 0.82/0.73  K2880 0.78/0.74  K5760 0.85/0.80  K11520 0.96/0.93  K23040 0.94/1.06
 #   fp16 R16: K320 1.10/0.87  K1280 1.10/0.86  K2880 1.13/0.89  K5760 1.22/0.96  K11520 1.32/1.06  K23040 1.41/1.23
 # Whole SD1.5 LoHa, 2 workers: fp32 0.405 -> 0.372 s, fp16 0.478 -> 0.444 s.
-# MKL is kept only where it won: ranks up to this and K at least this.
+# Below rank 8 oneDNN loses (W 1280×11520, MKL / oneDNN: fp32 R5 0.68/1.19, R6
+# 0.70/1.13; fp16 R5 0.79/0.97). MKL is kept for ranks below CPU_ONEDNN_MIN_RANK, and
+# for ranks up to CPU_ONEDNN_MKL_MAX_RANK when K is at least CPU_ONEDNN_MKL_MIN_K.
+CPU_ONEDNN_MIN_RANK = 8
 CPU_ONEDNN_MKL_MAX_RANK = 8
 CPU_ONEDNN_MKL_MIN_K = 16384
+
+# The optional native tile (native.c, built on first use when a C compiler exists): both
+# products in registers, one pass over W. --tune, one thread, W 1280×11520, thread CPU
+# ns per element (Khatri–Rao / native), R1·R2 = 1, 4, 9, 16:
+#   fp32: 0.39/0.34  0.51/0.27  0.55/0.32  0.61/0.34
+#   fp16: 0.28/0.13  0.30/0.14  0.39/0.15  0.66/0.19
+#   bf16: 0.42/0.20  0.36/0.22  0.45/0.19  0.56/0.20
+# and against the torch tiles at rank 16 (1280×1280): fp32 0.33 vs 0.71 (oneDNN).
+# Whole SD1.5 LoHa, 2 workers: fp32 0.372 -> 0.20 s, fp16 0.444 -> 0.145 s.
+# So it takes every LoHa it can; the Khatri–Rao form never wins against it.
+CPU_NATIVE = True
+CPU_NATIVE_KR_MAX_RANK_PRODUCT = {torch.float32: 0, torch.float16: 0, torch.bfloat16: 0}
 
 # ---- CUDA ---------------------------------------------------------------------------
 
