@@ -32,6 +32,8 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def _rss() -> int:
     with open("/proc/self/statm") as f:
