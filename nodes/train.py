@@ -46,6 +46,7 @@ class ComfyBase:
         import comfy.model_management
 
         comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        _outside_inference_mode(self.model.diffusion_model)
         self.model.requires_grad_(False)
         return self
 
@@ -79,6 +80,22 @@ class ComfyBase:
     def predict(self, noisy, timesteps, context):
         dtype = self.model.get_dtype()
         return self.model.diffusion_model(noisy.to(dtype), timesteps, context=context.to(dtype))
+
+
+def _outside_inference_mode(module: torch.nn.Module) -> None:
+    """Swap inference tensors for equal normal ones, in place, one at a time.
+
+    ComfyUI loads models inside `torch.inference_mode()`, and autograd refuses to save
+    such tensors for backward (every frozen layer the gradient flows through saves its
+    weight). The values stay bit for bit the same, so later graphs see the same model.
+    """
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None and param.is_inference():
+                sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+        for name, buffer in sub._buffers.items():
+            if buffer is not None and buffer.is_inference():
+                sub._buffers[name] = buffer.clone()
 
 
 class TrainLoha:
@@ -140,7 +157,8 @@ class TrainLoha:
                 callbacks.stop.set()
 
         callbacks.progress = progress
-        result = Trainer(config, callbacks, base=ComfyBase(model, clip, vae)).run()
+        with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs every node under inference_mode
+            result = Trainer(config, callbacks, base=ComfyBase(model, clip, vae)).run()
         return {"ui": {"text": [f"{result.path} ({result.steps} steps)"]}, "result": (result.path,)}
 
 

@@ -222,3 +222,35 @@ def test_routes_read_only_inside_the_loras_folder(comfy, tmp_path):
     finally:
         for path in (preview, os.path.join(loras, "escape.preview.png"), os.path.join(loras, "escape.safetensors")):
             os.remove(path)
+
+
+def test_train_node_writes_a_loha_every_loader_reads(comfy, images, tmp_path):
+    """Train LoHa on the loaded checkpoint inside ComfyUI; the model it trained on stays untouched."""
+    graph = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "train": {"class_type": "LohaTrain", "inputs": {
+            "model": H.CKPT_MODEL, "clip": H.CKPT_CLIP, "vae": H.CKPT_VAE, "folder": "", "name": "trained",
+            "preset": "attn-mlp", "rank": 4, "alpha": 4.0, "steps": 6, "learning_rate": 0.05, "batch_size": 1,
+            "resolution": 64, "seed": 3}},
+    }
+    entry = comfy.run(graph)
+    path = entry["outputs"]["train"]["text"][0].split(" (")[0]
+    assert path == os.path.join(comfy.base, "models", "loras", "trained.safetensors") and os.path.isfile(path)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert json.loads(meta["ss_network_args"])["algo"] == "loha" and meta["ss_steps"] == "6"
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+
+    base_after = render(comfy, H.image_graph(CHECKPOINT))  # the same cached model the trainer wrapped
+    trained = "trained.safetensors"
+    ours = render(comfy, H.image_graph(CHECKPOINT, loader(strengths=(1.0, 1.0), name=trained)))
+    builtin = render(comfy, H.image_graph(CHECKPOINT, loader("LoraLoader", strengths=(1.0, 1.0), name=trained)))
+    save_strip(tmp_path / "base-trained_ours-trained_lora_loader.png",
+               [("base after training", base_after), ("LoHa Loader", ours), ("LoraLoader", builtin)])
+    print(f"trained LoHa: max |ours - base| = {diff(ours, base_after)}, max |ours - LoraLoader| = {diff(ours, builtin)}")
+    assert np.array_equal(base_after, images["base"]), "training must leave the model it trained on unchanged"
+    assert diff(ours, base_after) > 1, "six steps at this rate must change the image"
+    assert diff(ours, builtin) <= 1
+    assert unloaded_names(comfy.log()) == []
+    os.remove(path)
