@@ -15,6 +15,8 @@ import os
 import re
 from collections.abc import Iterable
 
+from loha.safepaths import real_file_inside
+
 #: Preview images beside a network file, in the order they are looked for.
 PREVIEW_SUFFIXES = (".preview.png", ".png", ".preview.jpg", ".jpg", ".preview.jpeg", ".jpeg",
                     ".preview.webp", ".webp")
@@ -48,11 +50,9 @@ def resolve(name: str, roots: Iterable[str]) -> str:
     """The real path of the file `name` inside one of `roots` (first match wins)."""
     parts = _parts(name)
     for root in roots:
-        real_root = os.path.realpath(root)
-        candidate = os.path.realpath(os.path.join(real_root, *parts))
-        inside = os.path.commonpath([candidate, real_root]) == real_root and candidate != real_root
-        if inside and os.path.isfile(candidate):
-            return candidate
+        found = real_file_inside(os.path.join(root, *parts), [root])
+        if found:
+            return found
     raise NotFound(f"no such file: {name!r}")
 
 

@@ -13,11 +13,13 @@ import re
 from modules import extra_networks, hashes, paths, script_callbacks, shared, ui_extra_networks
 
 from loha import LohaError
+from loha.safepaths import real_file_inside
 from loha.webui import ActiveSet, card_metadata, list_networks, parse_request, preferred_weight
 
 log = logging.getLogger("loha")
 NAME = "loha"  # the prompt syntax: <loha:name:…>; `lora` and `lyco` stay the built-in's
 INFOTEXT_KEY = "LoHa hashes"
+THUMB_ROUTE = "/sd_extra_networks/thumb"
 
 
 def network_folders() -> list[str]:
@@ -163,6 +165,26 @@ def on_ui_tabs():
     return [(build(folders), "LoHa", "loha")]
 
 
+def guard_previews(_demo, app):
+    """Serve the cards' preview images only from inside the model folders, symlinks followed.
+
+    The WebUI's own thumb route (1.8) compares unnormalised paths, so `Lora/../../x.png`
+    and symlinks out of a folder pass it. This route goes first on the same path, turns
+    away what lies outside the registered preview folders, and hands the rest to it.
+    """
+    from fastapi import HTTPException
+
+    host_fetch = ui_extra_networks.fetch_file
+
+    def thumb(filename: str = ""):
+        if real_file_inside(os.path.abspath(filename), ui_extra_networks.allowed_dirs) is None:
+            raise HTTPException(status_code=404, detail="File not found")
+        return host_fetch(filename)
+
+    app.add_api_route(THUMB_ROUTE, thumb, methods=["GET"])
+    app.router.routes.insert(0, app.router.routes.pop())  # routes match in order: ours first
+
+
 def on_model_loaded(sd_model):
     active.forget()  # new weights were loaded over the patched ones: nothing to restore
 
@@ -177,6 +199,7 @@ shared.options_templates.update(shared.options_section(("extra_networks", "Extra
 
 script_callbacks.on_before_ui(before_ui)
 script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_app_started(guard_previews)
 script_callbacks.on_model_loaded(on_model_loaded)
 script_callbacks.on_script_unloaded(on_unloaded)
 script_callbacks.on_infotext_pasted(infotext_pasted)
