@@ -373,3 +373,20 @@ def test_command_line(tmp_path, capsys):
     assert code == 0 and out.is_file()
     printed = capsys.readouterr().out
     assert "step 2/2" in printed and str(out) in printed
+
+
+def test_tokenizer_folder_pads_to_the_text_encoders_positions(tmp_path):
+    """Tokenizer folders hosts ship (ComfyUI's) claim 8192 tokens; SD's encoders take their own count."""
+    from loha.train.models import demo_model, from_checkpoint, write_checkpoint
+    from tests.tiny_pipelines import tokenizer
+
+    model = demo_model(seed=5)
+    path = write_checkpoint(model, str(tmp_path / "demo.safetensors"))
+    claims_8192 = tokenizer()
+    claims_8192.model_max_length = 8192
+    claims_8192.save_pretrained(tmp_path / "tokenizer")
+    loaded = from_checkpoint(path, tokenizer=str(tmp_path / "tokenizer"))
+    ids = loaded.tokenizer(["a red circle"])
+    assert ids.shape == (1, model.text_encoder.config.max_position_embeddings)
+    with torch.no_grad():
+        loaded.encode_text(ids)

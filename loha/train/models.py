@@ -49,14 +49,19 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A transformers CLIP tokenizer, padded to its model length as SD pipelines do."""
+    """A transformers CLIP tokenizer, padded to the text encoder's positions as SD pipelines do.
 
-    def __init__(self, tokenizer):
+    The length comes from the encoder, not the tokenizer: tokenizer folders that hosts
+    ship (ComfyUI's among them) claim a `model_max_length` of 8192.
+    """
+
+    def __init__(self, tokenizer, length: int):
         self.tokenizer = tokenizer
+        self.length = length
         self.name = getattr(tokenizer, "name_or_path", "clip")
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        out = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+        out = self.tokenizer(texts, padding="max_length", max_length=self.length,
                              truncation=True, return_tensors="pt")
         return out.input_ids
 
@@ -192,7 +197,8 @@ def from_diffusers(folder: str) -> BaseModel:
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
     text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
-    tokenizer = HFTokenizer(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"))
+    tokenizer = HFTokenizer(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+                            text.config.max_position_embeddings)
     prediction = "epsilon"
     scheduler = os.path.join(folder, "scheduler", "scheduler_config.json")
     if os.path.isfile(scheduler):
@@ -238,7 +244,7 @@ def from_checkpoint(path: str, tokenizer: str | None = None, vae: str | None = N
     from ..keys import map_modules
 
     family = map_modules(parts).family
-    return BaseModel(parts["unet"], parts["text_encoder"], parts["vae"], _tokenizer(path, meta, tokenizer),
+    return BaseModel(parts["unet"], parts["text_encoder"], parts["vae"], _tokenizer(path, meta, tokenizer, parts["text_encoder"]),
                      family, os.path.splitext(os.path.basename(path))[0], configs=configs or {})
 
 
@@ -250,12 +256,13 @@ def from_diffusers_vae(folder: str):
     return AutoencoderKL.from_pretrained(folder, subfolder=sub).eval()
 
 
-def _tokenizer(path: str, meta: dict, folder: str | None):
+def _tokenizer(path: str, meta: dict, folder: str | None, text_encoder):
     if folder is not None:
         from transformers import CLIPTokenizer
 
         sub = "tokenizer" if os.path.isdir(os.path.join(folder, "tokenizer")) else None
-        return HFTokenizer(CLIPTokenizer.from_pretrained(folder, subfolder=sub))
+        return HFTokenizer(CLIPTokenizer.from_pretrained(folder, subfolder=sub),
+                           text_encoder.config.max_position_embeddings)
     if meta.get(TOKENIZER_KEY) == ByteTokenizer.name:
         return ByteTokenizer(length=json.loads(meta[CONFIG_KEY])["text_encoder"]["max_position_embeddings"])
     raise LohaError(f"{path}: a checkpoint carries no tokenizer; pass --tokenizer FOLDER "
