@@ -390,3 +390,19 @@ def test_tokenizer_folder_pads_to_the_text_encoders_positions(tmp_path):
     assert ids.shape == (1, model.text_encoder.config.max_position_embeddings)
     with torch.no_grad():
         loaded.encode_text(ids)
+
+
+def test_an_fp16_checkpoint_trains_in_fp32_without_mixed_precision(tmp_path):
+    """Published checkpoints are fp16; fp16 convolutions on a CPU are many times slower and AdamW needs fp32."""
+    from loha.train import SAMPLE_DATA, NetworkSpec, TrainConfig, Trainer
+    from loha.train.models import demo_model, write_checkpoint
+
+    model = demo_model(seed=5)
+    for part in model.parts().values():
+        part.half()
+    path = write_checkpoint(model, str(tmp_path / "demo-fp16.safetensors"))
+    config = TrainConfig(data=SAMPLE_DATA, model=path, output=str(tmp_path / "out.safetensors"), network=NetworkSpec(rank=2),
+                         resolution=64, steps=1)
+    trainer = Trainer(config)
+    trainer._prepare()
+    assert {p.dtype for part in trainer.base.parts().values() for p in part.parameters()} == {torch.float32}

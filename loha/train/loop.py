@@ -193,7 +193,7 @@ class Trainer:
         base = self.base
         _quiet()
         self.dtype = DTYPES[config.mixed_precision] or torch.float32
-        base.to(self.device, DTYPES[config.mixed_precision])
+        base.to(self.device, self.dtype)  # an fp16 checkpoint trains in fp32 unless mixed precision says otherwise
         self.prediction = config.prediction_type or base.prediction_type
         self.alphas = noise_schedule().to(self.device)
 
