@@ -10,9 +10,10 @@ import logging
 import os
 import re
 
-from modules import extra_networks, hashes, paths, script_callbacks, shared, ui_extra_networks
+from modules import extra_networks, hashes, paths, script_callbacks, scripts, shared, ui_extra_networks
 
 from loha import LohaError
+from loha.forge import ForgeActive, is_forge, register_calculator
 from loha.safepaths import real_file_inside
 from loha.webui import ActiveSet, card_metadata, list_networks, parse_request, preferred_weight
 
@@ -47,6 +48,7 @@ class Files:
 
 files = Files()
 active = ActiveSet()
+forge_active = ForgeActive()
 
 
 def shorthash(name: str, path: str, compute: bool) -> str:
@@ -71,20 +73,53 @@ class ExtraNetworkLoha(extra_networks.ExtraNetwork):
                 wanted.append((request, path))
         if missing:
             p.comment(f"LoHa not found: {', '.join(missing)}")
+        if is_forge(shared.sd_model):
+            forge_active.wanted = wanted  # applied once every extra network is active (LohaForgeScript)
+        else:
+            self._patch_in_place(wanted)
+        if wanted and shared.opts.data.get("loha_add_hashes_to_infotext", True):
+            listed = [f"{r.name.replace(':', '').replace(',', '')}: {shorthash(r.name, path, True)}" for r, path in wanted]
+            p.extra_generation_params[INFOTEXT_KEY] = ", ".join(listed)
+
+    @staticmethod
+    def _patch_in_place(wanted):
         try:
             changed = active.update(shared.sd_model, wanted)
         except LohaError as exc:
             active.clear(shared.sd_model)
             raise LohaError(f"LoHa not applied: {exc}") from None
         if changed:
-            for label, names in active.unmatched.items():
-                log.warning("loha: %s: %d names match no weight of this model, e.g. %s", label, len(names), names[0])
-        if wanted and shared.opts.data.get("loha_add_hashes_to_infotext", True):
-            listed = [f"{r.name.replace(':', '').replace(',', '')}: {shorthash(r.name, path, True)}" for r, path in wanted]
-            p.extra_generation_params[INFOTEXT_KEY] = ", ".join(listed)
+            warn_unmatched(active.unmatched)
 
     def deactivate(self, p):
         pass  # weights stay patched until the set changes, as the built-in Lora keeps its own
+
+
+def warn_unmatched(unmatched: dict[str, list[str]]) -> None:
+    for label, names in unmatched.items():
+        if names:
+            log.warning("loha: %s: %d names match no weight of this model, e.g. %s", label, len(names), names[0])
+
+
+class LohaForgeScript(scripts.Script):
+    """On Forge, puts the LoHa on its patchers after every extra network (the built-in Lora too) is active."""
+
+    def title(self):
+        return "LoHa"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def after_extra_networks_activate(self, p, *args, **kwargs):
+        if not is_forge(shared.sd_model):
+            return
+        try:
+            forge_active.apply(shared.sd_model)
+        except LohaError as exc:
+            forge_active.wanted = []
+            forge_active.apply(shared.sd_model)  # the built-in's patchers, without any LoHa
+            raise LohaError(f"LoHa not applied: {exc}") from None
+        warn_unmatched(forge_active.unmatched)
 
 
 class ExtraNetworksPageLoha(ui_extra_networks.ExtraNetworksPage):
@@ -190,13 +225,21 @@ def on_model_loaded(sd_model):
 
 
 def on_unloaded():
-    active.clear(shared.sd_model)
+    if is_forge(shared.sd_model):
+        forge_active.wanted = []
+        forge_active.apply(shared.sd_model)
+    else:
+        active.clear(shared.sd_model)
 
 
 shared.options_templates.update(shared.options_section(("extra_networks", "Extra Networks"), {
     "loha_add_hashes_to_infotext": shared.OptionInfo(True, "Add LoHa hashes to infotext"),
 }))
 
+try:
+    register_calculator()
+except ImportError:  # AUTOMATIC1111: no Forge backend, weights are patched in place
+    pass
 script_callbacks.on_before_ui(before_ui)
 script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_app_started(guard_previews)

@@ -12,93 +12,35 @@ Each image is 64×64 with 2 steps; on 2 CPU cores the module takes about 10 minu
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
+
+from webui_host import PROMPT, check_card, check_previews, diff, prepare, serve, txt2img
 
 WEBUI = os.environ.get("LOHA_WEBUI_DIR")
 PYTHON = os.environ.get("LOHA_WEBUI_PYTHON")
 pytestmark = pytest.mark.skipif(
     not (WEBUI and PYTHON), reason="set LOHA_WEBUI_DIR and LOHA_WEBUI_PYTHON to test against a real WebUI")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHECKPOINT = "sd15-random.safetensors"
-PROMPT = "a red fox in the snow"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _prepare(data: str) -> None:
-    """Checkpoint, networks and the extension link in a WebUI data folder."""
+def _checkpoint(path: str) -> None:
+    """Made in the WebUI's own Python from its SD1.5 config, so the layout is exactly what it loads."""
     assets = os.path.join(os.path.dirname(os.path.abspath(__file__)), "webui_assets.py")
-    models = os.path.join(data, "models")
-    ckpt = os.path.join(models, "Stable-diffusion", CHECKPOINT)
-    os.makedirs(os.path.dirname(ckpt), exist_ok=True)
-    if not os.path.exists(ckpt):
-        subprocess.run([sys.executable, assets, "checkpoint", WEBUI, PYTHON, ckpt], check=True)
-    if not os.path.exists(os.path.join(models, "Lora", "a.safetensors")):
-        subprocess.run([sys.executable, assets, "networks", os.path.join(models, "Lora")], check=True)
-    only_loha = os.path.join(models, "LoHa", "tucker-copy.safetensors")
-    os.makedirs(os.path.dirname(only_loha), exist_ok=True)
-    if not os.path.exists(only_loha):
-        shutil.copy(os.path.join(models, "Lora", "tucker.safetensors"), only_loha)
-    link = os.path.join(data, "extensions", "loha")
-    os.makedirs(os.path.dirname(link), exist_ok=True)
-    if not os.path.lexists(link):
-        os.symlink(REPO, link)
+    subprocess.run([sys.executable, assets, "checkpoint", WEBUI, PYTHON, path], check=True)
 
 
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory):
     data = os.environ.get("LOHA_WEBUI_DATA") or str(tmp_path_factory.mktemp("webui-data"))
-    _prepare(data)
-    port = _free_port()
-    log_path = os.path.join(data, "webui.log")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    args = [PYTHON, "launch.py", "--data-dir", data, "--skip-prepare-environment", "--skip-install",
-            "--skip-torch-cuda-test", "--no-download-sd-model", "--use-cpu", "all", "--no-half", "--api",
-            "--port", str(port), "--ckpt", os.path.join(data, "models", "Stable-diffusion", CHECKPOINT)]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(args, cwd=WEBUI, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 600
-        while "Startup time:" not in open(log_path).read():
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"the WebUI did not start; see {log_path}")
-            time.sleep(2)
-        yield {"url": f"http://127.0.0.1:{port}", "data": data, "log": log_path}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def txt2img(webui, prompt: str) -> tuple[np.ndarray, str]:
-    body = {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": 7, "sampler_name": "Euler",
-            "cfg_scale": 5}
-    request = urllib.request.Request(webui["url"] + "/sdapi/v1/txt2img", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
-    reply = json.load(urllib.request.urlopen(request, timeout=900))
-    from PIL import Image
-
-    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(reply["images"][0]))).convert("RGB"), dtype=int)
-    return image, json.loads(reply["info"])["infotexts"][0]
+    ckpt = prepare(data, _checkpoint)
+    with serve(WEBUI, PYTHON, data, ["--use-cpu", "all", "--no-half", "--ckpt", ckpt]) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +53,9 @@ def images(webui):
         "lora test": f"{PROMPT} <lora:test:0.8>",
         "loha tucker": f"{PROMPT} <loha:tucker:0.8>",
         "lora tucker": f"{PROMPT} <lora:tucker:0.8>",
+        "lora converted": f"{PROMPT} <lora:converted:0.8>",
+        "lora trained": f"{PROMPT} <lora:trained:1>",
+        "loha trained": f"{PROMPT} <loha:trained:1>",
         "lora a+test": f"{PROMPT} <lora:a:1> <lora:test:1>",
         "lora a+loha test": f"{PROMPT} <lora:a:1> <loha:test:1>",
         "lora a again": f"{PROMPT} <lora:a:1>",
@@ -120,10 +65,6 @@ def images(webui):
     return {name: txt2img(webui, prompt) for name, prompt in prompts.items()}
 
 
-def diff(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.abs(a - b).max())
-
-
 @pytest.mark.parametrize("name", ["test", "tucker"])
 def test_loha_prompt_equals_the_builtin_lora(images, name):
     loha_image, lora_image, base = images[f"loha {name}"][0], images[f"lora {name}"][0], images["base"][0]
@@ -131,6 +72,21 @@ def test_loha_prompt_equals_the_builtin_lora(images, name):
           f"{np.abs(loha_image - base).mean():.1f}")
     assert np.abs(loha_image - base).mean() > 5  # the network does change the picture
     assert diff(loha_image, lora_image) <= 1
+
+
+def test_loha_converted_to_lora_gives_the_same_image_in_the_builtin(images):
+    converted, loha_image = images["lora converted"][0], images["loha test"][0]
+    print(f"converted LoRA (built-in) vs LoHa (ours) max {diff(converted, loha_image)}, vs the built-in reading "
+          f"the LoHa max {diff(converted, images['lora test'][0])}")
+    assert diff(converted, loha_image) <= 1
+    assert diff(converted, images["lora test"][0]) <= 1
+
+
+def test_a_file_our_trainer_wrote_gives_the_same_image_in_the_builtin(images):
+    builtin, ours, base = images["lora trained"][0], images["loha trained"][0], images["base"][0]
+    print(f"trained: built-in vs ours max {diff(builtin, ours)}, vs base mean {np.abs(builtin - base).mean():.1f}")
+    assert np.abs(builtin - base).mean() > 1  # four steps at this rate change the picture
+    assert diff(builtin, ours) <= 1
 
 
 def test_mixed_prompt_equals_the_builtin_applying_both(images):
@@ -154,18 +110,8 @@ def test_infotext_records_the_loha_hashes(webui, images):
     assert "LoHa hashes" not in images["base again"][1]
 
 
-def get(webui, path: str) -> str:
-    return urllib.request.urlopen(webui["url"] + path, timeout=300).read().decode()
-
-
 def test_card_has_preview_description_weight_and_hash(webui, images):
-    card = get(webui, "/sd_extra_networks/get-single-card?page=loha&tabname=txt2img&name=test")
-    card = json.loads(card)["html"]
-    assert "test.preview.png" in card
-    assert "A plain LoHa made by lycoris-lora" in card  # from test.json
-    assert "&lt;loha:test:0.8&gt;" in card  # the click inserts the preferred weight from test.json
-    listed = get(webui, "/sd_extra_networks/get-single-card?page=loha&tabname=txt2img&name=tucker-copy")
-    assert "tucker-copy" in json.loads(listed)["html"]  # --loha-dir (models/LoHa) is listed too
+    check_card(webui)
 
 
 @pytest.mark.skipif(not os.environ.get("LOHA_NODE_MODULES") or not shutil.which("chromium"),
@@ -181,3 +127,9 @@ def test_cards_page_and_tab_in_a_browser(webui, images):
     assert "red fox (12)" in result["metadata"]
     assert {"Merge", "Inspect"} <= set(result["tabs"])
     assert "SD 1.x" in result["inspect"]
+
+
+
+
+def test_previews_are_served_from_the_model_folders_only(webui, tmp_path):
+    check_previews(webui, tmp_path)

@@ -1,0 +1,96 @@
+"""The WebUI extension on Forge (2.x): LoHa as keyed patches on Forge's own patchers.
+
+Forge keeps the loaded model's UNet and text encoders in ModelPatchers
+(`sd_model.forge_objects`) and rebuilds their weights from its backups whenever the
+set of patches changes, so weights patched in place (the AUTOMATIC1111 path) would
+be overwritten. Here each LoHa becomes patches of a type Forge hands to a registered
+calculator (`extra_weight_calculators`), which adds ΔW with loha's kernels into Forge's
+fp32 working copy; Forge then rounds once, keeps its backups and unpatches.
+
+Forge samples with `forge_objects_after_applying_lora`, which the built-in Lora
+extension sets: our patches go on clones of its patchers once every extra network has
+been activated, so `<lora:a> <loha:b>` in either order gives the base with both, and
+without LoHa the patchers are the built-in's again.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .format import Network, load
+from .keyed import PatchSet, plan_keyed
+
+#: The patch type name our patches carry in Forge's patch lists ("loha" is Forge's own).
+PATCH_TYPE = "loha_fused"
+
+
+def is_forge(sd_model) -> bool:
+    return hasattr(sd_model, "forge_objects_after_applying_lora")
+
+
+def register_calculator() -> None:
+    """Let Forge's weight merging call our patches (idempotent)."""
+    from backend.patcher import lora
+
+    lora.extra_weight_calculators[PATCH_TYPE] = lambda weight, strength, patch: patch.add_into(weight, strength)
+
+
+def _shapes(module) -> dict[str, tuple]:
+    return {key: tuple(t.shape) for key, t in module.state_dict().items()}
+
+
+class ForgeActive:
+    """The LoHa wanted now, the patchers we made for them, and plans cached per file and model."""
+
+    def __init__(self):
+        self.wanted: list = []  # (Request, path) pairs from the last activate
+        self.unmatched: dict[str, list[str]] = {}
+        self._base = None  # the built-in's (unet, clip) our patchers were cloned from
+        self._ours = None  # (unet, clip) with our patches, as put into the engine
+        self._plans: dict[tuple, PatchSet] = {}
+        self._networks: dict[tuple, Network] = {}
+
+    def apply(self, sd_model) -> None:
+        """Make the engine's patchers the built-in's plus the wanted LoHa (or the built-in's alone).
+
+        Forge copies `forge_objects_after_applying_lora` into `forge_objects` before it
+        samples, and the built-in rebuilds that object only when its own networks
+        change; when it still holds our patchers, the built-in's are the ones we kept.
+        """
+        after = sd_model.forge_objects_after_applying_lora
+        current = (after.unet, after.clip)
+        base = self._base if self._ours is not None and current == self._ours else current
+        if not self.wanted:
+            ours = base
+        else:
+            ours = self._patched(*base)
+        self._base, self._ours = base, (ours if self.wanted else None)
+        after.unet, after.clip = ours
+        sd_model.forge_objects.unet, sd_model.forge_objects.clip = ours
+
+    def _patched(self, base_unet, base_clip):
+        unet, clip = base_unet.clone(), base_clip.clone()
+        parts = {"model": unet.model, "clip": clip.patcher.model}
+        self.unmatched = {}
+        for request, path in self.wanted:
+            planned = self._plan(request, path, parts)
+            self.unmatched[planned.network.label] = planned.unmatched
+            tag = f"{path}#loha:{request.lbw or ''}"
+            for target, part, strength in ((unet, "model", request.unet), (clip, "clip", request.te)):
+                patches = {key: (PATCH_TYPE, patch) for key, patch in planned.patches[part].items()}
+                if patches:
+                    target.add_patches(filename=tag, patches=patches, strength_patch=strength)
+        return unet, clip
+
+    def _plan(self, request, path: str, parts: dict) -> PatchSet:
+        stamp = (path, os.path.getmtime(path))
+        key = (stamp, request.lbw, *(id(module) for module in parts.values()))
+        if key not in self._plans:
+            network = self._networks.get(stamp)
+            if network is None:
+                self._networks = {k: v for k, v in self._networks.items() if k[0] != path}
+                network = self._networks[stamp] = load(path)
+            shapes = {part: _shapes(module) for part, module in parts.items()}
+            self._plans = {k: v for k, v in self._plans.items() if k[0] != stamp}
+            self._plans[key] = plan_keyed(network, shapes, request.lbw or "")
+        return self._plans[key]
