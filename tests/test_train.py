@@ -406,3 +406,195 @@ def test_an_fp16_checkpoint_trains_in_fp32_without_mixed_precision(tmp_path):
     trainer = Trainer(config)
     trainer._prepare()
     assert {p.dtype for part in trainer.base.parts().values() for p in part.parameters()} == {torch.float32}
+
+
+# --------------------------------------------------------------------------- SDXL
+
+SDXL_SPEC = dict(preset="full", rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, use_tucker=True, text_encoder=True)
+
+
+def _ldm_unet_tree(unet) -> torch.nn.Module:
+    """The UNet's layers under their LDM paths (input_blocks.4.1.…), as kohya's SDXL UNet
+    names them: tools that name modules from the tree (lycoris-lora) then see kohya's
+    SDXL names. The layers are the UNet's own, so hooks on them act on the UNet."""
+    from loha.keys import unet_key_map
+
+    root = torch.nn.Module()
+    for key, ldm_key in unet_key_map(unet.state_dict(), from_ldm=False).items():
+        path = ldm_key.rpartition(".")[0]
+        parent = root
+        for part in path.split(".")[:-1]:
+            if part not in parent._modules:
+                parent.add_module(part, torch.nn.Module())
+            parent = parent._modules[part]
+        parent._modules[path.rpartition(".")[2]] = unet.get_submodule(key.rpartition(".")[0])
+    return root
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    from tests.train_helpers import sdxl_folder
+
+    return sdxl_folder(tmp_path_factory.mktemp("sdxl") / "model")
+
+
+@pytest.fixture(scope="module")
+def sdxl_trained(sdxl_folder, tmp_path_factory):
+    from loha.train import NetworkSpec, train
+
+    tmp = tmp_path_factory.mktemp("sdxl-trained")
+    return train(_config(tmp, "sdxl", model=sdxl_folder, network=NetworkSpec(**SDXL_SPEC)))
+
+
+def test_sdxl_folder_trains_both_text_encoders(sdxl_trained):
+    import loha
+
+    assert len(sdxl_trained.losses) == 3 and all(0 < x < 10 for x in sdxl_trained.losses)
+    assert set(sdxl_trained.modules) == {"unet", "te1", "te2"}
+    net = loha.load(sdxl_trained.path)
+    assert net.family == "sdxl"
+    meta = net.metadata
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lycoris"
+    assert meta["ss_network_train_unet_only"] == "False"
+    names = set(net.modules)
+    prefixes = {n.split("_")[1] for n in names}
+    assert prefixes == {"te1", "te2", "unet"}
+    # kohya's SDXL names: LDM UNet paths, text_model. level on both encoders
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k" in names
+    assert "lora_unet_label_emb_0_0" in names
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in names
+    assert "lora_te2_text_model_encoder_layers_1_mlp_fc2" in names
+    assert sum(n.startswith("lora_te2_") for n in names) == sdxl_trained.modules["te2"] == 12
+
+
+def test_sdxl_file_loads_in_lycoris_and_ours_with_the_same_outputs(sdxl_trained, sdxl_folder):
+    """As the SD1 test: lycoris-lora (on kohya's LDM-named UNet tree, both encoders as a
+    list, so lora_te1_/lora_te2_), loha.patch and the trainer's forward give one model."""
+    import loha
+    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+    from lycoris.utils.preset import read_preset
+    from safetensors.torch import load_file
+
+    from loha.train.models import from_diffusers
+    from loha.train.modules import LohaNetwork, NetworkSpec
+    from tests.tiny_models import _preset_file, run_parts
+    from tests.train_helpers import WithTextModel
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    path = sdxl_trained.path
+    net = loha.load(path)
+    base = from_diffusers(sdxl_folder)
+    reference = run_parts(base.parts())
+
+    ours = copy.deepcopy(base.parts())
+    handle = loha.patch(ours, [(net, 1.0, 1.0)])
+    assert not handle.unmatched
+    patched = run_parts(ours)
+
+    theirs = copy.deepcopy(base.parts())
+    # transformers 5's CLIPTextModel lacks the text_model. level, its CLIPTextModelWithProjection has it
+    encoders = [text if hasattr(text, "text_model") else WithTextModel(text)
+                for text in (theirs["text_encoder"], theirs["text_encoder_2"])]
+    unet_tree = _ldm_unet_tree(theirs["unet"])
+    LycorisNetworkKohya.apply_preset(read_preset(_preset_file()))
+    lyco = create_network_from_weights(1.0, path, None, encoders, unet_tree, for_inference=True)[0]
+    assert len(lyco.unet_loras) + len(lyco.text_encoder_loras) == len(net.modules)
+    assert {m.lora_name.split("_")[1] for m in lyco.text_encoder_loras} == {"te1", "te2"}
+    lyco.apply_to(encoders, unet_tree, True, True)
+    lyco.load_weights(path)
+    by_lycoris = run_parts(theirs)
+
+    live = copy.deepcopy(base.parts())
+    network = LohaNetwork(live, NetworkSpec(**SDXL_SPEC))
+    network.load_file_tensors(load_file(path))
+    network.attach()
+    by_trainer = run_parts(live)
+
+    for key in reference:
+        change = (patched[key] - reference[key]).abs().max()
+        assert change > 1e-4, f"training changed nothing in {key}"
+        torch.testing.assert_close(by_lycoris[key], patched[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(by_trainer[key], patched[key], rtol=1e-4, atol=1e-5)
+
+
+def test_sdxl_conditioning_matches_diffusers_encode_prompt(sdxl_folder):
+    """Context, pooled text and time ids are what StableDiffusionXLPipeline computes
+    (the independent oracle): encode_prompt with clip_skip None (ours 1) and 1 (ours 2),
+    _get_add_time_ids for an uncropped non-square bucket."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from loha.train.models import SDXLModel, from_diffusers
+
+    base = from_diffusers(sdxl_folder)
+    assert isinstance(base, SDXLModel) and base.family == "sdxl"
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    prompts = ["a photo of a cat", "red and blue stripes, flat colour"]
+    with torch.no_grad():
+        for ours_skip, their_skip in ((1, None), (2, 1)):
+            context, pooled = base.encode_captions(prompts, ours_skip)
+            embeds, _, pooled_embeds, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False,
+                                                             clip_skip=their_skip)
+            assert context.shape == (2, 16, 768 + 1280) and pooled.shape == (2, 32)
+            torch.testing.assert_close(context, embeds, rtol=0, atol=0)
+            torch.testing.assert_close(pooled, pooled_embeds, rtol=0, atol=0)
+    latents = torch.zeros(2, 4, 8, 12)  # an 64×96-pixel bucket
+    expected = pipe._get_add_time_ids((64, 96), (0, 0), (64, 96), torch.float32, text_encoder_projection_dim=32)
+    torch.testing.assert_close(base.time_ids(latents), expected.expand(2, 6))
+
+
+def test_sdxl_checkpoint_trains_through_the_same_path(sdxl_folder, sdxl_trained, tmp_path, capsys):
+    """An SDXL LDM checkpoint (written through loha.checkpoint) reads back into parts that
+    compute what the folder's do, needs both tokenizers, and trains (command line) to a
+    file with the same names and the same first loss as the folder."""
+    import loha
+    from loha.train.cli import main
+    from loha.train.models import from_checkpoint, from_diffusers, write_checkpoint
+    from tests.tiny_models import run_parts
+    from tests.train_helpers import TINY_SDXL_CONFIGS
+
+    model = from_diffusers(sdxl_folder)
+    model.configs = TINY_SDXL_CONFIGS
+    ckpt = write_checkpoint(model, str(tmp_path / "sdxl.safetensors"))
+    with pytest.raises(loha.LohaError, match="tokenizer_2"):
+        from_checkpoint(ckpt)
+    with pytest.raises(loha.LohaError, match="tokenizer_2"):
+        from_checkpoint(ckpt, tokenizer=os.path.join(sdxl_folder, "tokenizer"))
+    loaded = from_checkpoint(ckpt, tokenizer=sdxl_folder)
+    assert loaded.family == "sdxl"
+    a, b = run_parts(model.parts()), run_parts(loaded.parts())
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        for x, y in zip(model.encode_captions(["a red circle"]), loaded.encode_captions(["a red circle"])):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+    out = tmp_path / "from-ckpt.safetensors"
+    config = _config(tmp_path)
+    code = main(["--model", ckpt, "--tokenizer", sdxl_folder, "--data", config.data, "--out", str(out),
+                 "--resolution", "64", "--steps", "1", "--batch-size", "2", "--lr", "5e-3", "--seed", "3",
+                 "--preset", "full", "--rank", "4", "--alpha", "2", "--conv-rank", "2", "--conv-alpha", "1",
+                 "--tucker", "--text-encoder", "--device", "cpu", "--log-every", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    first = float(printed.split("step 1/1  loss ")[1].split()[0])
+    assert first == pytest.approx(sdxl_trained.losses[0], rel=1e-4)
+    net = loha.load(str(out))
+    assert net.family == "sdxl" and net.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert set(net.modules) == set(loha.load(sdxl_trained.path).modules)
+
+
+def test_sdxl_frozen_text_encoders_cache_context_and_pooled(sdxl_folder, tmp_path):
+    """Without --text-encoder both conditionings are encoded once; v-prediction, bf16 and
+    checkpointing run on SDXL too."""
+    from loha.train import NetworkSpec, Trainer
+
+    trainer = Trainer(_config(tmp_path, model=sdxl_folder, network=NetworkSpec(**SMALL), steps=1,
+                              prediction_type="v_prediction", gradient_checkpointing=True))
+    result = trainer.run()
+    context, pooled = trainer.embeddings
+    assert context.shape == (14, 16, 2048) and pooled.shape == (14, 32) and trainer.ids is None
+    assert set(result.modules) == {"unet"} and all(torch.isfinite(torch.tensor(result.losses)))
+    bf16 = Trainer(_config(tmp_path, "bf16", model=sdxl_folder, network=NetworkSpec(**SMALL), steps=1,
+                           mixed_precision="bf16")).run()
+    assert all(torch.isfinite(torch.tensor(bf16.losses)))

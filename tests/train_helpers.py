@@ -32,3 +32,34 @@ class WithTextModel(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.text_model(*args, **kwargs)
+
+
+#: What the tiny SDXL parts' weights cannot tell `loha.checkpoint` (heads, norm groups,
+#: the tiny CLIPs' activation): a checkpoint of them is read back with these overrides.
+TINY_SDXL_CONFIGS = {
+    "unet": {"attention_head_dim": 8, "norm_num_groups": 8},
+    "text_encoder": {"num_attention_heads": 4, "hidden_act": "quick_gelu"},
+    "text_encoder_2": {"num_attention_heads": 4, "hidden_act": "quick_gelu"},
+    "vae": {"norm_num_groups": 8},
+}
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """tiny_pipelines' SDXL pipeline (CLIP-L-wide and OpenCLIP-G-wide encoders, letter
+    tokenizers, tiny_models' SDXL UNet) with this file's 8×-downsampling VAE, so 64-pixel
+    buckets train on 8×8 latents."""
+    from diffusers import AutoencoderKL
+
+    import tiny_pipelines as P
+
+    pipe = P.sdxl_pipeline(seed)
+    torch.manual_seed(seed + 7)
+    pipe.register_modules(vae=AutoencoderKL(**TINY_VAE).eval())
+    pipe.vae_scale_factor = 8
+    return pipe
+
+
+def sdxl_folder(path, seed: int = 0) -> str:
+    """The tiny SDXL pipeline saved as a diffusers model folder (what `--model` takes)."""
+    tiny_sdxl_pipeline(seed).save_pretrained(str(path))
+    return str(path)

@@ -21,8 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="demo",
-                   help="'demo' (small SD1-architecture model, seeded), a diffusers folder, or an SD1.x checkpoint")
-    g.add_argument("--tokenizer", help="tokenizer folder for a checkpoint (vocab.json + merges.txt)")
+                   help="'demo' (small SD1-architecture model, seeded), a diffusers folder (SD1.x/SD2.x/SDXL), "
+                        "or an SD1.x/SD2.x/SDXL checkpoint")
+    g.add_argument("--tokenizer", help="tokenizer folder for a checkpoint (vocab.json + merges.txt; for SDXL a "
+                                       "folder with tokenizer/ and tokenizer_2/, e.g. a diffusers SDXL model)")
     g.add_argument("--vae", help="diffusers VAE folder (for a checkpoint without one)")
     g.add_argument("--data", help="image folder (default: the bundled sample images)")
     g.add_argument("-o", "--out", required=True, help="output .safetensors file")
@@ -37,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--conv-rank", type=int, default=4, help="rank of k×k convs (preset full)")
     g.add_argument("--conv-alpha", type=float, default=2.0)
     g.add_argument("--tucker", action="store_true", help="Tucker cores for k×k convs (use_tucker)")
-    g.add_argument("--text-encoder", action="store_true", help="train the text encoder too")
+    g.add_argument("--text-encoder", action="store_true", help="train the text encoder(s) too (SDXL: both)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=1000)
@@ -51,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--mixed-precision", default="no", choices=list(DTYPES))
     g.add_argument("--prediction", choices=PREDICTION_TYPES, help="default: the model's")
-    g.add_argument("--clip-skip", type=int, default=1)
+    g.add_argument("--clip-skip", type=int, default=1,
+                   help="1 = the last layer (SD1/SD2), the penultimate one (SDXL); k skips k-1 more")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", help="cpu or cuda (default: cuda if available)")
 

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import LohaError
 from .data import Dataset
-from .models import BaseModel, _quiet, load_base
+from .models import BaseModel, _quiet, load_base, take, to_device
 from .modules import LohaNetwork, NetworkSpec
 from .save import network_metadata, write_network
 
@@ -38,7 +38,7 @@ class TrainConfig:
 
     data: str
     output: str  # the final .safetensors file; intermediate saves go next to it
-    model: str = "demo"  # "demo", a diffusers folder or an SD1.x checkpoint file
+    model: str = "demo"  # "demo", a diffusers folder or an SD1.x/SD2.x/SDXL checkpoint file
     tokenizer: str | None = None
     vae: str | None = None
     network: NetworkSpec = field(default_factory=NetworkSpec)
@@ -211,6 +211,11 @@ class Trainer:
         self.network = LohaNetwork(base.parts(), config.network, seed=config.seed).attach()
         base.modes(config.gradient_checkpointing, config.network.text_encoder)
 
+        # Every factor gets a gradient tensor now: layers that cannot reach the loss (the last
+        # text-encoder layer when the context is a penultimate layer, as SDXL's is) keep a
+        # zero one, so processes average one same-sized buffer and every run steps alike.
+        for param in self.network.parameters():
+            param.grad = torch.zeros_like(param)
         groups = {"unet": [], "te": []}
         components = {self.network.names.names(t)[0]: t.component for t in self.network.names.targets}
         for name, module in self.network.loha.items():
@@ -255,9 +260,9 @@ class Trainer:
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         target = noise if self.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
         if self.embeddings is not None:
-            context = self.embeddings[batch]
+            context = take(self.embeddings, batch)  # a tensor, or SDXL's (context, pooled)
         else:
-            context = self.base.encode_text(self.ids[batch].to(self.device), config.clip_skip)
+            context = self.base.encode_text(to_device(take(self.ids, batch), self.device), config.clip_skip)
         pred = self.base.predict(noisy, timesteps, context)
         return torch.nn.functional.mse_loss(pred.float(), target)
 

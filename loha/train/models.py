@@ -1,9 +1,12 @@
 """Base models to train on: an LDM checkpoint file, a diffusers folder, or the demo model.
 
+SD1.x/SD2.x train as `BaseModel` (one text encoder), SDXL as `SDXLModel` (CLIP-L and
+OpenCLIP-G, pooled text and size conditioning as kohya's sdxl_train_network feeds them).
 A checkpoint is read into diffusers/transformers modules by `loha.checkpoint`
 (built on `loha.keys`' block tables), so the modules the trainer wraps carry exactly
 the names a file must use. Checkpoints carry no tokenizer: pass the folder of one
-(``vocab.json`` + ``merges.txt``, e.g. a diffusers model's ``tokenizer/``).
+(``vocab.json`` + ``merges.txt``, e.g. a diffusers model's ``tokenizer/``; for SDXL a
+folder with ``tokenizer/`` and ``tokenizer_2/``, i.e. a diffusers SDXL model folder).
 
 The demo model is SD1.5's architecture at small widths with seeded random weights
 (`loha.demo`'s UNet and text encoder, a small VAE, a byte-level tokenizer), so the
@@ -125,7 +128,7 @@ class BaseModel:
     def encode_captions(self, captions: list[str], clip_skip: int = 1) -> torch.Tensor:
         """Conditioning for captions (no gradient needed: the frozen-encoder path and samples)."""
         device = next(self.text_encoder.parameters()).device
-        return self.encode_text(self.tokenize(captions).to(device), clip_skip)
+        return self.encode_text(to_device(self.tokenize(captions), device), clip_skip)
 
     def encode_text(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         out = self.text_encoder(ids, output_hidden_states=clip_skip > 1)
@@ -138,6 +141,95 @@ class BaseModel:
         """The UNet's noise (or v) prediction."""
         dtype = self.unet.dtype
         return self.unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype)).sample
+
+
+@dataclass
+class SDXLModel(BaseModel):
+    """SDXL: two text encoders, pooled text and size conditioning, as kohya's
+    sdxl_train_network (and diffusers' StableDiffusionXLPipeline) feed the UNet.
+
+    - ids: a pair, CLIP-L's (`tokenizer`) and OpenCLIP-G's (`tokenizer_2`), each padded
+      as its own tokenizer pads (OpenCLIP-G's pads with "!").
+    - conditioning: a pair ``(context, pooled)``. context = concat(hidden_states[-2] of
+      `text_encoder`, hidden_states[-2] of `text_encoder_2`) on the last axis (no final
+      layer norm); pooled = `text_encoder_2`'s ``text_embeds`` (its projection output).
+      `clip_skip` k takes hidden_states[-(k + 1)]: 1 (the default) is the penultimate
+      layer SDXL is trained on, k is diffusers' ``clip_skip=k - 1``.
+    - time_ids per sample: (original_h, original_w, crop_top, crop_left, target_h,
+      target_w) = (H, W, 0, 0, H, W) with H×W the bucket's image size in pixels (read
+      off the latents): every image is resized to its bucket, never cropped.
+
+    Under fp16 the VAE stays in fp32 (kohya's --no_half_vae): SDXL's VAE overflows in fp16.
+    """
+
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object = None
+
+    def parts(self) -> dict:
+        return {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+
+    def to(self, device, dtype=None) -> "SDXLModel":
+        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+        for module, to in ((self.unet, dtype), (self.text_encoder, dtype), (self.text_encoder_2, dtype),
+                           (self.vae, vae_dtype)):
+            module.requires_grad_(False)
+            module.to(device=device, **({"dtype": to} if to is not None else {}))
+        return self
+
+    def modes(self, checkpointing: bool, text_encoder: bool) -> None:
+        super().modes(checkpointing, text_encoder)
+        if checkpointing and text_encoder:
+            self.text_encoder_2.gradient_checkpointing_enable()
+        self.text_encoder_2.train(checkpointing and text_encoder)
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tokenizer(captions), self.tokenizer_2(captions)
+
+    def encode_text(self, ids, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        if clip_skip < 1:
+            raise LohaError(f"clip_skip {clip_skip} must be ≥ 1")
+        first = self.text_encoder(ids[0], output_hidden_states=True)
+        second = self.text_encoder_2(ids[1], output_hidden_states=True)
+        layer = -(clip_skip + 1)
+        context = torch.cat([first.hidden_states[layer], second.hidden_states[layer]], dim=-1)
+        return context, second.text_embeds
+
+    def time_ids(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, 6) size conditioning for latents of one bucket (see the class docstring)."""
+        h, w = (side * self.vae_factor for side in latents.shape[-2:])
+        row = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32, device=latents.device)
+        return row.expand(latents.shape[0], 6)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, context) -> torch.Tensor:
+        hidden, pooled = context
+        dtype = self.unet.dtype
+        added = {"text_embeds": pooled.to(dtype), "time_ids": self.time_ids(noisy).to(dtype)}
+        return self.unet(noisy.to(dtype), timesteps, encoder_hidden_states=hidden.to(dtype),
+                         added_cond_kwargs=added).sample
+
+
+def to_device(value, device):
+    """A tensor, or a tuple of them (SDXL's ids and conditioning), on `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return tuple(to_device(v, device) for v in value)
+
+
+def take(value, index):
+    """Rows `index` of a tensor, or of each tensor of a tuple."""
+    if isinstance(value, torch.Tensor):
+        return value[index]
+    return tuple(take(v, index) for v in value)
+
+
+def _assemble(parts: dict, vae, tokenizers: tuple, family: str, name: str, prediction: str = "epsilon",
+              configs: dict | None = None) -> BaseModel:
+    """BaseModel, or SDXLModel when the parts hold a second text encoder."""
+    common = dict(unet=parts["unet"], text_encoder=parts["text_encoder"], vae=vae, tokenizer=tokenizers[0],
+                  family=family, name=name, prediction_type=prediction, configs=configs or {})
+    if "text_encoder_2" in parts:
+        return SDXLModel(**common, text_encoder_2=parts["text_encoder_2"], tokenizer_2=tokenizers[1])
+    return BaseModel(**common)
 
 
 def _need_diffusers():
@@ -183,22 +275,27 @@ def demo_model(seed: int = 0) -> BaseModel:
 
 
 def from_diffusers(folder: str) -> BaseModel:
-    """A diffusers model folder (unet/, text_encoder/, vae/, tokenizer/, scheduler/)."""
+    """A diffusers model folder: unet/, text_encoder/, vae/, tokenizer/, scheduler/; SDXL's
+    also text_encoder_2/ and tokenizer_2/."""
     _need_diffusers()
     _quiet()
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    if os.path.isdir(os.path.join(folder, "text_encoder_2")):
-        raise LohaError(f"{folder}: SDXL (text_encoder_2) is not supported by the trainer yet; SD1.x/SD2.x only")
-    for sub in ("unet", "text_encoder", "vae", "tokenizer"):
+    sdxl = os.path.isdir(os.path.join(folder, "text_encoder_2"))
+    needed = ("unet", "text_encoder", "vae", "tokenizer") + (("tokenizer_2",) if sdxl else ())
+    for sub in needed:
         if not os.path.isdir(os.path.join(folder, sub)):
-            raise LohaError(f"{folder}: not a diffusers model folder (no {sub}/)")
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
-    text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()
+            what = "an SDXL model folder" if sdxl else "a diffusers model folder"
+            raise LohaError(f"{folder}: not {what} (no {sub}/)")
+    parts = {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval(),
+             "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()}
+    if sdxl:
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2").eval()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
-    tokenizer = HFTokenizer(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-                            text.config.max_position_embeddings)
+    tokenizers = tuple(HFTokenizer(CLIPTokenizer.from_pretrained(folder, subfolder=sub),
+                                   parts[text].config.max_position_embeddings)
+                       for sub, text in _TOKENIZERS if text in parts)
     prediction = "epsilon"
     scheduler = os.path.join(folder, "scheduler", "scheduler_config.json")
     if os.path.isfile(scheduler):
@@ -206,8 +303,12 @@ def from_diffusers(folder: str) -> BaseModel:
             prediction = json.load(f).get("prediction_type", "epsilon")
     from ..keys import map_modules
 
-    family = map_modules({"unet": unet, "text_encoder": text}).family
-    return BaseModel(unet, text, vae, tokenizer, family, os.path.basename(os.path.normpath(folder)), prediction)
+    family = map_modules(parts).family
+    return _assemble(parts, vae, tokenizers, family, os.path.basename(os.path.normpath(folder)), prediction)
+
+
+#: (tokenizer subfolder, the text encoder it feeds), in order.
+_TOKENIZERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
 
 def _read_checkpoint(path: str) -> tuple[dict, dict]:
@@ -221,7 +322,7 @@ def _read_checkpoint(path: str) -> tuple[dict, dict]:
 
 
 def from_checkpoint(path: str, tokenizer: str | None = None, vae: str | None = None) -> BaseModel:
-    """An SD1.x/SD2.x LDM checkpoint (.safetensors, or .ckpt loaded with weights_only).
+    """An SD1.x/SD2.x/SDXL LDM checkpoint (.safetensors, or .ckpt loaded with weights_only).
 
     `loha.checkpoint` reads the architecture off the shapes and loads every tensor;
     a checkpoint written by `write_checkpoint` also carries what shapes cannot tell.
@@ -235,8 +336,6 @@ def from_checkpoint(path: str, tokenizer: str | None = None, vae: str | None = N
     state, meta = _read_checkpoint(path)
     configs = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
     parts = diffusers_parts(state, overrides=configs)
-    if "text_encoder_2" in parts:
-        raise LohaError(f"{path}: SDXL is not supported by the trainer yet; SD1.x/SD2.x only")
     if vae is not None:
         parts["vae"] = from_diffusers_vae(vae)
     if "vae" not in parts:
@@ -244,8 +343,8 @@ def from_checkpoint(path: str, tokenizer: str | None = None, vae: str | None = N
     from ..keys import map_modules
 
     family = map_modules(parts).family
-    return BaseModel(parts["unet"], parts["text_encoder"], parts["vae"], _tokenizer(path, meta, tokenizer, parts["text_encoder"]),
-                     family, os.path.splitext(os.path.basename(path))[0], configs=configs or {})
+    return _assemble(parts, parts["vae"], _tokenizers(path, meta, tokenizer, parts), family,
+                     os.path.splitext(os.path.basename(path))[0], configs=configs)
 
 
 def from_diffusers_vae(folder: str):
@@ -256,15 +355,32 @@ def from_diffusers_vae(folder: str):
     return AutoencoderKL.from_pretrained(folder, subfolder=sub).eval()
 
 
-def _tokenizer(path: str, meta: dict, folder: str | None, text_encoder):
+def _tokenizers(path: str, meta: dict, folder: str | None, parts: dict) -> tuple:
+    """One tokenizer per text encoder of the parts: from `folder` (its tokenizer/ and, for
+    SDXL, tokenizer_2/; an SD1/SD2 tokenizer may also be the folder itself), or the
+    byte tokenizer a `write_checkpoint` file names."""
+    sdxl = "text_encoder_2" in parts
     if folder is not None:
         from transformers import CLIPTokenizer
 
-        sub = "tokenizer" if os.path.isdir(os.path.join(folder, "tokenizer")) else None
-        return HFTokenizer(CLIPTokenizer.from_pretrained(folder, subfolder=sub),
-                           text_encoder.config.max_position_embeddings)
+        if sdxl and not all(os.path.isdir(os.path.join(folder, sub)) for sub, _ in _TOKENIZERS):
+            raise LohaError(f"{path}: an SDXL checkpoint needs --tokenizer FOLDER with tokenizer/ and tokenizer_2/ "
+                            f"subfolders (a diffusers SDXL model folder); {folder} lacks them")
+        out = []
+        for sub, text in _TOKENIZERS:
+            if text not in parts:
+                continue
+            sub = sub if os.path.isdir(os.path.join(folder, sub)) else None
+            out.append(HFTokenizer(CLIPTokenizer.from_pretrained(folder, subfolder=sub),
+                                   parts[text].config.max_position_embeddings))
+        return tuple(out)
     if meta.get(TOKENIZER_KEY) == ByteTokenizer.name:
-        return ByteTokenizer(length=json.loads(meta[CONFIG_KEY])["text_encoder"]["max_position_embeddings"])
+        configs = json.loads(meta[CONFIG_KEY])
+        return tuple(ByteTokenizer(length=configs[text]["max_position_embeddings"])
+                     for _, text in _TOKENIZERS if text in parts)
+    if sdxl:
+        raise LohaError(f"{path}: a checkpoint carries no tokenizer; an SDXL checkpoint needs --tokenizer FOLDER "
+                        "with tokenizer/ and tokenizer_2/ subfolders (a diffusers SDXL model folder)")
     raise LohaError(f"{path}: a checkpoint carries no tokenizer; pass --tokenizer FOLDER "
                     "(vocab.json + merges.txt, e.g. a diffusers SD1.5 model's tokenizer/)")
 
@@ -277,7 +393,7 @@ def write_checkpoint(model: BaseModel, path: str) -> str:
     meta = {CONFIG_KEY: json.dumps(model.configs)}
     if isinstance(model.tokenizer, ByteTokenizer):
         meta[TOKENIZER_KEY] = ByteTokenizer.name
-    parts = {"unet": model.unet, "text_encoder": model.text_encoder, "vae": model.vae}
+    parts = {**model.parts(), "vae": model.vae}
     return save_checkpoint(path, parts, metadata=meta, family=model.family)
 
 
