@@ -113,6 +113,15 @@ def diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a - b).max())
 
 
+def check_loha_equals_builtin(images: dict, name: str) -> None:
+    """`<loha:name:0.8>` (ours) gives the image of `<lora:name:0.8>` (the host's built-in reading the LoHa)."""
+    loha_image, lora_image, base = images[f"loha {name}"][0], images[f"lora {name}"][0], images["base"][0]
+    print(f"{name}: loha vs lora max {diff(loha_image, lora_image)}, loha vs base mean "
+          f"{np.abs(loha_image - base).mean():.1f}")
+    assert np.abs(loha_image - base).mean() > 5  # the network does change the picture
+    assert diff(loha_image, lora_image) <= 1
+
+
 def fetch(server, path: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(server["url"] + path, timeout=300) as reply:
