@@ -1,9 +1,10 @@
-"""Stable Diffusion WebUI (AUTOMATIC1111 1.8+) extension: `<loha:…>`, a "LoHa" cards page and tab.
+"""Stable Diffusion WebUI (AUTOMATIC1111 1.8+, Forge) extension: `<loha:…>`, a "LoHa" cards page and tab.
 
 The WebUI imports this file at start-up with the extension folder on `sys.path`, so
 the `loha` package next to it is importable. Everything that does not need the
-WebUI lives in `loha.webui` (prompt arguments, files, the active set) and `loha.ui`
-(the tab's Gradio blocks); this file only registers them with the WebUI.
+WebUI lives in `loha.webui` (prompt arguments, files, the active set patched in place
+on AUTOMATIC1111), `loha.forge` (patches on Forge's own patchers) and `loha.ui` (the
+tab's Gradio blocks); this file only registers them with the WebUI.
 """
 
 import logging
