@@ -15,10 +15,8 @@ without LoHa the patchers are the built-in's again.
 
 from __future__ import annotations
 
-import os
-
-from .format import Network, load
 from .keyed import PatchSet, plan_keyed
+from .webui import NetworkFiles
 
 #: The patch type name our patches carry in Forge's patch lists ("loha" is Forge's own).
 PATCH_TYPE = "loha_fused"
@@ -48,7 +46,7 @@ class ForgeActive:
         self._base = None  # the built-in's (unet, clip) our patchers were cloned from
         self._ours = None  # (unet, clip) with our patches, as put into the engine
         self._plans: dict[tuple, PatchSet] = {}
-        self._networks: dict[tuple, Network] = {}
+        self._files = NetworkFiles()
 
     def apply(self, sd_model) -> None:
         """Make the engine's patchers the built-in's plus the wanted LoHa (or the built-in's alone).
@@ -59,7 +57,8 @@ class ForgeActive:
         """
         after = sd_model.forge_objects_after_applying_lora
         current = (after.unet, after.clip)
-        base = self._base if self._ours is not None and current == self._ours else current
+        ours_still_there = self._ours is not None and all(a is b for a, b in zip(current, self._ours))
+        base = self._base if ours_still_there else current
         if not self.wanted:
             ours = base
         else:
@@ -83,14 +82,10 @@ class ForgeActive:
         return unet, clip
 
     def _plan(self, request, path: str, parts: dict) -> PatchSet:
-        stamp = (path, os.path.getmtime(path))
-        key = (stamp, request.lbw, *(id(module) for module in parts.values()))
+        network = self._files.get(path)
+        key = (id(network), request.lbw, *(id(module) for module in parts.values()))
         if key not in self._plans:
-            network = self._networks.get(stamp)
-            if network is None:
-                self._networks = {k: v for k, v in self._networks.items() if k[0] != path}
-                network = self._networks[stamp] = load(path)
             shapes = {part: _shapes(module) for part, module in parts.items()}
-            self._plans = {k: v for k, v in self._plans.items() if k[0] != stamp}
+            self._plans = {k: v for k, v in self._plans.items() if v.network.path != path}
             self._plans[key] = plan_keyed(network, shapes, request.lbw or "")
         return self._plans[key]

@@ -201,6 +201,21 @@ def _restore_builtin_backup(module: torch.nn.Module) -> None:
         (module.out_proj if attention else module).bias.copy_(bias)
 
 
+class NetworkFiles:
+    """Networks read once per file and read again when the file changes on disk."""
+
+    def __init__(self):
+        self._networks: dict[tuple, Network] = {}
+
+    def get(self, path: str) -> Network:
+        stamp = (path, os.path.getmtime(path))
+        network = self._networks.get(stamp)
+        if network is None:
+            self._networks = {k: v for k, v in self._networks.items() if k[0] != path}
+            network = self._networks[stamp] = load(path)
+        return network
+
+
 @dataclass
 class ActiveSet:
     """The LoHa on the model now, the handle that undoes them, and cached file readers."""
@@ -208,7 +223,7 @@ class ActiveSet:
     handle: PatchHandle | None = None
     key: tuple = ()
     unmatched: dict[str, list[str]] = field(default_factory=dict)
-    _networks: dict[tuple, Network] = field(default_factory=dict)
+    _files: "NetworkFiles" = field(default_factory=lambda: NetworkFiles())
     _views: dict[int, ModelView] = field(default_factory=dict)
 
     def update(self, model: torch.nn.Module, wanted: list[tuple[Request, str]]) -> bool:
@@ -250,12 +265,7 @@ class ActiveSet:
         return view
 
     def _use(self, request: Request, path: str, family: str) -> Use:
-        stamp = (path, os.path.getmtime(path))
-        network = self._networks.get(stamp)
-        if network is None:
-            self._networks = {k: v for k, v in self._networks.items() if k[0] != path}
-            network = self._networks[stamp] = load(path)
-        return Use(network, request.unet, request.te, block_weights(request.lbw, family))
+        return Use(self._files.get(path), request.unet, request.te, block_weights(request.lbw, family))
 
 
 def _bias_key(weight_key: str) -> str:
