@@ -51,6 +51,8 @@ def images(forge):
         "lora test": f"{PROMPT} <lora:test:0.8>",
         "loha tucker": f"{PROMPT} <loha:tucker:0.8>",
         "lora tucker": f"{PROMPT} <lora:tucker:0.8>",
+        "loha split": f"{PROMPT} <loha:test:0.3:1>",
+        "lora split": f"{PROMPT} <lora:test:0.3:1>",
         "lora a+test": f"{PROMPT} <lora:a:1> <lora:test:1>",
         "lora a+loha test": f"{PROMPT} <lora:a:1> <loha:test:1>",
         "lora a again": f"{PROMPT} <lora:a:1>",
@@ -63,6 +65,14 @@ def images(forge):
 @pytest.mark.parametrize("name", ["test", "tucker"])
 def test_loha_prompt_equals_the_builtin_lora(images, name):
     check_loha_equals_builtin(images, name)
+
+
+def test_text_encoder_and_unet_strengths_apart(images):
+    """`<loha:name:te:unet>` puts each strength on its own patcher, as the built-in reads `<lora:name:te:unet>`."""
+    ours, builtin = images["loha split"][0], images["lora split"][0]
+    print(f"te 0.3, unet 1: ours vs built-in max {diff(ours, builtin)}, vs te=unet=0.8 max {diff(ours, images['loha test'][0])}")
+    assert diff(ours, builtin) <= 1
+    assert diff(ours, images["loha test"][0]) > 1
 
 
 def test_mixed_prompt_in_either_order_equals_the_builtin_applying_both(images):
