@@ -280,7 +280,7 @@ def from_diffusers(folder: str) -> BaseModel:
     _need_diffusers()
     _quiet()
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     sdxl = os.path.isdir(os.path.join(folder, "text_encoder_2"))
     needed = ("unet", "text_encoder", "vae", "tokenizer") + (("tokenizer_2",) if sdxl else ())
@@ -293,9 +293,7 @@ def from_diffusers(folder: str) -> BaseModel:
     if sdxl:
         parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2").eval()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
-    tokenizers = tuple(HFTokenizer(CLIPTokenizer.from_pretrained(folder, subfolder=sub),
-                                   parts[text].config.max_position_embeddings)
-                       for sub, text in _TOKENIZERS if text in parts)
+    tokenizers = _tokenizers(folder, {}, folder, parts)
     prediction = "epsilon"
     scheduler = os.path.join(folder, "scheduler", "scheduler_config.json")
     if os.path.isfile(scheduler):
