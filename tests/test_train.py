@@ -201,11 +201,14 @@ def test_dataset_folders_repeats_captions_buckets(tmp_path):
 # --------------------------------------------------------------------------- training runs
 
 
+#: The network the training runs train: every layer kind, Tucker, both parts.
+FULL_SPEC = dict(preset="full", rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, use_tucker=True, text_encoder=True)
+
+
 def _config(tmp_path, name="net", **kwargs):
     from loha.train import SAMPLE_DATA, NetworkSpec, TrainConfig
 
-    spec = kwargs.pop("network", NetworkSpec(preset="full", rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0,
-                                             use_tucker=True, text_encoder=True))
+    spec = kwargs.pop("network", NetworkSpec(**FULL_SPEC))
     settings = dict(resolution=64, steps=3, batch_size=2, learning_rate=5e-3, seed=3, device="cpu")
     settings.update(kwargs)
     return TrainConfig(data=SAMPLE_DATA, output=str(tmp_path / f"{name}.safetensors"), network=spec, **settings)
@@ -244,18 +247,22 @@ def test_file_has_kohya_metadata(trained):
     assert {m.rank for m in net.modules.values()} == {2, 4}
 
 
-def test_file_loads_in_lycoris_and_ours_with_the_same_delta(trained):
-    """lycoris-lora's create_network_from_weights takes every module of our file, and its
-    forward path, our loader (loha.patch) and the trainer's own forward give one model."""
+def assert_lycoris_patch_and_trainer_agree(path: str, base, spec: dict, lycoris_modules):
+    """lycoris-lora's create_network_from_weights takes every module of the file at `path`, and
+    its forward path, our loader (loha.patch) and the trainer's own forward (a `LohaNetwork`
+    of `spec` loading the file) give one model, changed by training in every part.
+    `lycoris_modules(parts)` gives (text encoders, UNet) as lycoris-lora is to see them.
+    Returns the lycoris network."""
     import loha
     from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
     from lycoris.utils.preset import read_preset
+    from safetensors.torch import load_file
+
+    from loha.train.modules import LohaNetwork, NetworkSpec
     from tests.tiny_models import _preset_file, run_parts
-    from tests.train_helpers import WithTextModel, tiny_base
 
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
-    net = loha.load(trained.path)
-    base = tiny_base()
+    net = loha.load(path)
     reference = run_parts(base.parts())
 
     ours = copy.deepcopy(base.parts())
@@ -264,23 +271,19 @@ def test_file_loads_in_lycoris_and_ours_with_the_same_delta(trained):
     patched = run_parts(ours)
 
     theirs = copy.deepcopy(base.parts())
-    wrapped = WithTextModel(theirs["text_encoder"])
+    encoders, unet = lycoris_modules(theirs)
     # lycoris-lora builds (and drops) a network with its class-wide preset first; its
     # built-in "full" names time_embedding twice on diffusers UNets, so use ours.
     LycorisNetworkKohya.apply_preset(read_preset(_preset_file()))
-    lyco = create_network_from_weights(1.0, trained.path, None, wrapped, theirs["unet"], for_inference=True)[0]
+    lyco = create_network_from_weights(1.0, path, None, encoders, unet, for_inference=True)[0]
     assert len(lyco.unet_loras) + len(lyco.text_encoder_loras) == len(net.modules)
-    lyco.apply_to(wrapped, theirs["unet"], True, True)
-    lyco.load_weights(trained.path)
+    lyco.apply_to(encoders, unet, True, True)
+    lyco.load_weights(path)
     by_lycoris = run_parts(theirs)
 
-    from loha.train.modules import LohaNetwork, NetworkSpec
-    from safetensors.torch import load_file
-
     live = copy.deepcopy(base.parts())
-    network = LohaNetwork(live, NetworkSpec(preset="full", rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0,
-                                            use_tucker=True, text_encoder=True))
-    network.load_file_tensors(load_file(trained.path))
+    network = LohaNetwork(live, NetworkSpec(**spec))
+    network.load_file_tensors(load_file(path))
     network.attach()
     by_trainer = run_parts(live)
 
@@ -289,6 +292,16 @@ def test_file_loads_in_lycoris_and_ours_with_the_same_delta(trained):
         assert change > 1e-4, f"training changed nothing in {key}"
         torch.testing.assert_close(by_lycoris[key], patched[key], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(by_trainer[key], patched[key], rtol=1e-4, atol=1e-5)
+    return lyco
+
+
+def test_file_loads_in_lycoris_and_ours_with_the_same_delta(trained):
+    """lycoris-lora's create_network_from_weights takes every module of our file, and its
+    forward path, our loader (loha.patch) and the trainer's own forward give one model."""
+    from tests.train_helpers import WithTextModel, tiny_base
+
+    assert_lycoris_patch_and_trainer_agree(
+        trained.path, tiny_base(), FULL_SPEC, lambda parts: (WithTextModel(parts["text_encoder"]), parts["unet"]))
 
 
 SMALL = dict(preset="attn-only", rank=2, alpha=1.0)
@@ -410,8 +423,6 @@ def test_an_fp16_checkpoint_trains_in_fp32_without_mixed_precision(tmp_path):
 
 # --------------------------------------------------------------------------- SDXL
 
-SDXL_SPEC = dict(preset="full", rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, use_tucker=True, text_encoder=True)
-
 
 def _ldm_unet_tree(unet) -> torch.nn.Module:
     """The UNet's layers under their LDM paths (input_blocks.4.1.…), as kohya's SDXL UNet
@@ -440,10 +451,10 @@ def sdxl_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sdxl_trained(sdxl_folder, tmp_path_factory):
-    from loha.train import NetworkSpec, train
+    from loha.train import train
 
     tmp = tmp_path_factory.mktemp("sdxl-trained")
-    return train(_config(tmp, "sdxl", model=sdxl_folder, network=NetworkSpec(**SDXL_SPEC)))
+    return train(_config(tmp, "sdxl", model=sdxl_folder))
 
 
 def test_sdxl_folder_trains_both_text_encoders(sdxl_trained):
@@ -471,51 +482,18 @@ def test_sdxl_folder_trains_both_text_encoders(sdxl_trained):
 def test_sdxl_file_loads_in_lycoris_and_ours_with_the_same_outputs(sdxl_trained, sdxl_folder):
     """As the SD1 test: lycoris-lora (on kohya's LDM-named UNet tree, both encoders as a
     list, so lora_te1_/lora_te2_), loha.patch and the trainer's forward give one model."""
-    import loha
-    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
-    from lycoris.utils.preset import read_preset
-    from safetensors.torch import load_file
-
     from loha.train.models import from_diffusers
-    from loha.train.modules import LohaNetwork, NetworkSpec
-    from tests.tiny_models import _preset_file, run_parts
     from tests.train_helpers import WithTextModel
 
-    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
-    path = sdxl_trained.path
-    net = loha.load(path)
-    base = from_diffusers(sdxl_folder)
-    reference = run_parts(base.parts())
+    def lycoris_modules(parts):
+        # transformers 5's CLIPTextModel lacks the text_model. level, its CLIPTextModelWithProjection has it
+        encoders = [text if hasattr(text, "text_model") else WithTextModel(text)
+                    for text in (parts["text_encoder"], parts["text_encoder_2"])]
+        return encoders, _ldm_unet_tree(parts["unet"])
 
-    ours = copy.deepcopy(base.parts())
-    handle = loha.patch(ours, [(net, 1.0, 1.0)])
-    assert not handle.unmatched
-    patched = run_parts(ours)
-
-    theirs = copy.deepcopy(base.parts())
-    # transformers 5's CLIPTextModel lacks the text_model. level, its CLIPTextModelWithProjection has it
-    encoders = [text if hasattr(text, "text_model") else WithTextModel(text)
-                for text in (theirs["text_encoder"], theirs["text_encoder_2"])]
-    unet_tree = _ldm_unet_tree(theirs["unet"])
-    LycorisNetworkKohya.apply_preset(read_preset(_preset_file()))
-    lyco = create_network_from_weights(1.0, path, None, encoders, unet_tree, for_inference=True)[0]
-    assert len(lyco.unet_loras) + len(lyco.text_encoder_loras) == len(net.modules)
+    lyco = assert_lycoris_patch_and_trainer_agree(sdxl_trained.path, from_diffusers(sdxl_folder), FULL_SPEC,
+                                                  lycoris_modules)
     assert {m.lora_name.split("_")[1] for m in lyco.text_encoder_loras} == {"te1", "te2"}
-    lyco.apply_to(encoders, unet_tree, True, True)
-    lyco.load_weights(path)
-    by_lycoris = run_parts(theirs)
-
-    live = copy.deepcopy(base.parts())
-    network = LohaNetwork(live, NetworkSpec(**SDXL_SPEC))
-    network.load_file_tensors(load_file(path))
-    network.attach()
-    by_trainer = run_parts(live)
-
-    for key in reference:
-        change = (patched[key] - reference[key]).abs().max()
-        assert change > 1e-4, f"training changed nothing in {key}"
-        torch.testing.assert_close(by_lycoris[key], patched[key], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(by_trainer[key], patched[key], rtol=1e-4, atol=1e-5)
 
 
 def test_sdxl_conditioning_matches_diffusers_encode_prompt(sdxl_folder):
