@@ -19,7 +19,7 @@ import os
 
 import pytest
 
-from webui_host import PROMPT, check_card, check_loha_equals_builtin, check_previews, diff, prepare, serve, txt2img
+from webui_host import BUILTIN_COMPARISONS, PROMPT, check_card, check_loha_equals_builtin, check_previews, diff, prepare, serve, txt2img
 
 FORGE = os.environ.get("LOHA_FORGE_DIR")
 PYTHON = os.environ.get("LOHA_FORGE_PYTHON")
@@ -45,12 +45,7 @@ def forge(tmp_path_factory):
 def images(forge):
     """Every image the checks compare, in one order that moves the active sets back and forth."""
     prompts = {
-        "base": PROMPT,
-        "lora a": f"{PROMPT} <lora:a:1>",
-        "loha test": f"{PROMPT} <loha:test:0.8>",
-        "lora test": f"{PROMPT} <lora:test:0.8>",
-        "loha tucker": f"{PROMPT} <loha:tucker:0.8>",
-        "lora tucker": f"{PROMPT} <lora:tucker:0.8>",
+        **BUILTIN_COMPARISONS,
         "loha split": f"{PROMPT} <loha:test:0.3:1>",
         "lora split": f"{PROMPT} <lora:test:0.3:1>",
         "lora a+test": f"{PROMPT} <lora:a:1> <lora:test:1>",

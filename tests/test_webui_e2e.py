@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import pytest
 
-from webui_host import PROMPT, check_card, check_loha_equals_builtin, check_previews, diff, prepare, serve, txt2img
+from webui_host import BUILTIN_COMPARISONS, PROMPT, check_card, check_loha_equals_builtin, check_previews, diff, prepare, serve, txt2img
 
 WEBUI = os.environ.get("LOHA_WEBUI_DIR")
 PYTHON = os.environ.get("LOHA_WEBUI_PYTHON")
@@ -47,12 +47,7 @@ def webui(tmp_path_factory):
 def images(webui):
     """Every image the checks compare, made in one order that moves the active sets back and forth."""
     prompts = {
-        "base": PROMPT,
-        "lora a": f"{PROMPT} <lora:a:1>",
-        "loha test": f"{PROMPT} <loha:test:0.8>",
-        "lora test": f"{PROMPT} <lora:test:0.8>",
-        "loha tucker": f"{PROMPT} <loha:tucker:0.8>",
-        "lora tucker": f"{PROMPT} <lora:tucker:0.8>",
+        **BUILTIN_COMPARISONS,
         "lora converted": f"{PROMPT} <lora:converted:0.8>",
         "lora trained": f"{PROMPT} <lora:trained:1>",
         "loha trained": f"{PROMPT} <loha:trained:1>",

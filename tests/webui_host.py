@@ -113,6 +113,17 @@ def diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a - b).max())
 
 
+#: The images `check_loha_equals_builtin` compares; each test module's `images` starts with them.
+BUILTIN_COMPARISONS = {
+    "base": PROMPT,
+    "lora a": f"{PROMPT} <lora:a:1>",
+    "loha test": f"{PROMPT} <loha:test:0.8>",
+    "lora test": f"{PROMPT} <lora:test:0.8>",
+    "loha tucker": f"{PROMPT} <loha:tucker:0.8>",
+    "lora tucker": f"{PROMPT} <lora:tucker:0.8>",
+}
+
+
 def check_loha_equals_builtin(images: dict, name: str) -> None:
     """`<loha:name:0.8>` (ours) gives the image of `<lora:name:0.8>` (the host's built-in reading the LoHa)."""
     loha_image, lora_image, base = images[f"loha {name}"][0], images[f"lora {name}"][0], images["base"][0]
