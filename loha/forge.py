@@ -67,6 +67,11 @@ class ForgeActive:
         after.unet, after.clip = ours
         sd_model.forge_objects.unet, sd_model.forge_objects.clip = ours
 
+    def clear(self, sd_model) -> None:
+        """No LoHa: the engine gets the built-in's patchers back."""
+        self.wanted = []
+        self.apply(sd_model)
+
     def _patched(self, base_unet, base_clip):
         unet, clip = base_unet.clone(), base_clip.clone()
         parts = {"model": unet.model, "clip": clip.patcher.model}

@@ -117,8 +117,7 @@ class LohaForgeScript(scripts.Script):
         try:
             forge_active.apply(shared.sd_model)
         except LohaError as exc:
-            forge_active.wanted = []
-            forge_active.apply(shared.sd_model)  # the built-in's patchers, without any LoHa
+            forge_active.clear(shared.sd_model)
             raise LohaError(f"LoHa not applied: {exc}") from None
         warn_unmatched(forge_active.unmatched)
 
@@ -213,7 +212,7 @@ def guard_previews(_demo, app):
     host_fetch = ui_extra_networks.fetch_file
 
     def thumb(filename: str = ""):
-        if real_file_inside(os.path.abspath(filename), ui_extra_networks.allowed_dirs) is None:
+        if real_file_inside(filename, ui_extra_networks.allowed_dirs) is None:
             raise HTTPException(status_code=404, detail="File not found")
         return host_fetch(filename)
 
@@ -227,8 +226,7 @@ def on_model_loaded(sd_model):
 
 def on_unloaded():
     if is_forge(shared.sd_model):
-        forge_active.wanted = []
-        forge_active.apply(shared.sd_model)
+        forge_active.clear(shared.sd_model)
     else:
         active.clear(shared.sd_model)
 
