@@ -8,26 +8,11 @@ import time
 
 import torch
 
-SD15 = dict(
-    block_out_channels=(320, 640, 1280, 1280),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    layers_per_block=2,
-)
-SDXL = dict(
-    block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    layers_per_block=2,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    sample_size=128,
-)
+from loha.checkpoint import PUBLISHED  # the bench scripts put the repository on sys.path
+
+#: The published UNets' diffusers configs, as loha.checkpoint writes them.
+SD15 = PUBLISHED["sd1"]["unet"]
+SDXL = PUBLISHED["sdxl"]["unet"]
 
 
 def random_unet(config: dict, dtype=torch.float32, seed: int = 0):
