@@ -8,9 +8,9 @@ import time
 
 import torch
 
-from loha.checkpoint import PUBLISHED  # the bench scripts put the repository on sys.path
+from loha.models.configs import PUBLISHED  # the bench scripts put the repository on sys.path
 
-#: The published UNets' diffusers configs, as loha.checkpoint writes them.
+#: The published UNets' diffusers configs, as loha.models.configs holds them.
 SD15 = PUBLISHED["sd1"]["unet"]
 SDXL = PUBLISHED["sdxl"]["unet"]
 

@@ -14,7 +14,7 @@ from wait4():
              ComfyUI's LoHa adapter does (fp32 copy of the weight, two fp32 matmuls,
              product, scale, add, cast back), save_file
   lycoris    (b) LyCORIS's tools/merge.py path: the checkpoint loaded into diffusers /
-             transformers modules (`loha.checkpoint.diffusers_parts`, no copy),
+             transformers modules (`loha.models.from_ldm.diffusers_parts`, no copy),
              `lycoris.utils.merge` (make_module + merge_to per module), converted back
              to LDM and saved with save_file
 
@@ -39,14 +39,16 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # random_checkpoint, the tests' fixture
 
 # --------------------------------------------------------------------------- making the files
 
 
 def make_checkpoint(path: str, seed: int) -> int:
     """SD1.5 (UNet, CLIP-L, VAE) with seeded random weights, fp16, written tensor by tensor."""
-    from loha.checkpoint import random_checkpoint
-    from loha.merge import checkpoint_shapes
+    from random_checkpoint import random_checkpoint
+
+    from loha.files.checkpoint import checkpoint_shapes
 
     random_checkpoint(path, "sd1", seed=seed, dtype=torch.float16, vae=True,
                       metadata={"modelspec.title": "random SD1.5-size benchmark model"})
@@ -55,9 +57,9 @@ def make_checkpoint(path: str, seed: int) -> int:
 
 def make_network(ckpt: str, path: str, dim: int, alpha: float, conv_dim: int, conv_alpha: float, seed: int) -> int:
     """A full LoHa for every patchable weight of `ckpt`, named as LyCORIS names them."""
+    from loha.files.checkpoint import checkpoint_shapes
+    from loha.files.safetensors_io import save
     from loha.keys import map_state_dict
-    from loha.merge import checkpoint_shapes
-    from loha.stream import save
 
     names = map_state_dict(checkpoint_shapes(ckpt))
     g = torch.Generator().manual_seed(seed)
@@ -94,7 +96,7 @@ def task_load_all(ckpt: str, net: str, out: str) -> None:
     """(a): everything in memory; per module the ComfyUI LoHa adapter's arithmetic."""
     from safetensors.torch import load_file, save_file
 
-    from loha.format import load
+    from loha.files.network import load
     from loha.keys import map_state_dict
 
     sd = load_file(ckpt)
@@ -123,7 +125,8 @@ def task_lycoris(ckpt: str, net: str, out: str) -> None:
     from lycoris.utils import merge as lycoris_merge
     from safetensors.torch import load_file, save_file
 
-    from loha.checkpoint import diffusers_parts, ldm_state_dict
+    from loha.models.from_ldm import diffusers_parts
+    from loha.models.to_ldm import ldm_state_dict
 
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     sd = load_file(ckpt)
@@ -161,7 +164,7 @@ def measure(task: str, ckpt: str, net: str, out: str) -> tuple[float, float, flo
 
 def compare(a: str, b: str) -> tuple[int, int, float]:
     """(identical tensors, tensors, max |difference|) between two checkpoints, one tensor at a time."""
-    from loha.stream import Reader
+    from loha.files.safetensors_io import Reader
 
     same, worst = 0, 0.0
     with Reader(a) as ra, Reader(b) as rb:

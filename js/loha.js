@@ -1,6 +1,6 @@
 // loha front end: when a file is chosen on a LoHa node, show its summary and preview.
 //
-// The summary comes from GET /loha/info?name=… (loha.inspect's summary of the file),
+// The summary comes from GET /loha/info?name=… (loha.summary's summary of the file),
 // the picture from GET /loha/preview?name=… (name.preview.png or name.png beside it);
 // both routes read only inside ComfyUI's "loras" folders. Metadata is shown as text,
 // never as HTML.

@@ -1,13 +1,15 @@
 """loha: read, apply, merge and train LoHa (LyCORIS low-rank Hadamard) networks.
 
     net = loha.load("style.safetensors")
-    handle = loha.patch(pipe_or_state_dict, [(net, 0.8, 0.5)])   # UNet 0.8, text encoders 0.5
+    handle = loha.apply(pipe_or_state_dict, [(net, 0.8, 0.5)])   # UNet 0.8, text encoders 0.5
     handle.restore()                                              # every weight back, bit for bit
+
+The package's map is ARCHITECTURE.md beside it in the repository.
 """
 
 from .errors import FormatError, LohaError, ShapeError, UnmatchedError
-from .format import Module, Network, from_tensors, load
-from .patch import PatchHandle, Use, patch
+from .files.network import Module, Network, from_tensors, load
+from .patch import PatchHandle, Use, apply
 
 __all__ = [
     "FormatError",
@@ -18,7 +20,7 @@ __all__ = [
     "ShapeError",
     "UnmatchedError",
     "Use",
+    "apply",
     "from_tensors",
     "load",
-    "patch",
 ]

@@ -1,5 +1,5 @@
-"""`python -m loha …`: see loha.cli."""
+"""`python -m loha …`: see loha.app.cli."""
 
-from .cli import main
+from .app.cli import main
 
 raise SystemExit(main())

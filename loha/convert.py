@@ -21,7 +21,6 @@ built on the meta device), a diffusers model folder (its configs), a checkpoint 
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -29,20 +28,17 @@ import torch
 
 from . import delta as D
 from .errors import FormatError, LohaError, UnmatchedError
-from .format import Network, load
-from .keys import FAMILIES, NameMap, map_modules, map_state_dict
-from .patch import ModelView, as_uses, plan
-from .stream import save
-
-#: kohya's `ss_base_model_version` per family.
-BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-#: --dtype values.
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from .families import BASE_MODEL_VERSION, FAMILIES
+from .files.checkpoint import checkpoint_shapes
+from .files.network import Network, load
+from .files.safetensors_io import dtype_of_name, refuse_existing, save
+from .keys import NameMap, map_modules, map_state_dict
+from .patch import ModelView, as_uses, plan_modules
 
 
 def base_names(base, family: str | None = None, diffusers: bool = False) -> NameMap:
     """The name map of the base model (see the module docstring); `diffusers` demands module paths."""
-    from .archs import folder_modules, standard_modules
+    from .models.structures import folder_modules, standard_modules
 
     if base is None or (isinstance(base, str) and base in FAMILIES):
         family = base or family
@@ -57,8 +53,6 @@ def base_names(base, family: str | None = None, diffusers: bool = False) -> Name
             raise LohaError(f"{path}: the base model is neither a family ({', '.join(FAMILIES)}), a folder nor a file")
         if diffusers:
             raise LohaError(f"{path}: a checkpoint file has LDM names; PEFT needs a diffusers folder or a family")
-        from .merge import checkpoint_shapes
-
         return map_state_dict(checkpoint_shapes(path))
     view = ModelView(base)
     if diffusers and not any(t.key.startswith(("unet.", "text_encoder")) for t in view.names.targets):
@@ -68,17 +62,12 @@ def base_names(base, family: str | None = None, diffusers: bool = False) -> Name
 
 def matched(names: NameMap, uses) -> list:
     """Every module of `uses` planned against the base (names, shapes, factors checked); none unmatched."""
-    items, unmatched = plan(names, as_uses(uses))
+    items, unmatched = plan_modules(names, as_uses(uses))
     if unmatched:
         listed = [name for group in unmatched.values() for name in group]
         where = "; ".join(f"{label}: {', '.join(group)}" for label, group in unmatched.items())
         raise UnmatchedError(f"{len(listed)} modules match no weight of the base model ({where})", listed)
     return items
-
-
-def _check_out(out: str, overwrite: bool) -> None:
-    if os.path.exists(out) and not overwrite:
-        raise LohaError(f"{out}: exists (pass overwrite=True / --force to replace it)")
 
 
 # --------------------------------------------------------------------------- PEFT <-> kohya
@@ -87,7 +76,7 @@ def _check_out(out: str, overwrite: bool) -> None:
 def to_kohya(network: Network, out: str | os.PathLike, names: NameMap | None = None, *, overwrite: bool = False) -> str:
     """Write `network` as a LyCORIS/kohya file, each module under the spelling kohya uses for it."""
     out = os.fspath(out)
-    _check_out(out, overwrite)
+    refuse_existing(out, overwrite)
     targets = {item.module.name: item.target for item in matched(names, network)} if names is not None else {}
     tensors = {}
     for module in network.modules.values():
@@ -96,7 +85,7 @@ def to_kohya(network: Network, out: str | os.PathLike, names: NameMap | None = N
             tensors[f"{name}.{suffix}"] = tensor
     metadata = dict(network.metadata)
     if network.family:
-        metadata.setdefault("ss_base_model_version", BASE_VERSIONS[network.family])
+        metadata.setdefault("ss_base_model_version", BASE_MODEL_VERSION[network.family])
     save(tensors, out, metadata)
     return out
 
@@ -109,11 +98,11 @@ def peft_to_kohya(src, out, base=None, *, overwrite: bool = False) -> str:
 
 def kohya_to_peft(src, out, base=None, *, overwrite: bool = False) -> list[str]:
     """A LoHa file (or Network) -> a PEFT LoHa folder (unet/, text_encoder/, …); returns the adapter folders."""
-    from .peft import save_folder
+    from .files.peft import save_folder
 
     network = src if isinstance(src, Network) else load(src)
     out = os.fspath(out)
-    _check_out(out, overwrite)
+    refuse_existing(out, overwrite)
     return save_folder(network, out, matched(base_names(base, network.family, diffusers=True), network))
 
 
@@ -140,7 +129,7 @@ class LoraReport:
         return max((layer.error for layer in self.layers), default=0.0)
 
 
-def to_lora(networks, out, rank: int | None = None, base=None, *, dtype: torch.dtype = torch.float32,
+def to_lora(networks, out, rank: int | None = None, base=None, *, dtype: str | torch.dtype = torch.float32,
             overwrite: bool = False) -> LoraReport:
     """Write one kohya LoRA file equal to `networks` at their strengths (loha.patch's forms).
 
@@ -149,8 +138,9 @@ def to_lora(networks, out, rank: int | None = None, base=None, *, dtype: torch.d
     ΔW carries alpha/rank and the strengths; the file's alpha equals each layer's rank.
     """
     uses = as_uses(networks)
+    dtype = dtype_of_name(dtype)
     out = os.fspath(out)
-    _check_out(out, overwrite)
+    refuse_existing(out, overwrite)
     names = base_names(base, next((u.network.family for u in uses if u.network.family), None))
     items = matched(names, uses)
     stacks: dict = {}
@@ -178,8 +168,8 @@ def to_lora(networks, out, rank: int | None = None, base=None, *, dtype: torch.d
         "loha_converted_from": json.dumps([{"name": u.network.name, "unet": u.unet,
                                             "te": u.unet if u.te is None else u.te} for u in uses]),
     }
-    if names.family in BASE_VERSIONS:
-        metadata["ss_base_model_version"] = BASE_VERSIONS[names.family]
+    if names.family in BASE_MODEL_VERSION:
+        metadata["ss_base_model_version"] = BASE_MODEL_VERSION[names.family]
     save(tensors, out, metadata)
     return report
 
@@ -225,49 +215,3 @@ def _lora_tensors(name: str, up, down, shape: tuple, dtype) -> dict[str, torch.T
         f"{name}.lora_down.weight": down.to(dtype).contiguous(),
         f"{name}.alpha": torch.tensor(float(rho)),
     }
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_convert_parser(subparsers) -> None:
-    """The `convert` subcommand, for the `loha` command line."""
-    p = subparsers.add_parser(
-        "convert", help="PEFT ↔ LyCORIS, LoHa → LoRA",
-        description="Convert a PEFT LoHa folder to a LyCORIS/kohya file (--to lycoris) or back (--to peft), "
-        "or one or more networks into one kohya LoRA (--to lora), exact or reduced to --rank.")
-    p.add_argument("src", nargs="+", metavar="SRC[:UNET[:TE]]",
-                   help="network file or PEFT folder; with --to lora, several, each with its strengths")
-    p.add_argument("-o", "--out", required=True, help="output file (lycoris, lora) or folder (peft)")
-    p.add_argument("--to", required=True, choices=("lycoris", "peft", "lora"))
-    p.add_argument("--rank", type=int, help="--to lora: reduce layers above this rank by SVD (errors are printed)")
-    p.add_argument("--base", help="base model: sd1, sd2, sdxl (default: the network's family), a diffusers "
-                   "folder, or a checkpoint file (not for --to peft)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="--to lora: dtype of the factors")
-    p.add_argument("-f", "--force", action="store_true", help="replace OUT if it exists")
-    p.set_defaults(run=_run)
-
-
-def _run(args) -> int:
-    from .merge import parse_spec
-
-    specs = [parse_spec(s) for s in args.src]
-    if args.to != "lora":
-        if len(specs) != 1 or specs[0][1:] != (1.0, None):
-            raise LohaError(f"--to {args.to} converts one network, without strengths")
-        src = specs[0][0]
-        if args.to == "lycoris":
-            print(f"wrote {peft_to_kohya(src, args.out, args.base, overwrite=args.force)}")
-        else:
-            for folder in kohya_to_peft(src, args.out, args.base, overwrite=args.force):
-                print(f"wrote {folder}")
-        return 0
-    uses = [(load(path), unet, te) for path, unet, te in specs]
-    report = to_lora(uses, args.out, args.rank, args.base, dtype=DTYPES[args.dtype], overwrite=args.force)
-    for layer in report.layers:
-        if layer.rank < layer.exact_rank:
-            print(f"{layer.name}: rank {layer.exact_rank} -> {layer.rank}, relative error {layer.error:.3e}")
-    reduced = sum(layer.rank < layer.exact_rank for layer in report.layers)
-    print(f"wrote {report.out}: {len(report.layers)} layers, {reduced} reduced, max relative error "
-          f"{report.max_error:.3e}")
-    return 0

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from . import blocks as block_weights
 from .errors import LohaError
-from .format import Network, component_of
-from .keys import map_state_dict
-from .patch import Use, apply_to_bias, apply_to_tensor, by_tensor, plan
+from .families import component_of
+from .files.network import Network
+from .keys import bias_key, map_state_dict
+from .keys import blocks as block_weights
+from .patch import Use, apply_to_bias, apply_to_tensor, by_tensor, plan_modules
 
-#: Host model part -> the file components (format.component_of) it holds.
+#: Host model part -> the file components (families.component_of) it holds.
 PART_COMPONENTS = {"model": {"unet"}, "clip": {"te1", "te2"}}
 
 
@@ -62,7 +63,7 @@ def plan_keyed(network: Network, parts: Mapping[str, Mapping[str, tuple]], block
     """Match `network` against a host's parts and prepare one patch per changed tensor.
 
     `parts` maps "model" and/or "clip" to the shapes of that part's state dict
-    ({key: shape}). `blocks` is a block-weight preset or comma list (`loha.blocks`). Names of
+    ({key: shape}). `blocks` is a block-weight preset or comma list (`loha.keys.blocks`). Names of
     a part that is not given (text encoders for a model-only loader) are not counted
     as unmatched. Raises `LohaError` for a file of another model family, and when
     nothing at all matches.
@@ -71,7 +72,7 @@ def plan_keyed(network: Network, parts: Mapping[str, Mapping[str, tuple]], block
     if network.family not in (None, names.family):
         raise LohaError(f"{network.label}: the file is for {network.family} models, this model is {names.family}")
     use = Use(network, 1.0, 1.0, block_weights.parse(blocks, names.family))
-    items, unmatched = plan(names, [use])
+    items, unmatched = plan_modules(names, [use])
     wanted = set().union(*(PART_COMPONENTS[part] for part in parts))
     relevant = [name for name in network.modules if component_of(name) in wanted | {None}]
     result = PatchSet(network, names.family, {part: {} for part in parts})
@@ -86,5 +87,5 @@ def plan_keyed(network: Network, parts: Mapping[str, Mapping[str, tuple]], block
         part_patches = result.patches[owner[key]]
         part_patches[key] = patch_type(use, group)
         if any(item.bias is not None for item in group):
-            part_patches[key[: -len("weight")] + "bias"] = patch_type(use, group, bias=True)
+            part_patches[bias_key(key)] = patch_type(use, group, bias=True)
     return result

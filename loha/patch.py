@@ -20,11 +20,9 @@ import torch
 from . import delta as D
 from . import kernels
 from .errors import FormatError, LohaError, ShapeError
-from .format import Module, Network, load
-from .keys import NameMap, Target, map_modules, map_state_dict
-
-# Attribute names of the parts of a diffusers pipeline that networks patch.
-PIPELINE_PARTS = ("unet", "text_encoder", "text_encoder_2")
+from .families import PIPELINE_COMPONENTS
+from .files.network import Module, Network, load
+from .keys import NameMap, Target, bias_key, map_modules, map_state_dict
 
 
 @dataclass
@@ -79,7 +77,7 @@ class ModelView:
             self._modules = None
             self._tensors = model
         elif hasattr(model, "unet") and not isinstance(model, torch.nn.Module):
-            self._modules = {p: getattr(model, p) for p in PIPELINE_PARTS if getattr(model, p, None) is not None}
+            self._modules = {p: getattr(model, p) for p in PIPELINE_COMPONENTS if getattr(model, p, None) is not None}
         elif isinstance(model, torch.nn.Module) and _is_known_part(model):
             self._modules = {_part_name(model): model}
         elif isinstance(model, torch.nn.Module):
@@ -118,7 +116,7 @@ def _part_name(module: torch.nn.Module) -> str:
 
 
 @dataclass
-class _Item:
+class PlannedModule:
     """One module of one network, matched to its target and ready to apply."""
 
     use: Use
@@ -131,8 +129,8 @@ class _Item:
     bias: torch.Tensor | None = None  # full-diff modules' diff_b
 
 
-def plan(names: NameMap, uses: list[Use], skip_bad: bool = False,
-         skipped: dict[str, list[str]] | None = None) -> tuple[list[_Item], dict[str, list[str]]]:
+def plan_modules(names: NameMap, uses: list[Use], skip_bad: bool = False,
+                 skipped: dict[str, list[str]] | None = None) -> tuple[list[PlannedModule], dict[str, list[str]]]:
     """Match, check and read every module of every use; nothing is written.
 
     Returns the items, and per network (by label) the module names that matched nothing.
@@ -167,23 +165,23 @@ def plan(names: NameMap, uses: list[Use], skip_bad: bool = False,
     return items, unmatched
 
 
-def by_tensor(items: list[_Item]) -> dict[str, list[_Item]]:
+def by_tensor(items: list[PlannedModule]) -> dict[str, list[PlannedModule]]:
     """Items with a non-zero strength, grouped by the key of the tensor they change."""
-    grouped: dict[str, list[_Item]] = defaultdict(list)
+    grouped: dict[str, list[PlannedModule]] = defaultdict(list)
     for item in items:
         if item.use.strength(item.target) != 0:
             grouped[item.target.key].append(item)
     return grouped
 
 
-def apply_to_tensor(weight: torch.Tensor, items: list[_Item], batch: list | None = None) -> None:
+def apply_to_tensor(weight: torch.Tensor, items: list[PlannedModule], batch: list | None = None) -> None:
     """Add the ΔW of `items` (all targeting `weight`, maybe row slices of it) in place.
 
     A region changed by one plain LoHa goes to the fused kernels (into `batch` when the
     caller gathers many layers for one grouped call); a region changed by several
     networks, or by DoRA, is accumulated in fp32 and rounded once.
     """
-    regions: dict[tuple | None, list[_Item]] = defaultdict(list)
+    regions: dict[tuple | None, list[PlannedModule]] = defaultdict(list)
     for item in items:
         regions[item.target.rows].append(item)
     own_batch = batch is None
@@ -194,7 +192,7 @@ def apply_to_tensor(weight: torch.Tensor, items: list[_Item], batch: list | None
         simple = len(group) == 1 and group[0].dora_scale is None
         if simple and group[0].kind == "hadamard":
             it = group[0]
-            batch.append((region, *it.factors, it.scale * it.use.strength(it.target)))
+            batch.append(kernels.HadamardItem(region, *it.factors, it.scale * it.use.strength(it.target)))
             continue
         work = region if region.dtype == torch.float32 and simple else region.to(torch.float32, copy=True)
         for it in group:
@@ -205,7 +203,7 @@ def apply_to_tensor(weight: torch.Tensor, items: list[_Item], batch: list | None
         kernels.add_hadamard_many_(batch)
 
 
-def apply_to_bias(bias: torch.Tensor, items: list[_Item]) -> None:
+def apply_to_bias(bias: torch.Tensor, items: list[PlannedModule]) -> None:
     """Add full-diff modules' `diff_b` into the bias next to their weight."""
     total = bias.float()
     for it in items:
@@ -221,7 +219,7 @@ class PatchHandle:
         self._view = view
         self.uses = uses
         self.skipped: dict[str, list[str]] = {}
-        self._items, self.unmatched = plan(view.names, uses, skip_bad, self.skipped)
+        self._items, self.unmatched = plan_modules(view.names, uses, skip_bad, self.skipped)
         self._backups: dict[str, torch.Tensor] = {}
         self._apply()
 
@@ -255,12 +253,12 @@ class PatchHandle:
                 for key, items in grouped.items():
                     self._backup(key)
                     if any(i.bias is not None for i in items):
-                        self._backup(_bias_key(key))
+                        self._backup(bias_key(key))
                 batch: list = []
                 for key, items in grouped.items():
                     apply_to_tensor(self._view.tensor(key), items, batch)
                     if any(i.bias is not None for i in items):
-                        apply_to_bias(self._view.tensor(_bias_key(key)), items)
+                        apply_to_bias(self._view.tensor(bias_key(key)), items)
                 kernels.add_hadamard_many_(batch)
         except (torch.OutOfMemoryError, MemoryError) as exc:
             self.restore()
@@ -275,11 +273,7 @@ class PatchHandle:
             self._backups[key] = self._view.tensor(key).detach().to("cpu", copy=True)
 
 
-def _bias_key(weight_key: str) -> str:
-    return weight_key[: -len("weight")] + "bias"
-
-
-def _apply_item(work: torch.Tensor, it: _Item) -> None:
+def _apply_item(work: torch.Tensor, it: PlannedModule) -> None:
     """Add one module's ΔW into an fp32 working copy of its weight region."""
     strength = it.use.strength(it.target)
     if it.dora_scale is not None:
@@ -293,7 +287,7 @@ def _apply_item(work: torch.Tensor, it: _Item) -> None:
         kernels.add_dense_(work, it.factors[0], it.scale * strength)
 
 
-def _dense(it: _Item) -> torch.Tensor:
+def _dense(it: PlannedModule) -> torch.Tensor:
     """ΔW of an item as an fp32 (O, K) tensor (DoRA needs the whole of it)."""
     if it.kind == "hadamard":
         return D.hadamard_delta(*it.factors)
@@ -303,10 +297,13 @@ def _dense(it: _Item) -> torch.Tensor:
     return it.factors[0].float().reshape(it.target.shape[0], -1)
 
 
-def _prepare(net: Network, module: Module, target: Target, use: Use) -> _Item:
+def _prepare(net: Network, module: Module, target: Target, use: Use) -> PlannedModule:
     """Check a module against its target, read its tensors, reduce them to canonical factors."""
     try:
         return _prepare_checked(net, module, target, use)
+    except (torch.OutOfMemoryError, MemoryError) as exc:  # the machine's limit, not the file's fault
+        raise LohaError(f"{net.label}: out of memory while reading module '{module.name}' for "
+                        f"'{target.key}'; nothing was changed ({exc})") from exc
     except (RuntimeError, IndexError, ValueError) as exc:
         # Factors that pass the cheap checks but still do not compose (hostile files).
         shapes = ", ".join(f"{k}={v}" for k, v in sorted(module.shapes.items()))
@@ -314,7 +311,7 @@ def _prepare(net: Network, module: Module, target: Target, use: Use) -> _Item:
                          f"{tuple(target.shape)}: {exc} ({shapes})") from None
 
 
-def _prepare_checked(net: Network, module: Module, target: Target, use: Use) -> _Item:
+def _prepare_checked(net: Network, module: Module, target: Target, use: Use) -> PlannedModule:
     shape = tuple(target.shape)
     if module.kind != "lokr" and (module.out_features != shape[0] or module.delta_numel != math.prod(shape)):
         raise ShapeError(
@@ -344,7 +341,7 @@ def _prepare_checked(net: Network, module: Module, target: Target, use: Use) -> 
     else:
         factors, kind, bias = (t["diff"],), "dense", t.get("diff_b")
     _check_finite(net, module, [*factors, dora_scale])
-    return _Item(use, module, target, kind, factors, scale, dora_scale, bias)
+    return PlannedModule(use, module, target, kind, factors, scale, dora_scale, bias)
 
 
 def _lokr_dense(net: Network, module: Module, t: dict, shape: tuple) -> torch.Tensor:
@@ -375,7 +372,7 @@ def _check_finite(net: Network, module: Module, tensors) -> None:
             raise FormatError(f"{net.label}: module '{module.name}' holds NaN or Inf values")
 
 
-def patch(model, networks, skip_bad: bool = False, family: str | None = None) -> PatchHandle:
+def apply(model, networks, skip_bad: bool = False, family: str | None = None) -> PatchHandle:
     """Apply networks to `model` in place; returns a handle whose restore() undoes it exactly.
 
     `networks`: a Network or path (strength 1), a `Use`, a (network, unet[, te]) tuple,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loha import blocks
+from loha.keys import blocks
 from loha.errors import LohaError
 
 from .loaders import CATEGORY

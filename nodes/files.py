@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Iterable
 
-from loha.safepaths import real_file_inside
+from loha.hosts.safepaths import real_file_inside
 
 #: Preview images beside a network file, in the order they are looked for.
 PREVIEW_SUFFIXES = (".preview.png", ".png", ".preview.jpg", ".jpg", ".preview.jpeg", ".jpeg",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import loha
-from loha.inspect import render, summarize
+from loha.summary import render, summarize
 
 from . import host
 from .loaders import CATEGORY, lora_in

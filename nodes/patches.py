@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from loha.format import Network
+from loha.files.network import Network
 from loha.keyed import KeyedPatch, PatchSet, plan_keyed
 
 try:

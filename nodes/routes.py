@@ -1,6 +1,6 @@
 """HTTP routes for the front end: a network file's summary and its preview image.
 
-``GET /loha/info?name=<name in the loras list>`` answers JSON (the `loha.inspect`
+``GET /loha/info?name=<name in the loras list>`` answers JSON (the `loha.summary`
 summary, its text, and whether a preview exists); ``GET /loha/preview?name=…``
 answers the image. Both read only files inside the "loras" folders (`files`):
 bad names get 400, names that lead nowhere inside get 404, unreadable networks 422.
@@ -14,7 +14,7 @@ from aiohttp import web
 
 import loha
 from loha.errors import LohaError
-from loha.inspect import render, summarize
+from loha.summary import render, summarize
 
 from . import files, host
 

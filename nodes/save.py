@@ -2,7 +2,8 @@
 
 ComfyUI loads the patchers with every patch baked in (our LoHa patches and anyone
 else's), hands back the LDM-layout state dict it would save itself, and
-`loha.stream` writes it tensor by tensor, so the file is never held twice in memory.
+`loha.files.safetensors_io` writes it tensor by tensor, so the file is never held twice
+in memory, and only under its name once complete.
 The LoHa files found among the patches are recorded in the `loha_merged` metadata,
 in the form `loha merge` writes.
 """
@@ -10,11 +11,10 @@ in the form `loha merge` writes.
 from __future__ import annotations
 
 import json
-import os
 
-from loha.merge import MERGED_KEY, merge_record
+from loha.files.safetensors_io import save
+from loha.merge_records import MERGED_KEY, merge_record
 from loha.patch import Use
-from loha.stream import Entry, Writer, data_order, dtype_name
 
 from . import host
 from .loaders import CATEGORY
@@ -36,22 +36,9 @@ def merged_uses(model, clip) -> list[Use]:
     return [Use(r["use"].network, r["unet"], r["te"], r["use"].blocks) for r in found.values()]
 
 
-def write_checkpoint(path: str, tensors: dict, metadata: dict[str, str], bar=None) -> None:
-    """Stream `tensors` into a safetensors file at `path` (written aside, then renamed)."""
-    entries = data_order(Entry(k, dtype_name(t.dtype), tuple(t.shape)) for k, t in tensors.items())
-    partial = path + ".partial"
-    try:
-        with open(partial, "wb") as f:
-            writer = Writer(f, entries, metadata)
-            for entry in entries:
-                writer.write(entry.key, tensors[entry.key])
-                if bar is not None:
-                    bar.update(1)
-            writer.close()
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+def write_merged(path: str, tensors: dict, metadata: dict[str, str], bar) -> None:
+    """Stream `tensors` into `path`, ticking ComfyUI's progress bar once per tensor."""
+    save(tensors, path, metadata, written=lambda entry: bar.update(1))
 
 
 class LohaMergeSave:
@@ -84,7 +71,7 @@ class LohaMergeSave:
         if host.metadata_enabled():
             metadata["prompt"] = json.dumps(prompt)
             metadata.update({k: json.dumps(v) for k, v in (extra_pnginfo or {}).items()})
-        write_checkpoint(path, tensors, metadata, host.progress(len(tensors)))
+        write_merged(path, tensors, metadata, host.progress(len(tensors)))
         return {"ui": {"text": [path]}}
 
 

@@ -2,9 +2,9 @@
 
 The WebUI imports this file at start-up with the extension folder on `sys.path`, so
 the `loha` package next to it is importable. Everything that does not need the
-WebUI lives in `loha.webui` (prompt arguments, files, the active set patched in place
-on AUTOMATIC1111), `loha.forge` (patches on Forge's own patchers) and `loha.ui` (the
-tab's Gradio blocks); this file only registers them with the WebUI.
+WebUI lives in `loha.hosts.webui` (prompt arguments, files, the active set patched in
+place on AUTOMATIC1111), `loha.hosts.forge` (patches on Forge's own patchers) and
+`loha.app.ui` (the tab's Gradio blocks); this file only registers them with the WebUI.
 """
 
 import logging
@@ -14,9 +14,9 @@ import re
 from modules import extra_networks, hashes, paths, script_callbacks, scripts, shared, ui_extra_networks
 
 from loha import LohaError
-from loha.forge import ForgeActive, is_forge, register_calculator
-from loha.safepaths import real_file_inside
-from loha.webui import ActiveSet, card_metadata, list_networks, parse_request, preferred_weight
+from loha.hosts.forge import ForgeActive, is_forge, register_calculator
+from loha.hosts.safepaths import real_file_inside
+from loha.hosts.webui import ActiveSet, card_metadata, list_networks, parse_request, preferred_weight
 
 log = logging.getLogger("loha")
 NAME = "loha"  # the prompt syntax: <loha:name:…>; `lora` and `lyco` stay the built-in's
@@ -190,7 +190,7 @@ def before_ui():
 
 
 def on_ui_tabs():
-    from loha.ui import Folders, build
+    from loha.app.ui import Folders, build
 
     folders = Folders(
         checkpoints=[os.path.join(paths.models_path, "Stable-diffusion")],

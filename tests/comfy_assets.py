@@ -3,7 +3,7 @@
     python tests/comfy_assets.py OUT_DIR
 
 writes ``OUT_DIR/sd15-random.safetensors`` (an fp16 checkpoint in the LDM layout
-people download: UNet, CLIP-L text encoder, VAE; `loha.checkpoint.random_checkpoint`)
+people download: UNet, CLIP-L text encoder, VAE; `random_checkpoint`)
 and ``OUT_DIR/loha-sd15.safetensors`` (a LoHa made by lycoris-lora for that
 architecture, at a low rank, covering attention, feed-forward, resnets, samplers and
 the text encoder; lycoris-lora is given the layers on the meta device, since it only
@@ -38,8 +38,9 @@ def build(out_dir: str, seed: int = 0) -> None:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from loha.checkpoint import PUBLISHED, random_checkpoint
-    from loha.stream import save
+    from loha.models.configs import PUBLISHED
+    from random_checkpoint import random_checkpoint
+    from loha.files.safetensors_io import save
     from tiny_models import lycoris_network
 
     os.makedirs(out_dir, exist_ok=True)

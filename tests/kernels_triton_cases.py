@@ -15,7 +15,7 @@ from loha import delta as D
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (see test_kernels_triton.py)"
 
 from loha.kernels import triton_hadamard as T  # noqa: E402
-from test_kernels import DTYPES, assert_rounded_once, gen, loha_case, rand  # noqa: E402
+from kernel_cases import DTYPES, assert_rounded_once, gen, loha_case, rand  # noqa: E402
 
 SMALL = dict(block_m=16, block_n=32, num_warps=1)
 

@@ -15,12 +15,12 @@ from diffusers import UNet2DConditionModel
 
 import loha
 import tiny_models as T
-from loha import blocks
+from loha.keys import blocks
 from loha.errors import LohaError
 from loha.keys import map_modules
-from test_keys import SD15_UNET, SDXL_UNET
+from loha.models.configs import PUBLISHED
 
-FULL_UNETS = {"sd1": SD15_UNET, "sdxl": SDXL_UNET}
+FULL_UNETS = {family: PUBLISHED[family]["unet"] for family in ("sd1", "sdxl")}
 SHORT = {"sd1": 17, "sdxl": 12}
 LONG = {"sd1": 26, "sdxl": 20}
 
@@ -98,7 +98,7 @@ def test_parsed_weights_reach_the_patched_blocks(tmp_path):
     path = T.make_loha_file(parts, tmp_path / "net.safetensors")
     before = state(parts)
     weights = blocks.parse("OUTALL", "sd1")
-    handle = loha.patch(parts, loha.Use(loha.load(path), 1.0, 1.0, weights))
+    handle = loha.apply(parts, loha.Use(loha.load(path), 1.0, 1.0, weights))
     after = state(parts)
     handle.restore()
     names = map_modules(parts)

@@ -1,4 +1,4 @@
-"""Whole-model conversion between diffusers parts and LDM checkpoints (loha.checkpoint).
+"""Whole-model conversion between diffusers parts and LDM checkpoints (loha.models.to_ldm / from_ldm).
 
 Truth comes from outside loha: diffusers' own single-file converters must turn our
 LDM dicts back into exactly the original diffusers state dicts (tiny models, real
@@ -26,8 +26,11 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 import loha
-from loha.checkpoint import PUBLISHED, diffusers_parts, ldm_state_dict, random_checkpoint, save_checkpoint
 from loha.errors import LohaError
+from loha.models.configs import PUBLISHED
+from loha.models.from_ldm import diffusers_parts
+from loha.models.to_ldm import ldm_state_dict, save_checkpoint
+from random_checkpoint import random_checkpoint
 from tiny_models import clip_text, make_loha_file, run_parts, sd1_parts, sd1_unet, sdxl_parts
 
 # What the tiny models' weights cannot tell (heads, norm groups, activation).
@@ -216,8 +219,8 @@ def test_loha_patches_ldm_dict_like_diffusers_modules(make, tmp_path):
     base = ldm_state_dict(parts)
     ldm = {k: v.clone() for k, v in base.items()}  # copied tensors share storage with the parts
     patched_parts = copy.deepcopy(parts)
-    assert not loha.patch(patched_parts, path).unmatched
-    handle = loha.patch(ldm, path)
+    assert not loha.apply(patched_parts, path).unmatched
+    handle = loha.apply(ldm, path)
     assert not handle.unmatched
     want = ldm_state_dict(patched_parts)
     changed = [k for k in ldm if not torch.equal(ldm[k], base[k])]
@@ -259,17 +262,14 @@ def test_full_size_key_sets_match_diffusers_converters(family):
             assert (tuple(got) if isinstance(got, list) else got) == value, (attr, key)
 
 
-def test_random_checkpoint_is_seeded_and_complete(tmp_path, monkeypatch):
-    """A full-size SD1.5 checkpoint is ~2 GB; the same code path on a smaller family table."""
-    import loha.checkpoint as C
-
-    small = copy.deepcopy(C.PUBLISHED)
-    small["sd1"]["unet"] = dict(small["sd1"]["unet"], block_out_channels=(32, 64, 64, 64), norm_num_groups=8)
-    small["sd1"]["text_encoder"] = dict(small["sd1"]["text_encoder"], num_hidden_layers=2, vocab_size=1000)
-    small["sd1"]["vae"] = dict(small["sd1"]["vae"], block_out_channels=(8, 16, 16, 16), norm_num_groups=4)
-    monkeypatch.setattr(C, "PUBLISHED", small)
-    a = random_checkpoint(tmp_path / "a.safetensors", seed=1)
-    b = random_checkpoint(tmp_path / "b.safetensors", seed=1)
+def test_random_checkpoint_is_seeded_and_complete(tmp_path):
+    """A full-size SD1.5 checkpoint is ~2 GB; the same code path on smaller configs."""
+    small = copy.deepcopy(PUBLISHED["sd1"])
+    small["unet"] = dict(small["unet"], block_out_channels=(32, 64, 64, 64), norm_num_groups=8)
+    small["text_encoder"] = dict(small["text_encoder"], num_hidden_layers=2, vocab_size=1000)
+    small["vae"] = dict(small["vae"], block_out_channels=(8, 16, 16, 16), norm_num_groups=4)
+    a = random_checkpoint(tmp_path / "a.safetensors", seed=1, configs=small)
+    b = random_checkpoint(tmp_path / "b.safetensors", seed=1, configs=small)
     assert open(a, "rb").read() == open(b, "rb").read()
     with safe_open(a, "pt") as f:
         ldm = {k: f.get_tensor(k) for k in f.keys()}

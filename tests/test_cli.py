@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 
 import loha
 import tiny_models as T
-from loha import demo as D
-from loha.checkpoint import save_checkpoint
-from loha.cli import main
-from loha.inspect import render, summarize
+from loha.app import demo as D
+from loha.models.to_ldm import save_checkpoint
+from loha.app.cli import main
+from loha.summary import render, summarize
 
 TAGS = json.dumps({"5_style": {" watercolor": 30, "landscape": 10, "sunset": 2}, "2_extra": {"watercolor": 5, "cat": 12}})
 
@@ -99,6 +99,9 @@ def test_merge_errors(files, tmp_path, capsys):
     assert main(["merge", files["ckpt"], "--loha", files["extra"], "-o", str(out), "--allow-unmatched"]) == 0
     err = capsys.readouterr().err
     assert "warning" in err and "lora_unet_no_such_block" in err and out.exists()
+
+    assert main(["merge", files["ckpt"], "--loha", files["net"], "-o", str(out)]) == 1  # out exists now
+    assert capsys.readouterr().err == f"loha: {out}: already exists; choose another name or allow replacing it (pass --force)\n"
 
     assert main(["merge", files["ckpt"], "--loha", files["net"], "-o", files["ckpt"]]) == 1
     assert "refusing to overwrite the input" in capsys.readouterr().err

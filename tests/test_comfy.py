@@ -23,10 +23,9 @@ from safetensors import safe_open
 
 import loha
 import tiny_models as T
-from loha.checkpoint import ldm_state_dict
+from loha.models.to_ldm import ldm_state_dict
 from loha.errors import LohaError
-from loha.patch import plan
-from test_patch import assert_outputs_close, lycoris_outputs
+from loha.patch import plan_modules
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: LDM checkpoint prefix -> where ComfyUI's live SD1 model holds the same weights.
@@ -101,11 +100,11 @@ def test_patches_match_lycoris_forward(sd1):
     patch_like_comfyui(state, result.patches["clip"], 0.4)
 
     base = T.run_parts(T.sd1_parts())
-    theirs_unet = lycoris_outputs(T.sd1_parts, {}, path, 0.7)
-    theirs_text = lycoris_outputs(T.sd1_parts, {}, path, 0.4)
+    theirs_unet = T.lycoris_outputs(T.sd1_parts, {}, path, 0.7)
+    theirs_text = T.lycoris_outputs(T.sd1_parts, {}, path, 0.4)
     got = T.run_parts(ours)
-    assert_outputs_close({"unet": got["unet"]}, {"unet": theirs_unet["unet"]}, base)
-    assert_outputs_close({"text_encoder": got["text_encoder"]}, {"text_encoder": theirs_text["text_encoder"]}, base)
+    T.assert_outputs_close({"unet": got["unet"]}, {"unet": theirs_unet["unet"]}, base)
+    T.assert_outputs_close({"text_encoder": got["text_encoder"]}, {"text_encoder": theirs_text["text_encoder"]}, base)
 
 
 def test_patch_uses_comfyui_strength_and_block_weights(sd1):
@@ -130,7 +129,7 @@ def test_large_weight_under_inference_mode():
     tensors = {f"lora_unet_conv_in.{s}": torch.randn(shape, generator=g) for s, shape in
                (("hada_w1_a", (o, r)), ("hada_w1_b", (r, i)), ("hada_w2_a", (o, r)), ("hada_w2_b", (r, i)))}
     net = loha.from_tensors(tensors)
-    items = plan(_single_weight_map(o, i), [loha.Use(net)])[0]
+    items = plan_modules(_single_weight_map(o, i), [loha.Use(net)])[0]
     patch = LohaPatch(items[0].use, items)
     expected = 2.0 * (tensors["lora_unet_conv_in.hada_w1_a"] @ tensors["lora_unet_conv_in.hada_w1_b"]) * (
         tensors["lora_unet_conv_in.hada_w2_a"] @ tensors["lora_unet_conv_in.hada_w2_b"])
@@ -246,7 +245,7 @@ def test_checkpoint_writer_streams_and_records(sd1, tmp_path):
     out = tmp_path / "merged.safetensors"
     ticks = []
     bar = type("Bar", (), {"update": lambda self, n: ticks.append(n)})()
-    save.write_checkpoint(str(out), state, {"k": "v"}, bar)
+    save.write_merged(str(out), state, {"k": "v"}, bar)
     assert len(ticks) == len(state) and not os.path.exists(str(out) + ".partial")
     with safe_open(str(out), "pt") as f:
         assert f.metadata() == {"k": "v"} and set(f.keys()) == set(state)

@@ -28,6 +28,8 @@ from safetensors import safe_open
 import comfy_assets
 import comfy_host as H
 
+pytestmark = pytest.mark.e2e
+
 CHECKPOINT = "sd15-random.safetensors"
 LOHA = "loha-sd15.safetensors"
 STRENGTHS = (0.8, 0.6)

@@ -18,6 +18,8 @@ import pytest
 import comfy_host as H
 from tiny_models import make_loha_file, sd1_parts
 
+pytestmark = pytest.mark.e2e
+
 WITH_PREVIEW = "styles/painted.safetensors"
 WITHOUT_PREVIEW = "plain.safetensors"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -15,16 +15,16 @@ import loha
 import tiny_models as T
 import tiny_pipelines as P
 from loha import delta as D
-from loha.cli import main
+from loha.app.cli import main
 from loha.convert import reduce_rank, to_lora
-from loha.diffusers import load_loha
+from loha.hosts.pipelines import load_loha
 from loha.keys import map_modules
 
 
 def deltas_by_target(parts, path, uses=None):
     """{weight key: W_patched − W0} for a network (or several) patched into `parts`, fp64."""
     before = {f"{p}.{k}": v.clone() for p, m in parts.items() for k, v in m.state_dict().items()}
-    handle = loha.patch(parts, uses if uses is not None else path)
+    handle = loha.apply(parts, uses if uses is not None else path)
     assert handle.unmatched == {}
     after = {f"{p}.{k}": v.clone() for p, m in parts.items() for k, v in m.state_dict().items()}
     handle.restore()
@@ -187,7 +187,7 @@ def test_checkpoint_file_as_base(tmp_path):
 
     def patched(network):
         work = {k: v.clone() for k, v in state.items()}
-        assert loha.patch(work, network).unmatched == {}
+        assert loha.apply(work, network).unmatched == {}
         return {k: work[k].double() - state[k].double() for k in state if not torch.equal(work[k], state[k])}
 
     assert_same_deltas(patched(report.out), patched(path))

@@ -1,4 +1,4 @@
-"""loha.diffusers on tiny SD1-like and SDXL-like pipelines, against two oracles.
+"""loha.hosts.pipelines on tiny SD1-like and SDXL-like pipelines, against two oracles.
 
 The same LyCORIS-made file must give the same pipeline output (a) through load_loha,
 (b) through our patcher on the pipeline's weights in the LDM checkpoint layout (the
@@ -12,7 +12,7 @@ import torch
 import loha
 import tiny_models as T
 import tiny_pipelines as P
-from loha.diffusers import load_loha, loaded_loha, set_loha_strength, unload_loha
+from loha.hosts.pipelines import load_loha, loaded_loha, set_loha_strength, unload_loha
 
 STRENGTH, TE_STRENGTH = 0.7, 0.5
 FILE_KWARGS = {"sd1": {}, "sdxl": {"use_tucker": True, "alpha": 1.0, "conv_alpha": 8.0}}
@@ -32,7 +32,7 @@ def lycoris_output(family, path):
 def ldm_output(family, path):
     pipe = P.PIPELINES[family]()
     state = P.ldm_state_dict(pipe)
-    handle = loha.patch(state, (path, STRENGTH, TE_STRENGTH))
+    handle = loha.apply(state, (path, STRENGTH, TE_STRENGTH))
     assert handle.unmatched == {}
     assert len(handle.patched_keys) > 0
     P.load_ldm_state_dict(pipe, state)
@@ -72,7 +72,7 @@ def test_stacked_adapters_strengths_and_partial_unload(tmp_path):
 
     # The same two networks in one plain patch: identical weights (rounded once, in fp32).
     reference = P.sd1_pipeline()
-    handle = loha.patch(reference, [(a, 0.8), (b, 0.6, 0.3)])
+    handle = loha.apply(reference, [(a, 0.8), (b, 0.6, 0.3)])
     P.assert_weights_equal(both, reference)
 
     set_loha_strength(pipe, "style", 0.2)
@@ -81,7 +81,7 @@ def test_stacked_adapters_strengths_and_partial_unload(tmp_path):
 
     unload_loha(pipe, "style")  # exactly what b alone gives
     handle.restore()
-    loha.patch(reference, (b, 0.6, 0.3))
+    loha.apply(reference, (b, 0.6, 0.3))
     P.assert_weights_equal(P.weights(reference), pipe)
 
     load_loha(pipe, a, 1.0, adapter_name="b")  # a name already loaded is replaced

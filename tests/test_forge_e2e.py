@@ -3,7 +3,7 @@
 Needs LOHA_FORGE_DIR (a Forge checkout with its repositories/, huggingface_guess among
 them) and LOHA_FORGE_PYTHON (the Python it runs with); LOHA_FORGE_DATA keeps its data
 folder between runs (without it a temporary one is built: a random-weight SD1.5
-checkpoint from `loha.checkpoint`, networks from lycoris-lora). Forge runs on the CPU
+checkpoint from `random_checkpoint`, networks from lycoris-lora). Forge runs on the CPU
 (`--always-cpu`), on 127.0.0.1 only, offline.
 
 Forge patches through its own ModelPatchers, so the extension adds LoHa there as
@@ -23,12 +23,12 @@ from webui_host import BUILTIN_COMPARISONS, PROMPT, check_card, check_loha_equal
 
 FORGE = os.environ.get("LOHA_FORGE_DIR")
 PYTHON = os.environ.get("LOHA_FORGE_PYTHON")
-pytestmark = pytest.mark.skipif(
-    not (FORGE and PYTHON), reason="set LOHA_FORGE_DIR and LOHA_FORGE_PYTHON to test against a real Forge")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
+    not (FORGE and PYTHON), reason="set LOHA_FORGE_DIR and LOHA_FORGE_PYTHON to test against a real Forge")]
 
 
 def _checkpoint(path: str) -> None:
-    from loha.checkpoint import random_checkpoint
+    from random_checkpoint import random_checkpoint
 
     random_checkpoint(path, "sd1", seed=1234)
 

@@ -28,40 +28,12 @@ from lycoris.kohya import create_network
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from loha.errors import LohaError
-from loha.keys import detect_family, map_modules, map_state_dict
+from loha.families import family_of_widths
+from loha.keys import map_modules, map_state_dict
+from loha.models.configs import PUBLISHED
 
 # --------------------------------------------------------------------------- model configs
 
-SD15_UNET = dict(
-    sample_size=64,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-SD21_UNET = dict(
-    SD15_UNET,
-    sample_size=96,
-    cross_attention_dim=1024,
-    attention_head_dim=(5, 10, 20, 20),
-    use_linear_projection=True,
-)
-SDXL_UNET = dict(
-    sample_size=128,
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10),
-    cross_attention_dim=2048,
-    attention_head_dim=(5, 10, 20),
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
 # (width, layers, heads, activation); the vocabulary is small, nothing depends on it.
 CLIP_L = (768, 12, 12, "quick_gelu")
 OPENCLIP_H = (1024, 23, 16, "gelu")  # SD2 uses 23 of OpenCLIP-H's 24 layers
@@ -110,9 +82,9 @@ SDXL_TE2 = Encoder(
     "conditioner.embedders.1.model.", True, "lora_te2_",
 )
 FAMILIES = {
-    "sd1": (SD15_UNET, [SD1_TE]),
-    "sd2": (SD21_UNET, [SD2_TE]),
-    "sdxl": (SDXL_UNET, [SDXL_TE1, SDXL_TE2]),
+    "sd1": (PUBLISHED["sd1"]["unet"], [SD1_TE]),
+    "sd2": (PUBLISHED["sd2"]["unet"], [SD2_TE]),
+    "sdxl": (PUBLISHED["sdxl"]["unet"], [SDXL_TE1, SDXL_TE2]),
 }
 UNET_LDM_PREFIX = "model.diffusion_model."
 
@@ -147,8 +119,8 @@ class Tag:
     clone = detach = contiguous
 
 
-# The test's own diffusers -> LDM UNet renaming (the formulas of DESIGN.md, written
-# independently of loha.keys); diffusers' converter checks it below.
+# The test's own diffusers -> LDM UNet renaming (written independently of
+# loha.keys); diffusers' converter checks it below.
 LDM_FIXED = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
@@ -562,16 +534,16 @@ def test_unknown_names_return_none():
 
 
 def test_detect_family():
-    assert detect_family(768, {}) == "sd1"
-    assert detect_family(1024, {"te1": 1024}) == "sd2"
-    assert detect_family(2048, {}) == "sdxl"
-    assert detect_family(None, {"te1": 768}) == "sd1"
-    assert detect_family(None, {"te1": 1024}) == "sd2"
-    assert detect_family(None, {"te1": 768, "te2": 1280}) == "sdxl"
+    assert family_of_widths(768, {}) == "sd1"
+    assert family_of_widths(1024, {"te1": 1024}) == "sd2"
+    assert family_of_widths(2048, {}) == "sdxl"
+    assert family_of_widths(None, {"te1": 768}) == "sd1"
+    assert family_of_widths(None, {"te1": 1024}) == "sd2"
+    assert family_of_widths(None, {"te1": 768, "te2": 1280}) == "sdxl"
     with pytest.raises(LohaError):
-        detect_family(1280, {})  # e.g. the SDXL refiner: not supported
+        family_of_widths(1280, {})  # e.g. the SDXL refiner: not supported
     with pytest.raises(LohaError):
-        detect_family(None, {})
+        family_of_widths(None, {})
     to_k = UNET_LDM_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     for width, family in [(768, "sd1"), (1024, "sd2"), (2048, "sdxl")]:
         assert map_state_dict({to_k: (320, width)}).family == family

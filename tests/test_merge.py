@@ -22,8 +22,10 @@ from safetensors.torch import load_file, save_file
 import loha
 import tiny_models as T
 from loha import merge as M
-from loha import stream
-from loha.checkpoint import ldm_state_dict
+from loha.app.specs import parse_spec
+from loha.merge_records import MERGED_KEY
+from loha.files import safetensors_io
+from loha.models.to_ldm import ldm_state_dict
 
 
 def sha256(path) -> str:
@@ -38,7 +40,7 @@ def read(path):
 def patched(state, networks, dtype=None):
     """The reference: loha.patch on an fp32 copy of `state`, rounded once to `dtype`."""
     work = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
-    handle = loha.patch(work, networks)
+    handle = loha.apply(work, networks)
     assert handle.unmatched == {}
     out = {}
     for k, v in work.items():
@@ -78,14 +80,14 @@ def test_writer_is_byte_identical_to_the_reference(tmp_path):
                "e": torch.tensor(1.5), "f": torch.zeros(0, 3), "g": torch.tensor([True, False, True]),
                "h": torch.randn(4, 4)[:, 1]}  # non-contiguous
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "ref.safetensors")
-    stream.save(tensors, tmp_path / "ours.safetensors")
+    safetensors_io.save(tensors, tmp_path / "ours.safetensors")
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
     # With metadata the reference orders its keys by hash (differently per process): compare parsed.
     meta = {"z": "1", "ü": "é", "a": json.dumps({"x": [1, 2]})}
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "ref.safetensors", metadata=meta)
-    stream.save(tensors, tmp_path / "ours.safetensors", metadata=meta)
+    safetensors_io.save(tensors, tmp_path / "ours.safetensors", metadata=meta)
     for name in ("ref", "ours"):
-        with stream.Reader(tmp_path / f"{name}.safetensors") as r:
+        with safetensors_io.Reader(tmp_path / f"{name}.safetensors") as r:
             assert r.metadata == meta
             for k in tensors:
                 assert torch.equal(r.read(k), tensors[k]) and r.read(k).dtype == tensors[k].dtype
@@ -101,7 +103,7 @@ def test_reader_refuses_bad_headers(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[:-10])
     for name in ("short", "huge", "cut.safetensors"):
         with pytest.raises(loha.FormatError, match=name):
-            stream.Reader(tmp_path / name)
+            safetensors_io.Reader(tmp_path / name)
 
 
 def test_fp32_merge_equals_patch_bit_for_bit(sd1, tmp_path):
@@ -118,7 +120,7 @@ def test_fp32_merge_equals_patch_bit_for_bit(sd1, tmp_path):
     assert changed == set(result.changed)  # every planned tensor changed, no other
     # metadata: the input's, plus what was merged
     assert meta["modelspec.title"] == "tiny" and meta["format"] == "pt"
-    records = json.loads(meta[M.MERGED_KEY])
+    records = json.loads(meta[MERGED_KEY])
     assert [r["name"] for r in records] == ["plain.safetensors", "tucker.safetensors"]
     assert records[0]["sha256"] == sha256(sd1["plain"]) and records[0]["autov2"] == sha256(sd1["plain"])[:10]
     assert records[0]["sshs_model_hash"] == loha.load(sd1["plain"]).metadata["sshs_model_hash"]  # LyCORIS's
@@ -137,7 +139,7 @@ def test_merging_again_appends_to_the_record(sd1, tmp_path):
     assert len(calls) == len(sd1["state"]) and calls[-1][0] == calls[-1][1] == sum(
         v.numel() * v.element_size() for v in sd1["state"].values())
     M.merge(once, (sd1["plain"], 0.5), twice)
-    records = json.loads(read(twice)[1][M.MERGED_KEY])
+    records = json.loads(read(twice)[1][MERGED_KEY])
     assert [(r["name"], r["unet"]) for r in records] == [("plain.safetensors", 0.5)] * 2
 
 
@@ -147,7 +149,7 @@ def test_half_output_is_the_fp32_result_rounded_once(sd1, tmp_path, dtype):
     nets = [(sd1["plain"], 0.8, 0.5)]
     M.merge(sd1["ckpt"], nets, out, dtype=dtype)
     merged, _ = read(out)
-    torch_dtype = M.DTYPES[dtype]
+    torch_dtype = safetensors_io.DTYPE_NAMES[dtype]
     assert_same(merged, patched(sd1["state"], nets, torch_dtype))
     ids = merged["cond_stage_model.transformer.text_model.embeddings.position_ids"]
     assert ids.dtype == torch.int64  # integers are never cast
@@ -184,7 +186,7 @@ def test_full_diff_with_bias(sd1, tmp_path):
     merged, meta = read(tmp_path / "out.safetensors")
     assert_same(merged, patched(sd1["state"], [(net, 0.5)]))
     assert set(result.changed) == {"model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.input_blocks.0.0.bias"}
-    assert json.loads(meta[M.MERGED_KEY])[0]["name"] == "full"  # in-memory network: no file, no hash
+    assert json.loads(meta[MERGED_KEY])[0]["name"] == "full"  # in-memory network: no file, no hash
 
 
 def test_pickled_checkpoint_is_loaded_weights_only(sd1, tmp_path):
@@ -276,9 +278,9 @@ def test_failure_mid_stream_leaves_no_output(sd1, tmp_path, monkeypatch, unnamed
     if existing:
         out.write_bytes(b"previous")
     if not unnamed:
-        monkeypatch.setattr(M, "_tmpfile_works", lambda folder: False)
+        monkeypatch.setattr(safetensors_io, "tmpfile_works", lambda folder: False)
     calls = []
-    real = stream.Writer.write
+    real = safetensors_io.Writer.write
 
     def failing(self, key, tensor):
         calls.append(key)
@@ -286,7 +288,7 @@ def test_failure_mid_stream_leaves_no_output(sd1, tmp_path, monkeypatch, unnamed
             raise Boom("disk on fire")
         real(self, key, tensor)
 
-    monkeypatch.setattr(stream.Writer, "write", failing)
+    monkeypatch.setattr(safetensors_io.Writer, "write", failing)
     with pytest.raises(Boom):
         M.merge(sd1["ckpt"], sd1["plain"], out, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == (["out.safetensors"] if existing else [])
@@ -295,12 +297,15 @@ def test_failure_mid_stream_leaves_no_output(sd1, tmp_path, monkeypatch, unnamed
 
 
 KILLABLE = textwrap.dedent("""
-    import sys, time
-    from loha import stream, merge
-    from loha.cli import main
+    import signal, sys, time
+    # A pytest run in the background starts its children with SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler: the merge must see Ctrl-C as a terminal would.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    from loha.files import safetensors_io
+    from loha.app.cli import main
     if sys.argv[1] == "named":
-        merge._tmpfile_works = lambda folder: False
-    real, count = stream.Writer.write, [0]
+        safetensors_io.tmpfile_works = lambda folder: False
+    real, count = safetensors_io.Writer.write, [0]
     def slow(self, key, tensor):
         real(self, key, tensor)
         count[0] += 1
@@ -308,7 +313,7 @@ KILLABLE = textwrap.dedent("""
             self._file.flush()
             open(sys.argv[2], "w").close()   # tell the test we are mid-stream
             time.sleep(60)
-    stream.Writer.write = slow
+    safetensors_io.Writer.write = slow
     sys.exit(main(sys.argv[3:]))
 """)
 
@@ -318,7 +323,7 @@ def test_killed_merge_leaves_no_output(sd1, tmp_path, how):
     sig, mode = how.split("-", 1)
     folder = tmp_path / "outdir"
     folder.mkdir()
-    if mode == "o_tmpfile" and not M._tmpfile_works(str(folder)):
+    if mode == "o_tmpfile" and not safetensors_io.tmpfile_works(str(folder)):
         pytest.skip("no O_TMPFILE here: a SIGKILLed merge leaves its hidden .part file")
     marker = tmp_path / "marker"
     script = tmp_path / "killable.py"
@@ -353,9 +358,18 @@ def test_killed_merge_leaves_no_output(sd1, tmp_path, how):
 def test_file_hashes(sd1):
     data = open(sd1["plain"], "rb").read()
     n = int.from_bytes(data[:8], "little")
-    hashes = M.file_hashes(sd1["plain"])
+    hashes = safetensors_io.file_hashes(sd1["plain"])
     assert hashes["sha256"] == hashlib.sha256(data).hexdigest()
     assert hashes["model_hash"] == hashlib.sha256(data[8 + n:]).hexdigest()
+
+
+def test_model_hash_of_tensors_is_the_hash_of_the_file_they_make(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b": torch.randn(3, 5, generator=g).half(), "a": torch.randn(7, generator=g),
+               "empty": torch.zeros(0, 4), "c": torch.randint(0, 9, (2, 2), generator=g)}
+    save_file(tensors, tmp_path / "reference.safetensors", metadata={"ss_network_dim": "4"})
+    hashes = safetensors_io.file_hashes(str(tmp_path / "reference.safetensors"))
+    assert safetensors_io.model_hash(tensors) == hashes["model_hash"]
 
 
 @pytest.mark.parametrize("spec, expected", [
@@ -366,4 +380,4 @@ def test_file_hashes(sd1):
     (r"C:\models\a.safetensors:0.8", (r"C:\models\a.safetensors", 0.8, None)),
 ])
 def test_parse_spec(spec, expected):
-    assert M.parse_spec(spec) == expected
+    assert parse_spec(spec) == expected

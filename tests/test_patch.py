@@ -13,27 +13,6 @@ import loha
 import tiny_models as T
 
 
-def lycoris_outputs(make_parts, kwargs, path, multiplier):
-    """Outputs of fresh `make_parts()` with LyCORIS's forward path applying the file at `path`.
-
-    LyCORIS modules hook the layers they were built on, so the network is built anew on
-    the reference copy and loaded from the file (its fp16/bf16-rounded values).
-    """
-    ref = make_parts()
-    net = T.lycoris_network(ref, **kwargs)
-    net.load_weights(path)
-    for module in net.unet_loras + net.text_encoder_loras:
-        module.multiplier = multiplier
-    return T.run_parts(ref)
-
-
-def assert_outputs_close(ours, theirs, base):
-    for part in theirs:
-        change = (theirs[part] - base[part]).abs().max()
-        assert change > 1e-3, f"{part}: the network changes nothing; the test would prove nothing"
-        torch.testing.assert_close(ours[part], theirs[part], rtol=2e-4, atol=2e-4, msg=part)
-
-
 def state(parts):
     return {f"{p}.{k}": v.clone() for p, m in parts.items() for k, v in m.state_dict().items()}
 
@@ -65,10 +44,10 @@ def test_patch_matches_lycoris_forward(case, tmp_path):
     base = T.run_parts(parts)
     before = state(parts)
 
-    handle = loha.patch(parts, (path, strength))
+    handle = loha.apply(parts, (path, strength))
     assert handle.unmatched == {}
     ours = T.run_parts(parts)
-    assert_outputs_close(ours, lycoris_outputs(make_parts, kwargs, path, strength), base)
+    T.assert_outputs_close(ours, T.lycoris_outputs(make_parts, kwargs, path, strength), base)
 
     handle.restore()
     assert_state_equal(before, parts)
@@ -91,13 +70,13 @@ def test_loaded_network_description(tmp_path):
 def test_strength_change_equals_fresh_patch(tmp_path):
     parts = T.sd1_parts()
     path = T.make_loha_file(parts, tmp_path / "n.safetensors")
-    handle = loha.patch(parts, (path, 1.0, 0.3))
+    handle = loha.apply(parts, (path, 1.0, 0.3))
     handle.set_strengths([(0.4, 0.9)])
     changed = state(parts)
     handle.restore()
 
     fresh = T.sd1_parts()
-    loha.patch(fresh, (path, 0.4, 0.9))
+    loha.apply(fresh, (path, 0.4, 0.9))
     assert_state_equal(changed, fresh)
 
 
@@ -106,7 +85,7 @@ def test_two_networks_and_separate_te_strength(tmp_path):
     a = T.make_loha_file(parts, tmp_path / "a.safetensors", seed=1)
     b = T.make_loha_file(parts, tmp_path / "b.safetensors", seed=2, use_tucker=True)
     before = state(parts)
-    handle = loha.patch(parts, [(a, 0.5, 0.0), (b, 1.0, 0.25)])
+    handle = loha.apply(parts, [(a, 0.5, 0.0), (b, 1.0, 0.25)])
     # text encoder: only b, at 0.25; check one weight against the reference math
     net_b = loha.load(b)
     mod = net_b.modules["lora_te_encoder_layers_0_mlp_fc1"]
@@ -130,7 +109,7 @@ def test_unmatched_names_are_listed(tmp_path):
     save_file(tensors, tmp_path / "extra.safetensors")
     net = loha.load(tmp_path / "extra.safetensors")
     assert net.unknown_keys == ["lora_unet_conv_in.strange_suffix"]
-    handle = loha.patch(parts, net)
+    handle = loha.apply(parts, net)
     assert handle.unmatched == {str(tmp_path / "extra.safetensors"): ["lora_unet_no_such_block_proj"]}
 
 
@@ -146,9 +125,32 @@ def test_shape_mismatch_changes_nothing(tmp_path):
     save_file(tensors, tmp_path / "bad.safetensors")
     before = state(parts)
     with pytest.raises(loha.ShapeError) as err:
-        loha.patch(parts, str(tmp_path / "bad.safetensors"))
+        loha.apply(parts, str(tmp_path / "bad.safetensors"))
     message = str(err.value)
     assert "bad.safetensors" in message and key in message and "ff.net.2.weight" in message
+    assert_state_equal(before, parts)
+
+
+def test_out_of_memory_while_planning_is_reported_as_memory(tmp_path, monkeypatch):
+    """Not as a ShapeError blaming the file, and with the model unchanged."""
+    import loha.patch
+
+    parts = T.sd1_parts()
+    path = T.make_loha_file(parts, tmp_path / "n.safetensors")
+    real, calls = loha.patch._prepare_checked, []
+
+    def runs_out_late(*args):
+        calls.append(1)
+        if len(calls) == 20:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args)
+
+    monkeypatch.setattr(loha.patch, "_prepare_checked", runs_out_late)
+    before = state(parts)
+    with pytest.raises(loha.LohaError) as err:
+        loha.apply(parts, path)
+    assert not isinstance(err.value, loha.ShapeError)
+    assert "out of memory" in str(err.value) and "n.safetensors" in str(err.value)
     assert_state_equal(before, parts)
 
 
@@ -177,7 +179,7 @@ def test_nan_factor_changes_nothing(tmp_path):
     save_file(tensors, tmp_path / "nan.safetensors")
     before = state(parts)
     with pytest.raises(loha.FormatError, match="lora_unet_conv_out.*NaN"):
-        loha.patch(parts, str(tmp_path / "nan.safetensors"))
+        loha.apply(parts, str(tmp_path / "nan.safetensors"))
     assert_state_equal(before, parts)
 
 

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 import loha
 import tiny_models as T
 import tiny_pipelines as P
-from loha import peft as lp
+from loha.files import peft as lp
 from loha.convert import kohya_to_peft, peft_to_kohya
-from loha.diffusers import load_loha, unload_loha
+from loha.hosts.pipelines import load_loha, unload_loha
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2", "conv1", "conv2"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -98,7 +98,7 @@ def test_converted_file_gives_peft_outputs_and_round_trips(trained, tmp_path):
     assert all(name.startswith(("lora_unet_", "lora_te_text_model_")) for name in net.modules)
     assert json.loads(net.metadata["ss_network_args"])["use_tucker"] is True
 
-    handle = loha.patch(parts, kohya)
+    handle = loha.apply(parts, kohya)
     assert handle.unmatched == {}
     assert_matches_peft(T.run_parts(parts), peft_outputs, base)
     handle.restore()
@@ -161,7 +161,7 @@ def test_sdxl_two_text_encoders(tmp_path):
     assert any(n.startswith("lora_te2_text_model_encoder_layers_1_") for n in net.modules)
     clean = T.sdxl_parts()
     base = T.run_parts(clean)
-    handle = loha.patch(clean, net)
+    handle = loha.apply(clean, net)
     assert handle.unmatched == {}
     assert_matches_peft(T.run_parts(clean), peft_outputs, base)
 

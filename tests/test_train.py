@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from loha.train.autograd import delta, hadamard_delta, loha_layer
+from loha.train.autograd import loha_layer, scaled_delta, unscaled_delta
 
 pytest.importorskip("diffusers")
 
@@ -42,7 +42,7 @@ def test_delta_gradcheck(tucker):
     torch.manual_seed(0)
     factors = _factors(5, 3, 2, (3, 3), tucker)
     present = [f for f in factors if f is not None]
-    rebuild = (lambda *f: hadamard_delta(f, 0.7)) if tucker else (lambda *f: hadamard_delta((*f, None, None), 0.7))
+    rebuild = (lambda *f: scaled_delta(f, 0.7)) if tucker else (lambda *f: scaled_delta((*f, None, None), 0.7))
     assert gradcheck(rebuild, present)
 
 
@@ -77,7 +77,7 @@ def test_layer_matches_plain_autograd():
     grad = torch.randn(2, 6, 5, 5, dtype=F64)
     ours = loha_layer(x, layer, factors, 0.25)
     ours_grads = torch.autograd.grad(ours, (x, *factors), grad)
-    plain = torch.nn.functional.conv2d(x, layer.weight + 0.25 * delta(factors), layer.bias, padding=1)
+    plain = torch.nn.functional.conv2d(x, layer.weight + 0.25 * unscaled_delta(factors), layer.bias, padding=1)
     plain_grads = torch.autograd.grad(plain, (x, *factors), grad)
     torch.testing.assert_close(ours, plain)
     for a, b in zip(ours_grads, plain_grads):
@@ -92,7 +92,7 @@ def test_matches_lycoris_fixed_autograd(tucker):
 
     torch.manual_seed(2)
     w1a, w1b, w2a, w2b, t1, t2 = factors = _factors(7, 4, 3, (3, 3), tucker)
-    ours = hadamard_delta(factors, 0.6)
+    ours = scaled_delta(factors, 0.6)
     scale = torch.tensor(0.6, dtype=F64)
     if tucker:
         theirs = HadaWeightTucker.apply(t1, w1b, w1a, t2, w2b, w2a, scale)
@@ -112,7 +112,7 @@ def test_matches_lycoris_fixed_autograd(tucker):
 def test_modules_named_as_files_name_them():
     from loha.keys import map_modules
     from loha.train.modules import LohaNetwork, NetworkSpec
-    from tests.tiny_models import sd1_parts
+    from tiny_models import sd1_parts
 
     parts = sd1_parts()
     names = map_modules(parts)
@@ -131,7 +131,7 @@ def test_modules_named_as_files_name_them():
 
 def test_attach_detach_restores_forward():
     from loha.train.modules import LohaNetwork, NetworkSpec
-    from tests.tiny_models import run_parts, sd1_parts
+    from tiny_models import run_parts, sd1_parts
 
     parts = sd1_parts()
     before = run_parts(parts)
@@ -152,7 +152,7 @@ def test_ldm_layout_model_gets_the_same_names():
     """A module tree with LDM names (as ComfyUI's model has) is wrapped under the same file names."""
     from loha.keys import unet_key_map
     from loha.train.modules import LohaNetwork, NetworkSpec
-    from tests.tiny_models import sd1_unet
+    from tiny_models import sd1_unet
 
     unet = sd1_unet()
     by_diffusers = LohaNetwork({"unet": unet}, NetworkSpec(preset="full"))
@@ -216,7 +216,7 @@ def _config(tmp_path, name="net", **kwargs):
 
 def _train(config, **callbacks):
     from loha.train import Callbacks, train
-    from tests.train_helpers import tiny_base
+    from train_helpers import tiny_base
 
     return train(config, Callbacks(**callbacks), base=tiny_base())
 
@@ -259,14 +259,14 @@ def assert_lycoris_patch_and_trainer_agree(path: str, base, spec: dict, lycoris_
     from safetensors.torch import load_file
 
     from loha.train.modules import LohaNetwork, NetworkSpec
-    from tests.tiny_models import _preset_file, run_parts
+    from tiny_models import _preset_file, run_parts
 
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     net = loha.load(path)
     reference = run_parts(base.parts())
 
     ours = copy.deepcopy(base.parts())
-    handle = loha.patch(ours, [(net, 1.0, 1.0)])
+    handle = loha.apply(ours, [(net, 1.0, 1.0)])
     assert not handle.unmatched
     patched = run_parts(ours)
 
@@ -298,7 +298,7 @@ def assert_lycoris_patch_and_trainer_agree(path: str, base, spec: dict, lycoris_
 def test_file_loads_in_lycoris_and_ours_with_the_same_delta(trained):
     """lycoris-lora's create_network_from_weights takes every module of our file, and its
     forward path, our loader (loha.patch) and the trainer's own forward give one model."""
-    from tests.train_helpers import WithTextModel, tiny_base
+    from train_helpers import WithTextModel, tiny_base
 
     assert_lycoris_patch_and_trainer_agree(
         trained.path, tiny_base(), FULL_SPEC, lambda parts: (WithTextModel(parts["text_encoder"]), parts["unet"]))
@@ -362,11 +362,11 @@ def test_v_prediction_and_mixed_precision_and_checkpointing(tmp_path):
 
 def test_checkpoint_read_through_our_name_map(tmp_path):
     """An LDM checkpoint file loads into diffusers modules that compute what the original did."""
-    from loha.train.models import demo_model, from_checkpoint, write_checkpoint
-    from tests.tiny_models import run_parts
+    from loha.train.models import demo_model, from_checkpoint, save_base_checkpoint
+    from tiny_models import run_parts
 
     model = demo_model(seed=5)
-    path = write_checkpoint(model, str(tmp_path / "demo.safetensors"))
+    path = save_base_checkpoint(model, str(tmp_path / "demo.safetensors"))
     loaded = from_checkpoint(path)
     a, b = run_parts(model.parts()), run_parts(loaded.parts())
     for key in a:
@@ -378,10 +378,10 @@ def test_checkpoint_read_through_our_name_map(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    from loha.train.cli import main
+    from loha.app.cli import main
 
     out = tmp_path / "cli.safetensors"
-    code = main(["--model", "demo", "--data", _config(tmp_path).data, "--out", str(out), "--steps", "2",
+    code = main(["train", "--model", "demo", "--data", _config(tmp_path).data, "--out", str(out), "--steps", "2",
                  "--resolution", "64", "--rank", "2", "--preset", "attn-only", "--seed", "1"])
     assert code == 0 and out.is_file()
     printed = capsys.readouterr().out
@@ -390,11 +390,11 @@ def test_command_line(tmp_path, capsys):
 
 def test_tokenizer_folder_pads_to_the_text_encoders_positions(tmp_path):
     """Tokenizer folders hosts ship (ComfyUI's) claim 8192 tokens; SD's encoders take their own count."""
-    from loha.train.models import demo_model, from_checkpoint, write_checkpoint
-    from tests.tiny_pipelines import tokenizer
+    from loha.train.models import demo_model, from_checkpoint, save_base_checkpoint
+    from tiny_pipelines import tokenizer
 
     model = demo_model(seed=5)
-    path = write_checkpoint(model, str(tmp_path / "demo.safetensors"))
+    path = save_base_checkpoint(model, str(tmp_path / "demo.safetensors"))
     claims_8192 = tokenizer()
     claims_8192.model_max_length = 8192
     claims_8192.save_pretrained(tmp_path / "tokenizer")
@@ -408,12 +408,12 @@ def test_tokenizer_folder_pads_to_the_text_encoders_positions(tmp_path):
 def test_an_fp16_checkpoint_trains_in_fp32_without_mixed_precision(tmp_path):
     """Published checkpoints are fp16; fp16 convolutions on a CPU are many times slower and AdamW needs fp32."""
     from loha.train import SAMPLE_DATA, NetworkSpec, TrainConfig, Trainer
-    from loha.train.models import demo_model, write_checkpoint
+    from loha.train.models import demo_model, save_base_checkpoint
 
     model = demo_model(seed=5)
     for part in model.parts().values():
         part.half()
-    path = write_checkpoint(model, str(tmp_path / "demo-fp16.safetensors"))
+    path = save_base_checkpoint(model, str(tmp_path / "demo-fp16.safetensors"))
     config = TrainConfig(data=SAMPLE_DATA, model=path, output=str(tmp_path / "out.safetensors"), network=NetworkSpec(rank=2),
                          resolution=64, steps=1)
     trainer = Trainer(config)
@@ -444,7 +444,7 @@ def _ldm_unet_tree(unet) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def sdxl_folder(tmp_path_factory):
-    from tests.train_helpers import sdxl_folder
+    from train_helpers import sdxl_folder
 
     return sdxl_folder(tmp_path_factory.mktemp("sdxl") / "model")
 
@@ -483,7 +483,7 @@ def test_sdxl_file_loads_in_lycoris_and_ours_with_the_same_outputs(sdxl_trained,
     """As the SD1 test: lycoris-lora (on kohya's LDM-named UNet tree, both encoders as a
     list, so lora_te1_/lora_te2_), loha.patch and the trainer's forward give one model."""
     from loha.train.models import from_diffusers
-    from tests.train_helpers import WithTextModel
+    from train_helpers import WithTextModel
 
     def lycoris_modules(parts):
         # transformers 5's CLIPTextModel lacks the text_model. level, its CLIPTextModelWithProjection has it
@@ -522,18 +522,18 @@ def test_sdxl_conditioning_matches_diffusers_encode_prompt(sdxl_folder):
 
 
 def test_sdxl_checkpoint_trains_through_the_same_path(sdxl_folder, sdxl_trained, tmp_path, capsys):
-    """An SDXL LDM checkpoint (written through loha.checkpoint) reads back into parts that
+    """An SDXL LDM checkpoint (written through loha.models.to_ldm) reads back into parts that
     compute what the folder's do, needs both tokenizers, and trains (command line) to a
     file with the same names and the same first loss as the folder."""
     import loha
-    from loha.train.cli import main
-    from loha.train.models import from_checkpoint, from_diffusers, write_checkpoint
-    from tests.tiny_models import run_parts
-    from tests.train_helpers import TINY_SDXL_CONFIGS
+    from loha.app.cli import main
+    from loha.train.models import from_checkpoint, from_diffusers, save_base_checkpoint
+    from tiny_models import run_parts
+    from train_helpers import TINY_SDXL_CONFIGS
 
     model = from_diffusers(sdxl_folder)
     model.configs = TINY_SDXL_CONFIGS
-    ckpt = write_checkpoint(model, str(tmp_path / "sdxl.safetensors"))
+    ckpt = save_base_checkpoint(model, str(tmp_path / "sdxl.safetensors"))
     with pytest.raises(loha.LohaError, match="tokenizer_2"):
         from_checkpoint(ckpt)
     with pytest.raises(loha.LohaError, match="tokenizer_2"):
@@ -549,7 +549,7 @@ def test_sdxl_checkpoint_trains_through_the_same_path(sdxl_folder, sdxl_trained,
 
     out = tmp_path / "from-ckpt.safetensors"
     config = _config(tmp_path)
-    code = main(["--model", ckpt, "--tokenizer", sdxl_folder, "--data", config.data, "--out", str(out),
+    code = main(["train", "--model", ckpt, "--tokenizer", sdxl_folder, "--data", config.data, "--out", str(out),
                  "--resolution", "64", "--steps", "1", "--batch-size", "2", "--lr", "5e-3", "--seed", "3",
                  "--preset", "full", "--rank", "4", "--alpha", "2", "--conv-rank", "2", "--conv-alpha", "1",
                  "--tucker", "--text-encoder", "--device", "cpu", "--log-every", "1"])

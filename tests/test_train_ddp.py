@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
@@ -34,11 +33,11 @@ def test_two_gloo_processes_equal_one(tmp_path):
     accelerate = shutil.which("accelerate")
     if accelerate is None:
         pytest.skip("the accelerate command is not on PATH")
-    one, _ = _run([sys.executable, "-m", "loha.train.cli", *ARGS, "--out", str(tmp_path / "one.safetensors")], tmp_path)
+    one, _ = _run([sys.executable, "-m", "loha", "train", *ARGS, "--out", str(tmp_path / "one.safetensors")], tmp_path)
     # --multi_gpu selects torch.distributed.run as the launcher; with --device cpu the
     # trainer joins the group over gloo.
     two, out = _run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                     "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "loha.train.cli", *ARGS,
+                     "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "loha", "train", *ARGS,
                      "--out", str(tmp_path / "two.safetensors")], tmp_path)
     assert "on 2 process(es)" in out
     assert len(one) == len(two) == 3 and two == pytest.approx(one, abs=2e-4)

@@ -25,8 +25,8 @@ def _wait(job, seconds=600):
 
 def test_handlers_train_stop_and_show(tmp_path):
     import loha
-    from loha import ui_train
-    from loha.ui import Folders
+    from loha.app import ui_train
+    from loha.app.ui import Folders
 
     folders = Folders(output=str(tmp_path))
     job = ui_train.start(folders, {"steps": 100000, "resolution": 64, "rank": 2, "preset": "attn-only",
@@ -47,6 +47,7 @@ def test_handlers_train_stop_and_show(tmp_path):
     assert ui_train.stop() == "Nothing is training."
 
 
+@pytest.mark.e2e
 def test_tab_in_headless_chromium(tmp_path):
     node, chromium = shutil.which("node"), os.environ.get("LOHA_CHROMIUM", "/usr/bin/chromium")
     modules = os.environ.get("LOHA_PLAYWRIGHT_DIR")
@@ -54,7 +55,7 @@ def test_tab_in_headless_chromium(tmp_path):
             and os.path.isfile(chromium)):
         pytest.skip("set LOHA_PLAYWRIGHT_DIR to a folder with node_modules/playwright-core (and have node "
                     "and chromium) to drive the tab in a browser")
-    from loha.ui import Folders, build
+    from loha.app.ui import Folders, build
 
     app = build(Folders(output=str(tmp_path)))
     app.queue()

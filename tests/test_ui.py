@@ -1,4 +1,4 @@
-"""The Gradio blocks of `loha.ui`: the tab registry, the blocks, and their handlers on real files."""
+"""The Gradio blocks of `loha.app.ui`: the tab registry, the blocks, and their handlers on real files."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loha
-from loha import ui
-from loha.demo import to_ldm
+from loha.app import ui
+from loha.models.to_ldm import ldm_state_dict
 from tiny_models import make_loha_file, sd1_parts
 
 
@@ -21,7 +21,7 @@ def folders(tmp_path_factory):
     (root / "ckpt").mkdir()
     (root / "nets" / "style").mkdir(parents=True)
     parts = sd1_parts()
-    state = {k: v.contiguous() for k, v in to_ldm(parts["unet"].state_dict(), parts["text_encoder"].state_dict()).items()}
+    state = {k: v.contiguous() for k, v in ldm_state_dict({"unet": parts["unet"].state_dict(), "text_encoder": parts["text_encoder"].state_dict()}, family="sd1").items()}
     save_file(state, root / "ckpt" / "base.safetensors")
     make_loha_file(parts, root / "nets" / "style" / "fox.safetensors", seed=3)
     return ui.Folders(checkpoints=[str(root / "ckpt")], networks=[str(root / "nets")], output=str(root / "out"))
@@ -48,10 +48,10 @@ def test_merge_writes_what_the_library_merge_writes(folders, tmp_path):
     assert message.startswith("Wrote") and "tensors changed" in message, message
     merged = load_file(os.path.join(folders.output, "merged.safetensors"))
     expected = load_file(folders.checkpoint_files()["base.safetensors"])
-    loha.patch(expected, [(loha.load(folders.network_files()["style/fox.safetensors"]), 0.7, 0.5)])
+    loha.apply(expected, [(loha.load(folders.network_files()["style/fox.safetensors"]), 0.7, 0.5)])
     assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in merged)
     again = ui.merge_files(folders, "base.safetensors", "style/fox.safetensors", "merged", "keep")
-    assert again.startswith("**Error:**")  # no overwrite unless asked
+    assert again.startswith("**Error:**") and "(tick Overwrite)" in again and "--" not in again  # not unless asked
     assert ui.merge_files(folders, "base.safetensors", "", "x").startswith("**Error:** list at least one")
     assert ui.merge_files(folders, "", "style/fox.safetensors", "x").startswith("**Error:** choose a checkpoint")
 

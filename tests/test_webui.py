@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import loha
-from loha.demo import to_ldm
-from loha.webui import (ActiveSet, LiveParameters, Request, card_metadata, list_networks, parse_request,
+from loha.models.to_ldm import ldm_state_dict
+from loha.hosts.webui import (ActiveSet, LiveParameters, Request, card_metadata, list_networks, parse_request,
                         preferred_weight, release_builtin)
 from tiny_models import make_loha_file, sd1_parts
 
@@ -96,7 +96,7 @@ def test_card_shows_shape_tags_and_the_preferred_weight(files, tmp_path):
 
 def ldm_model(parts) -> torch.nn.Module:
     """A module tree whose parameters carry the LDM checkpoint names, as the WebUI's model does."""
-    state = to_ldm(parts["unet"].state_dict(), parts["text_encoder"].state_dict())
+    state = ldm_state_dict({"unet": parts["unet"].state_dict(), "text_encoder": parts["text_encoder"].state_dict()}, family="sd1")
     root = torch.nn.Module()
     for key, tensor in state.items():
         *path, name = key.split(".")
@@ -139,7 +139,7 @@ def test_patches_once_per_set_and_restores_bit_for_bit(parts, files):
 def _patched_state(base, *uses):
     """What the core's patch() makes of a copy of the base weights."""
     state = {k: v.clone() for k, v in base.items()}
-    loha.patch(state, list(uses))
+    loha.apply(state, list(uses))
     return state
 
 

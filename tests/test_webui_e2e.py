@@ -25,8 +25,8 @@ from webui_host import BUILTIN_COMPARISONS, PROMPT, check_card, check_loha_equal
 
 WEBUI = os.environ.get("LOHA_WEBUI_DIR")
 PYTHON = os.environ.get("LOHA_WEBUI_PYTHON")
-pytestmark = pytest.mark.skipif(
-    not (WEBUI and PYTHON), reason="set LOHA_WEBUI_DIR and LOHA_WEBUI_PYTHON to test against a real WebUI")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
+    not (WEBUI and PYTHON), reason="set LOHA_WEBUI_DIR and LOHA_WEBUI_PYTHON to test against a real WebUI")]
 
 
 def _checkpoint(path: str) -> None:
@@ -94,7 +94,7 @@ def test_removing_both_gives_the_base_image_bit_for_bit(images):
 
 
 def test_infotext_records_the_loha_hashes(webui, images):
-    from loha.merge import file_hashes
+    from loha.files.safetensors_io import file_hashes
 
     short = file_hashes(os.path.join(webui["data"], "models", "Lora", "test.safetensors"))["model_hash"][:12]
     assert f"LoHa hashes: \"test: {short}\"" in images["loha test"][1]

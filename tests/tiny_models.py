@@ -168,3 +168,24 @@ def run_parts(parts: dict, seed: int = 0) -> dict:
             if key in parts:
                 out[key] = parts[key](ids).last_hidden_state
     return out
+
+
+def lycoris_outputs(make_parts, kwargs, path, multiplier):
+    """Outputs of fresh `make_parts()` with LyCORIS's forward path applying the file at `path`.
+
+    LyCORIS modules hook the layers they were built on, so the network is built anew on
+    the reference copy and loaded from the file (its fp16/bf16-rounded values).
+    """
+    ref = make_parts()
+    net = lycoris_network(ref, **kwargs)
+    net.load_weights(path)
+    for module in net.unet_loras + net.text_encoder_loras:
+        module.multiplier = multiplier
+    return run_parts(ref)
+
+
+def assert_outputs_close(ours, theirs, base):
+    for part in theirs:
+        change = (theirs[part] - base[part]).abs().max()
+        assert change > 1e-3, f"{part}: the network changes nothing; the test would prove nothing"
+        torch.testing.assert_close(ours[part], theirs[part], rtol=2e-4, atol=2e-4, msg=part)

@@ -3,7 +3,7 @@
 The UNets and CLIPs are tiny_models'; text widths add up to the UNet's cross-attention
 width as in the real families (768; 768 + 1280 for SDXL). The tokenizer is a CLIP BPE
 tokenizer over single letters written to a temporary folder. Also: the pipeline's
-weights as an LDM checkpoint state dict (through keys.py's own targets and renaming),
+weights as an LDM checkpoint state dict (through loha.keys' own targets and renaming),
 and back.
 """
 
@@ -17,6 +17,7 @@ import torch
 
 import tiny_models as T
 from loha import keys
+from loha.keys.text import TEXT_PARTS
 
 MAX_TOKENS = 16  # tiny_models' CLIPs have 16 positions
 PROMPT = "a photo of a cat"
@@ -116,7 +117,7 @@ LDM_UNET = "model.diffusion_model."
 
 
 def _ldm_places(pipe) -> list[tuple]:
-    """(target, LDM key, rows) for every patchable weight of the pipeline, from keys.py's targets."""
+    """(target, LDM key, rows) for every patchable weight of the pipeline, from loha.keys' targets."""
     names = keys.map_modules(parts(pipe))
     unet_keys = keys.unet_key_map((f"{t.path}.weight" for t in names.targets if t.component == "unet"), from_ldm=False)
     places = []
@@ -129,7 +130,7 @@ def _ldm_places(pipe) -> list[tuple]:
             places.append((target, f"{prefix}{target.path}.weight", None))
             continue
         layer, part = target.path.removeprefix("encoder.layers.").split(".", 1)
-        param, third = keys.TEXT_PARTS[part]
+        param, third = TEXT_PARTS[part]
         width = target.shape[0]
         rows = None if third is None else (third * width, (third + 1) * width)
         places.append((target, f"{prefix}resblocks.{layer}.{param}", rows))

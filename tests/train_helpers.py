@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.tiny_models import clip_text, sd1_unet
+from tiny_models import clip_text, sd1_unet
 
 TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
                 block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -34,7 +34,7 @@ class WithTextModel(torch.nn.Module):
         return self.text_model(*args, **kwargs)
 
 
-#: What the tiny SDXL parts' weights cannot tell `loha.checkpoint` (heads, norm groups,
+#: What the tiny SDXL parts' weights cannot tell `loha.models.from_ldm` (heads, norm groups,
 #: the tiny CLIPs' activation): a checkpoint of them is read back with these overrides.
 TINY_SDXL_CONFIGS = {
     "unet": {"attention_head_dim": 8, "norm_num_groups": 8},

@@ -24,9 +24,6 @@ import torch
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
               max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768,
               bos_token_id=0, eos_token_id=49407, pad_token_id=1)
-#: SD1.5's UNet in diffusers' terms.
-SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
 TAGS = {"5_sample": {"red fox": 12, "forest": 7, "snow": 3}}
 
 _CHECKPOINT_SCRIPT = r"""
@@ -67,8 +64,10 @@ def _full_size_parts(seed: int = 0) -> dict:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from loha.models.configs import PUBLISHED
+
     torch.manual_seed(seed)
-    return {"unet": UNet2DConditionModel(**SD15_UNET).eval(),
+    return {"unet": UNet2DConditionModel(**PUBLISHED["sd1"]["unet"]).eval(),
             "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L)).eval()}
 
 

@@ -2,7 +2,7 @@
 
 Entry points (signatures are the contract the patcher and the merge rely on):
 - add_hadamard_(weight, a1, b1, a2, b2, scale): weight += scale·(a1@b1)⊙(a2@b2)
-- add_hadamard_many_(items):                    the same for a list of such tuples
+- add_hadamard_many_(items):                    the same for a list of `HadamardItem`s
 - add_lowrank_(weight, a, b, scale):            weight += scale·(a@b)
 - add_dense_(weight, delta, scale):             weight += scale·delta
 - hadamard_bypass(x, a1, b1, a2, b2, scale):    x @ (scale·ΔW)ᵀ without forming ΔW
@@ -30,28 +30,24 @@ import torch
 
 from .. import delta as D
 from . import native, tiled, tuning
-from .tiled import DENSE, HADAMARD, HADAMARD_NATIVE, HADAMARD_ONEDNN, MATMUL, Job
+from .tiled import DENSE, HADAMARD, HADAMARD_NATIVE, HADAMARD_ONEDNN, MATMUL, HadamardItem, Job
 
 _F32 = torch.float32
 _triton_module = None
 _triton_failed = False
 
 __all__ = [
+    "HadamardItem",
     "add_hadamard_",
     "add_hadamard_many_",
     "add_lowrank_",
     "add_dense_",
     "hadamard_bypass",
-    "triton_available",
 ]
 
 
-def triton_available() -> bool:
-    """True when the Triton kernel module imports (checked once, lazily)."""
-    return _triton() is not None
-
-
 def _triton():
+    """The Triton kernel module, or None where triton does not import (checked once, lazily)."""
     global _triton_module, _triton_failed
     if _triton_module is None and not _triton_failed:
         try:
@@ -73,7 +69,8 @@ def _f32(x: torch.Tensor, device) -> torch.Tensor:
     return x.to(device=device, dtype=_F32).contiguous()
 
 
-def _check(o: int, k: int, shapes: list, what: str) -> None:
+def _raise_misfit(o: int, k: int, shapes: list, what: str) -> None:
+    """Always raises: factors that do not fit the weight."""
     raise ValueError(f"{what} factors {shapes} do not fit a weight viewed as ({o}, {k})")
 
 
@@ -84,7 +81,7 @@ def _hadamard_job(weight: torch.Tensor, a1, b1, a2, b2, scale: float) -> Job:
     a1, b1, a2, b2 = (_f32(x, dev) for x in (a1, b1, a2, b2))
     r1, r2 = a1.shape[-1], a2.shape[-1]
     if a1.shape != (o, r1) or a2.shape != (o, r2) or b1.shape != (r1, k) or b2.shape != (r2, k):
-        _check(o, k, [tuple(x.shape) for x in (a1, b1, a2, b2)], "LoHa")
+        _raise_misfit(o, k, [tuple(x.shape) for x in (a1, b1, a2, b2)], "LoHa")
     cpu = dev.type == "cpu"
     use_native = cpu and tuning.CPU_NATIVE and native.supports(w.dtype)
     if use_native:
@@ -142,45 +139,44 @@ def _contiguous_target(weight: torch.Tensor):
 
 @torch.no_grad()
 def add_hadamard_many_(items) -> None:
-    """weight += scale·(a1@b1)⊙(a2@b2) for every (weight, a1, b1, a2, b2, scale) in items.
+    """weight += scale·(a1@b1)⊙(a2@b2) for every `HadamardItem` (or such a tuple) in items.
 
     On CUDA the layers go to the Triton kernel in as few launches as possible; on CPU
     their row tiles are spread over the worker threads. Items whose weights overlap in
     memory are applied in order, one after the other.
     """
-    items = [it for it in items if it[5] != 0 and it[0].numel() != 0]
+    items = [it for it in map(HadamardItem._make, items) if it.scale != 0 and it.weight.numel() != 0]
     if not items:
         return
     writebacks = []
     prepared = []
-    for w, *rest in items:
-        target, back = _contiguous_target(w)
+    for item in items:
+        target, back = _contiguous_target(item.weight)
         if back is not None:
             writebacks.append((back, target))
-        prepared.append((target, *rest))
+        prepared.append(item._replace(weight=target))
     tri = []
     jobs = []
     for it in prepared:
-        w = it[0]
+        w = it.weight
         if w.device.type == "cuda" and w.dtype in (torch.float16, torch.bfloat16, _F32) and _use_triton(it):
             tri.append(it)
         else:
             jobs.append(_hadamard_job(*it))
     if tri:
         mod = _triton()
-        for wave in _overlap_waves([it[0] for it in tri]):
+        for wave in _overlap_waves([it.weight for it in tri]):
             mod.add_hadamard_many_([tri[i] for i in wave])
     _run_jobs(jobs)
     for back, target in writebacks:
         back.copy_(target)
 
 
-def _use_triton(item) -> bool:
+def _use_triton(item: HadamardItem) -> bool:
     if _triton() is None:
         return False
-    w, a1, _, a2, _, _ = item
-    r1, r2 = a1.shape[-1], a2.shape[-1]
-    return r1 * r2 > tuning.CUDA_KR_MAX_RANK_PRODUCT.get(w.dtype, 0)
+    r1, r2 = item.a1.shape[-1], item.a2.shape[-1]
+    return r1 * r2 > tuning.CUDA_KR_MAX_RANK_PRODUCT.get(item.weight.dtype, 0)
 
 
 def add_hadamard_(weight, a1, b1, a2, b2, scale: float) -> None:
@@ -198,7 +194,7 @@ def add_lowrank_(weight, a, b, scale: float) -> None:
     o, k = w.shape
     a, b = _f32(a, w.device), _f32(b, w.device)
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != o or b.shape != (a.shape[1], k):
-        _check(o, k, [tuple(a.shape), tuple(b.shape)], "LoRA")
+        _raise_misfit(o, k, [tuple(a.shape), tuple(b.shape)], "LoRA")
     _run_jobs([Job(w, MATMUL, (a, b), float(scale))])
     if back is not None:
         back.copy_(target)

@@ -33,7 +33,20 @@ MATMUL = "matmul"  # tensors (u, v): u @ v (LoRA, or the Khatri–Rao form of a 
 DENSE = "dense"  # tensors (delta,): delta itself, (O, K)
 
 
+class HadamardItem(NamedTuple):
+    """One layer of a grouped call: weight += scale·(a1@b1)⊙(a2@b2)."""
+
+    weight: torch.Tensor  # viewed (O, K); may be a row slice of a bigger tensor
+    a1: torch.Tensor  # (O, R1)
+    b1: torch.Tensor  # (R1, K)
+    a2: torch.Tensor  # (O, R2)
+    b2: torch.Tensor  # (R2, K)
+    scale: float
+
+
 class Job(NamedTuple):
+    """One weight's work for the row tiles: its kind and the tensors that kind needs."""
+
     weight: torch.Tensor  # (O, K) view of the weight, contiguous
     kind: str
     tensors: tuple

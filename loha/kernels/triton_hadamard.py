@@ -27,7 +27,6 @@ from . import tuning
 
 _F32 = torch.float32
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-_META_COLS = 9  # w, a1, b1, a2, b2, O, K, R1, R2
 
 
 @triton.jit

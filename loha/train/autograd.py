@@ -7,7 +7,7 @@ layer. Here only the factors (and the layer input, which any layer keeps) are sa
 backward rebuilds the branches from the factors, which costs two rank-R products
 per layer and no memory between forward and backward.
 
-Factor layouts are the file's (see loha.format): plain a (O, R), b (R, K) with
+Factor layouts are the file's (see loha.files.network): plain a (O, R), b (R, K) with
 K = I·k·k; Tucker a (R, O), b (R, I), t (R, R, k, k).
 
 The Tucker gradients of `a` are those of lycoris-lora 4.1.3's fixed HadaWeightTucker
@@ -32,7 +32,7 @@ def branch(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None) -> torch.Te
     return torch.einsum("ir...,ip->pr...", torch.einsum("ij...,jr->ir...", t, b), a)
 
 
-def delta(factors: Factors) -> torch.Tensor:
+def unscaled_delta(factors: Factors) -> torch.Tensor:
     """ΔW = B1 ⊙ B2 (unscaled); (O, K) plain, (O, I, k, …) Tucker."""
     w1a, w1b, w2a, w2b, t1, t2 = factors
     return branch(w1a, w1b, t1) * branch(w2a, w2b, t2)
@@ -67,7 +67,7 @@ def delta_grads(grad: torch.Tensor, factors: Factors, needs=(True,) * 6, branche
 # --------------------------------------------------------------------------- ΔW alone
 
 
-class HadamardDelta(torch.autograd.Function):
+class _ScaledDelta(torch.autograd.Function):
     """scale·ΔW from the factors, saving only the factors (for merges, tests, DoRA)."""
 
     @staticmethod
@@ -75,7 +75,7 @@ class HadamardDelta(torch.autograd.Function):
         factors = (w1a, w1b, w2a, w2b, t1, t2)
         ctx.save_for_backward(*factors)
         ctx.scale = scale
-        return delta(factors) * scale
+        return unscaled_delta(factors) * scale
 
     @staticmethod
     def backward(ctx, grad):
@@ -84,8 +84,9 @@ class HadamardDelta(torch.autograd.Function):
         return (None, *grads)
 
 
-def hadamard_delta(factors: Factors, scale: float = 1.0) -> torch.Tensor:
-    return HadamardDelta.apply(scale, *factors)
+def scaled_delta(factors: Factors, scale: float = 1.0) -> torch.Tensor:
+    """scale·ΔW of factors in the file's layouts, differentiable, keeping only the factors."""
+    return _ScaledDelta.apply(scale, *factors)
 
 
 # --------------------------------------------------------------------------- whole layers

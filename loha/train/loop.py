@@ -22,12 +22,14 @@ from typing import Callable
 import torch
 
 from ..errors import LohaError
+from ..files.safetensors_io import DTYPE_NAMES
 from .data import Dataset
 from .models import BaseModel, _quiet, load_base, take, to_device
 from .modules import LohaNetwork, NetworkSpec
 from .save import network_metadata, write_network
 
-DTYPES = {"no": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: --mixed-precision values: the dtype the frozen model runs in ("no": its own, trained in fp32).
+MIXED_PRECISION = {"no": None, **DTYPE_NAMES}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -67,8 +69,8 @@ class TrainConfig:
 
     def check(self) -> None:
         for name, value, allowed in (("lr_scheduler", self.lr_scheduler, SCHEDULES),
-                                     ("mixed_precision", self.mixed_precision, DTYPES),
-                                     ("save_dtype", self.save_dtype, ("fp32", "fp16", "bf16")),
+                                     ("mixed_precision", self.mixed_precision, MIXED_PRECISION),
+                                     ("save_dtype", self.save_dtype, tuple(DTYPE_NAMES)),
                                      ("prediction_type", self.prediction_type, (None, *PREDICTION_TYPES))):
             if value not in allowed:
                 raise LohaError(f"{name} {value!r} is not one of {', '.join(map(str, allowed))}")
@@ -185,18 +187,31 @@ class Trainer:
             self.callbacks.log(message)
 
     def _prepare(self) -> None:
+        """Everything before the first step, in order."""
+        torch.manual_seed(self.config.seed)
+        self._load_base()
+        self._encode_data()
+        self._attach_network()
+        self._make_optimizer()
+        self.step = 0
+        self.losses: list[float] = []
+        if self.config.resume:
+            self._load_state(self.config.resume)
+
+    def _load_base(self) -> None:
         config = self.config
-        torch.manual_seed(config.seed)
         if self.base is None:
             self._log(f"loading {config.model}")
             self.base = load_base(config.model, config.tokenizer, config.vae, config.seed)
-        base = self.base
         _quiet()
-        self.dtype = DTYPES[config.mixed_precision] or torch.float32
-        base.to(self.device, self.dtype)  # an fp16 checkpoint trains in fp32 unless mixed precision says otherwise
-        self.prediction = config.prediction_type or base.prediction_type
+        self.dtype = MIXED_PRECISION[config.mixed_precision] or torch.float32
+        self.base.to(self.device, self.dtype)  # an fp16 checkpoint trains in fp32 unless mixed precision says otherwise
+        self.prediction = config.prediction_type or self.base.prediction_type
         self.alphas = noise_schedule().to(self.device)
 
+    def _encode_data(self) -> None:
+        """Latents once; captions once too while the text encoder is frozen."""
+        config, base = self.config, self.base
         self.dataset = Dataset(config.data, config.resolution, config.bucket_step)
         self._log(f"encoding {len(self.dataset)} images once ({len(set(self.dataset.buckets))} buckets)")
         self.dataset.encode(base.encode_pixels)
@@ -208,14 +223,20 @@ class Trainer:
             with torch.no_grad():
                 self.embeddings = base.encode_captions(self.dataset.captions, config.clip_skip)
 
-        self.network = LohaNetwork(base.parts(), config.network, seed=config.seed).attach()
-        base.modes(config.gradient_checkpointing, config.network.text_encoder)
-
+    def _attach_network(self) -> None:
+        config = self.config
+        self.network = LohaNetwork(self.base.parts(), config.network, seed=config.seed).attach()
+        self.base.modes(config.gradient_checkpointing, config.network.text_encoder)
         # Every factor gets a gradient tensor now: layers that cannot reach the loss (the last
         # text-encoder layer when the context is a penultimate layer, as SDXL's is) keep a
         # zero one, so processes average one same-sized buffer and every run steps alike.
         for param in self.network.parameters():
             param.grad = torch.zeros_like(param)
+
+    def _make_optimizer(self) -> None:
+        """AdamW over the UNet's and the text encoders' factors (two learning rates), its
+        schedule, and the fp16 gradient scaler."""
+        config = self.config
         groups = {"unet": [], "te": []}
         components = {self.network.names.names(t)[0]: t.component for t in self.network.names.targets}
         for name, module in self.network.loha.items():
@@ -230,10 +251,6 @@ class Trainer:
             self.optimizer, lr_lambda(config.lr_scheduler, config.warmup_steps, config.steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16
                                            and self.device.type == "cuda")
-        self.step = 0
-        self.losses: list[float] = []
-        if config.resume:
-            self._load_state(config.resume)
 
     # ----------------------------------------------------------------- one step
 
@@ -307,7 +324,7 @@ class Trainer:
         meta = network_metadata(config.network, self.network.family, name=name, started_at=self.started_at,
                                 steps=self.step, settings=settings, tag_frequency=self.dataset.tag_frequency,
                                 dataset=self.dataset.dirs)
-        tensors = self.network.file_tensors(DTYPES[config.save_dtype])
+        tensors = self.network.file_tensors(DTYPE_NAMES[config.save_dtype])
         return write_network(tensors, path, meta)
 
     def _save_state(self) -> None:

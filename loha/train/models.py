@@ -2,15 +2,15 @@
 
 SD1.x/SD2.x train as `BaseModel` (one text encoder), SDXL as `SDXLModel` (CLIP-L and
 OpenCLIP-G, pooled text and size conditioning as kohya's sdxl_train_network feeds them).
-A checkpoint is read into diffusers/transformers modules by `loha.checkpoint`
+A checkpoint is read into diffusers/transformers modules by `loha.models.from_ldm`
 (built on `loha.keys`' block tables), so the modules the trainer wraps carry exactly
 the names a file must use. Checkpoints carry no tokenizer: pass the folder of one
 (``vocab.json`` + ``merges.txt``, e.g. a diffusers model's ``tokenizer/``; for SDXL a
 folder with ``tokenizer/`` and ``tokenizer_2/``, i.e. a diffusers SDXL model folder).
 
 The demo model is SD1.5's architecture at small widths with seeded random weights
-(`loha.demo`'s UNet and text encoder, a small VAE, a byte-level tokenizer), so the
-trainer runs anywhere with nothing downloaded.
+(`loha.models.configs.DEMO`, and a byte-level tokenizer), so the trainer runs anywhere
+with nothing downloaded.
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LohaError
+from ..keys import map_modules
+from ..models.configs import DEMO
+from ..models.structures import require_diffusers
 
-#: The demo VAE: SD's AutoencoderKL (8× downsampling, 4 latent channels) at small widths.
-DEMO_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-    block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128, scaling_factor=0.18215,
-)
-#: Metadata a checkpoint written by `write_checkpoint` carries: the parts' configs
-#: (`loha.checkpoint` overrides) and the tokenizer kind.
+#: Metadata a checkpoint written by `save_base_checkpoint` carries: the parts' configs
+#: (`from_ldm.diffusers_parts` overrides) and the tokenizer kind.
 CONFIG_KEY = "loha.train.configs"
 TOKENIZER_KEY = "loha.train.tokenizer"
 
@@ -232,14 +229,6 @@ def _assemble(parts: dict, vae, tokenizers: tuple, family: str, name: str, predi
     return BaseModel(**common)
 
 
-def _need_diffusers():
-    try:
-        import diffusers  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as exc:
-        raise LohaError(f"training needs diffusers and transformers ({exc.name} is missing): "
-                        "pip install 'loha[diffusers]'") from None
-
 
 def _quiet():
     import logging
@@ -249,7 +238,7 @@ def _quiet():
 
 
 def _build(unet_config: dict, text_config: dict, vae_config: dict, seed: int | None):
-    _need_diffusers()
+    require_diffusers("training")
     _quiet()
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -266,18 +255,15 @@ def _build(unet_config: dict, text_config: dict, vae_config: dict, seed: int | N
 
 def demo_model(seed: int = 0) -> BaseModel:
     """The demo model: SD1.5's structure at small widths, seeded random weights."""
-    from ..demo import DEMO_TEXT, DEMO_UNET
-
-    unet, text, vae = _build(DEMO_UNET, DEMO_TEXT, DEMO_VAE, seed)
-    configs = {"unet": DEMO_UNET, "text_encoder": DEMO_TEXT, "vae": DEMO_VAE}
-    return BaseModel(unet, text, vae, ByteTokenizer(length=DEMO_TEXT["max_position_embeddings"]), "sd1",
-                     f"loha-demo-sd1-seed{seed}", configs=configs)
+    unet, text, vae = _build(DEMO["unet"], DEMO["text_encoder"], DEMO["vae"], seed)
+    return BaseModel(unet, text, vae, ByteTokenizer(length=DEMO["text_encoder"]["max_position_embeddings"]), "sd1",
+                     f"loha-demo-sd1-seed{seed}", configs=dict(DEMO))
 
 
 def from_diffusers(folder: str) -> BaseModel:
     """A diffusers model folder: unet/, text_encoder/, vae/, tokenizer/, scheduler/; SDXL's
     also text_encoder_2/ and tokenizer_2/."""
-    _need_diffusers()
+    require_diffusers("training")
     _quiet()
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -299,8 +285,6 @@ def from_diffusers(folder: str) -> BaseModel:
     if os.path.isfile(scheduler):
         with open(scheduler, encoding="utf-8") as f:
             prediction = json.load(f).get("prediction_type", "epsilon")
-    from ..keys import map_modules
-
     family = map_modules(parts).family
     return _assemble(parts, vae, tokenizers, family, os.path.basename(os.path.normpath(folder)), prediction)
 
@@ -309,44 +293,33 @@ def from_diffusers(folder: str) -> BaseModel:
 _TOKENIZERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
 
-def _read_checkpoint(path: str) -> tuple[dict, dict]:
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state), {}
-
-
 def from_checkpoint(path: str, tokenizer: str | None = None, vae: str | None = None) -> BaseModel:
     """An SD1.x/SD2.x/SDXL LDM checkpoint (.safetensors, or .ckpt loaded with weights_only).
 
-    `loha.checkpoint` reads the architecture off the shapes and loads every tensor;
-    a checkpoint written by `write_checkpoint` also carries what shapes cannot tell.
+    `loha.models.from_ldm` reads the architecture off the shapes and loads every tensor;
+    a checkpoint written by `save_base_checkpoint` also carries what shapes cannot tell.
     """
-    _need_diffusers()
+    require_diffusers("training")
     _quiet()
-    from ..checkpoint import diffusers_parts
+    from ..files.checkpoint import read_checkpoint
+    from ..models.from_ldm import diffusers_parts
 
     if not os.path.isfile(path):
         raise LohaError(f"{path}: no such checkpoint")
-    state, meta = _read_checkpoint(path)
+    state, meta = read_checkpoint(path)
     configs = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
     parts = diffusers_parts(state, overrides=configs)
     if vae is not None:
         parts["vae"] = from_diffusers_vae(vae)
     if "vae" not in parts:
         raise LohaError(f"{path}: holds no VAE (first_stage_model.*); pass one (a diffusers VAE folder)")
-    from ..keys import map_modules
-
     family = map_modules(parts).family
     return _assemble(parts, parts["vae"], _tokenizers(path, meta, tokenizer, parts), family,
                      os.path.splitext(os.path.basename(path))[0], configs=configs)
 
 
 def from_diffusers_vae(folder: str):
-    _need_diffusers()
+    require_diffusers("training")
     from diffusers import AutoencoderKL
 
     sub = "vae" if os.path.isdir(os.path.join(folder, "vae")) else None
@@ -356,14 +329,14 @@ def from_diffusers_vae(folder: str):
 def _tokenizers(path: str, meta: dict, folder: str | None, parts: dict) -> tuple:
     """One tokenizer per text encoder of the parts: from `folder` (its tokenizer/ and, for
     SDXL, tokenizer_2/; an SD1/SD2 tokenizer may also be the folder itself), or the
-    byte tokenizer a `write_checkpoint` file names."""
+    byte tokenizer a `save_base_checkpoint` file names."""
     sdxl = "text_encoder_2" in parts
     if folder is not None:
         from transformers import CLIPTokenizer
 
         if sdxl and not all(os.path.isdir(os.path.join(folder, sub)) for sub, _ in _TOKENIZERS):
-            raise LohaError(f"{path}: an SDXL checkpoint needs --tokenizer FOLDER with tokenizer/ and tokenizer_2/ "
-                            f"subfolders (a diffusers SDXL model folder); {folder} lacks them")
+            raise LohaError(f"{path}: an SDXL checkpoint needs a tokenizer folder with tokenizer/ and tokenizer_2/ "
+                            f"subfolders (a diffusers SDXL model folder); {folder} lacks them", option="tokenizer")
         out = []
         for sub, text in _TOKENIZERS:
             if text not in parts:
@@ -377,16 +350,17 @@ def _tokenizers(path: str, meta: dict, folder: str | None, parts: dict) -> tuple
         return tuple(ByteTokenizer(length=configs[text]["max_position_embeddings"])
                      for _, text in _TOKENIZERS if text in parts)
     if sdxl:
-        raise LohaError(f"{path}: a checkpoint carries no tokenizer; an SDXL checkpoint needs --tokenizer FOLDER "
-                        "with tokenizer/ and tokenizer_2/ subfolders (a diffusers SDXL model folder)")
-    raise LohaError(f"{path}: a checkpoint carries no tokenizer; pass --tokenizer FOLDER "
-                    "(vocab.json + merges.txt, e.g. a diffusers SD1.5 model's tokenizer/)")
+        raise LohaError(f"{path}: a checkpoint carries no tokenizer; an SDXL checkpoint needs a tokenizer folder "
+                        "with tokenizer/ and tokenizer_2/ subfolders (a diffusers SDXL model folder)",
+                        option="tokenizer")
+    raise LohaError(f"{path}: a checkpoint carries no tokenizer; give a tokenizer folder "
+                    "(vocab.json + merges.txt, e.g. a diffusers SD1.5 model's tokenizer/)", option="tokenizer")
 
 
-def write_checkpoint(model: BaseModel, path: str) -> str:
+def save_base_checkpoint(model: BaseModel, path: str) -> str:
     """Save a model built from configs (the demo) as an LDM checkpoint (VAE included) that
     `from_checkpoint` reads back, its configs and tokenizer kind in the metadata."""
-    from ..checkpoint import save_checkpoint
+    from ..models.to_ldm import save_checkpoint
 
     meta = {CONFIG_KEY: json.dumps(model.configs)}
     if isinstance(model.tokenizer, ByteTokenizer):

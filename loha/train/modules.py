@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import LohaError
+from ..families import TEXT_COMPONENTS
 from ..keys import NameMap, Target, map_modules, map_state_dict
 from .autograd import _Op, loha_layer
 
@@ -40,7 +41,6 @@ PRESET_HELP = {
     "attn-mlp": "attention + feed-forward + proj_in/out (lycoris-lora's default)",
     "full": "everything incl. resnets, up/down samplers, conv_in/out, time embedding",
 }
-_TEXT_COMPONENTS = ("te1", "te2")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class NetworkSpec:
             raise LohaError(f"ranks must be ≥ 1 (rank {self.rank}, conv_rank {self.conv_rank})")
 
     def wants(self, target: Target) -> bool:
-        if target.component in _TEXT_COMPONENTS:
+        if target.component in TEXT_COMPONENTS:
             return self.text_encoder
         return any(re.fullmatch(p, target.path) for p in PRESETS[self.preset])
 

@@ -3,13 +3,12 @@
 The names and metadata are what kohya's sd-scripts record when they train with
 ``--network_module lycoris.kohya --network_args algo=loha …`` (network args as
 strings, ``ss_tag_frequency`` as JSON, times as Unix seconds), so every loader and
-every metadata viewer reads our files like theirs. Files are written to a temporary
-name and renamed, so a reader never sees half a file.
+every metadata viewer reads our files like theirs. Files appear only when complete
+(`safetensors_io.save`), so a reader never sees half a file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -17,11 +16,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ..stream import save as save_tensors
-
-#: Our family name -> kohya's ss_base_model_version and modelspec.architecture.
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+from ..families import BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE
+from ..files.safetensors_io import model_hash, save
 
 
 def network_metadata(spec, family: str, *, name: str, started_at: float, steps: int, settings: Mapping,
@@ -50,7 +46,7 @@ def network_metadata(spec, family: str, *, name: str, started_at: float, steps: 
         "ss_dataset_dirs": json.dumps(dataset, ensure_ascii=False),
         "ss_num_train_images": str(sum(d["img_count"] * d["n_repeats"] for d in dataset.values())),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{ARCHITECTURE[family]}/lycoris",
+        "modelspec.architecture": f"{MODELSPEC_ARCHITECTURE[family]}/lycoris",
         "modelspec.implementation": "https://github.com/KohakuBlueleaf/LyCORIS",
         "modelspec.title": name,
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started_at)),
@@ -59,25 +55,8 @@ def network_metadata(spec, family: str, *, name: str, started_at: float, steps: 
     return meta
 
 
-def model_hash(tensors: Mapping[str, torch.Tensor]) -> str:
-    """kohya's sshs_model_hash: sha256 of the file's data section (unchanged by metadata)."""
-    from safetensors.torch import save
-
-    blob = save(dict(tensors))
-    header = int.from_bytes(blob[:8], "little")
-    return hashlib.sha256(blob[8 + header:]).hexdigest()
-
-
 def write_network(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str]) -> str:
-    """Write atomically (temporary file, then rename); returns the path."""
-    metadata = {**metadata, "sshs_model_hash": model_hash(tensors)}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    partial = f"{path}.partial"
-    try:
-        save_tensors(tensors, partial, metadata)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+    """Write with kohya's `sshs_model_hash` added (atomically); returns the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save(tensors, path, {**metadata, "sshs_model_hash": model_hash(tensors)})
     return path

@@ -78,7 +78,7 @@ def test_wellformed_files_with_arbitrary_contents(tmp_path_factory, entries):
     parts = _parts()
     before = {k: v.clone() for k, v in parts["unet"].state_dict().items()}
     try:
-        handle = loha.patch(parts, net)
+        handle = loha.apply(parts, net)
     except loha.LohaError:
         after = parts["unet"].state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)

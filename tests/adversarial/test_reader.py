@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import loha
 import tiny_models as T
-from loha.format import MAX_HEADER_BYTES
+from loha.files.safetensors_io import MAX_HEADER_BYTES
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def refused(path, parts, match, error=loha.LohaError):
     """Loading/patching `path` raises `error` matching `match`; model and file untouched."""
     before, digest = snapshot(parts), sha(path)
     with pytest.raises(error, match=match):
-        loha.patch(parts, str(path))
+        loha.apply(parts, str(path))
     assert unchanged(before, parts)
     assert sha(path) == digest
 
@@ -84,7 +84,7 @@ def test_header_length_beyond_file(tmp_path, parts):
 def test_enormous_claimed_header_is_refused_unread(tmp_path, parts, monkeypatch):
     path = raw_file(tmp_path / "huge.safetensors", b"{}", claimed=2**62)
     opened = []
-    monkeypatch.setattr("loha.format.safe_open", lambda *a, **k: opened.append(a))
+    monkeypatch.setattr("loha.files.safetensors_io.safe_open", lambda *a, **k: opened.append(a))
     refused(path, parts, r"header claims", loha.FormatError)
     assert opened == []  # refused before safetensors was asked to parse anything
 
@@ -176,7 +176,7 @@ def test_names_with_path_characters_match_nothing(tmp_path, parts, good):
         tensors[f"{name}.hada_w2_a"] = torch.ones(2, 1)
         tensors[f"{name}.hada_w2_b"] = torch.ones(1, 2)
     save_file(tensors, tmp_path / "paths.safetensors")
-    handle = loha.patch(parts, str(tmp_path / "paths.safetensors"))
+    handle = loha.apply(parts, str(tmp_path / "paths.safetensors"))
     assert sorted(handle.unmatched[str(tmp_path / "paths.safetensors")]) == sorted(
         ["lora_unet_../../etc/passwd", "/abs/path", "lora_te_..\\..\\x"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["paths.safetensors"]
@@ -188,7 +188,7 @@ def test_one_bad_module_can_be_skipped(tmp_path, parts, good):
     save_file(tensors, tmp_path / "onebad.safetensors")
     before = snapshot(parts)
     with pytest.warns(UserWarning, match="skipping a bad module.*lora_unet_conv_out"):
-        handle = loha.patch(parts, str(tmp_path / "onebad.safetensors"), skip_bad=True)
+        handle = loha.apply(parts, str(tmp_path / "onebad.safetensors"), skip_bad=True)
     (skipped,) = handle.skipped.values()
     assert len(skipped) == 1 and "lora_unet_conv_out" in skipped[0]
     assert torch.equal(parts["unet"].conv_out.weight, before["unet.conv_out.weight"])

@@ -2,7 +2,7 @@
 
 import os
 
-from loha.safepaths import real_file_inside
+from loha.hosts.safepaths import real_file_inside
 
 
 def test_inside_outside_and_symlinks(tmp_path):

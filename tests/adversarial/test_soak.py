@@ -34,7 +34,7 @@ def test_thousand_cycles_with_changing_strengths(tmp_path):
     path = T.make_loha_file(full, tmp_path / "n.safetensors", use_tucker=True)
     parts = {"text_encoder": full["text_encoder"]}  # the text encoder alone keeps 1000 cycles quick
     before = snapshot(parts)
-    handle = loha.patch(parts, (path, 1.0), family="sd1")
+    handle = loha.apply(parts, (path, 1.0), family="sd1")
     assert all(name.startswith("lora_unet_") for name in handle.unmatched[path])
     handle.restore()
     warm = rss_mb()
@@ -60,10 +60,10 @@ def test_hundred_different_files_do_not_grow_memory(tmp_path):
         paths.append(tmp_path / f"n{i}.safetensors")
     before = snapshot(parts)
     for path in paths[:10]:  # warm up allocator caches
-        loha.patch(parts, str(path), family="sd1").restore()
+        loha.apply(parts, str(path), family="sd1").restore()
     warm = rss_mb()
     for path in paths[10:]:
-        loha.patch(parts, str(path), family="sd1").restore()
+        loha.apply(parts, str(path), family="sd1").restore()
     assert_unchanged(before, parts)
     assert rss_mb() - warm < 30, "memory grew over 90 loads of different files"
 
@@ -85,6 +85,6 @@ def test_out_of_memory_half_way_restores_the_model(tmp_path, monkeypatch, error)
 
     monkeypatch.setattr(patch_module, "apply_to_tensor", failing)
     with pytest.raises(loha.LohaError, match=r"out of memory while patching .*a\.safetensors.*restored"):
-        loha.patch(parts, [a, b])
+        loha.apply(parts, [a, b])
     assert len(calls) == 5
     assert_unchanged(before, parts)

@@ -25,23 +25,17 @@ import re
 from collections import Counter, defaultdict
 
 import torch
-from safetensors.torch import load_file
 
-from .errors import FormatError
-from .format import Network, from_tensors
-from .keys import TEXT_MODEL_LEVEL
-from .stream import save
+from ..errors import FormatError
+from ..families import PIPELINE_COMPONENTS, TEXT_MODEL_LEVEL, kohya_prefix
+from .network import Network, from_tensors
+from .safetensors_io import read_all, save
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 #: Prefix PEFT puts before module paths in saved adapters.
 PEFT_PREFIX = "base_model.model."
-#: Sub-folder (= diffusers pipeline attribute) -> network component.
-FOLDER_COMPONENTS = {"unet": "unet", "text_encoder": "te1", "text_encoder_2": "te2"}
-COMPONENT_FOLDERS = {component: folder for folder, component in FOLDER_COMPONENTS.items()}
-#: kohya prefix of each component; the first text encoder is "lora_te_" when it is the only one.
-KOHYA_PREFIXES = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
-SINGLE_TEXT_PREFIX = "lora_te_"
+#: Adapter sub-folders are named by pipeline attribute (`families.PIPELINE_COMPONENTS`).
 #: LoHaConfig's defaults, for configs that leave `r` or `alpha` out.
 PEFT_DEFAULTS = {"r": 8, "alpha": 8}
 LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -49,14 +43,9 @@ LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", 
 _TEXT_PATH = re.compile(r"(^|\.)encoder\.layers\.\d+\.")
 
 
-def is_adapter_folder(path: str) -> bool:
-    """A folder holding a PEFT adapter, itself or in its part sub-folders."""
-    return bool(_adapter_dirs(path))
-
-
 def _adapter_dirs(folder: str) -> dict[str, str | None]:
     """{sub-folder path: part attribute or None (part to be guessed)} of the adapters in `folder`."""
-    found = {os.path.join(folder, sub): sub for sub in FOLDER_COMPONENTS
+    found = {os.path.join(folder, sub): sub for sub in PIPELINE_COMPONENTS
              if os.path.isfile(os.path.join(folder, sub, CONFIG_FILE))}
     if not found and os.path.isfile(os.path.join(folder, CONFIG_FILE)):
         found[folder] = None
@@ -85,7 +74,7 @@ def read_adapter(folder: str) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]
     if not os.path.isfile(weights_path):
         raise FormatError(f"{folder}: no {WEIGHTS_FILE} (pickled adapter_model.bin files are never loaded)")
     modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, tensor in load_file(weights_path).items():
+    for key, tensor in read_all(weights_path)[0].items():
         path, _, suffix = key.removeprefix(PEFT_PREFIX).rpartition(".")
         if suffix not in LOHA_SUFFIXES:
             raise FormatError(f"{weights_path}: '{key}' is not a LoHa factor (modules_to_save are not supported)")
@@ -99,14 +88,14 @@ def load_folder(folder: str | os.PathLike) -> Network:
     adapters = _adapter_dirs(folder)
     if not adapters:
         raise FormatError(f"{folder}: a folder, but no PEFT adapter in it (no {CONFIG_FILE} here or in "
-                          f"{', '.join(s + '/' for s in FOLDER_COMPONENTS)})")
+                          f"{', '.join(s + '/' for s in PIPELINE_COMPONENTS)})")
     single_text = not any(attr == "text_encoder_2" for attr in adapters.values())
     tensors, configs = {}, {}
     for sub, attr in adapters.items():
         config, modules = read_adapter(sub)
         attr = attr or _guess_part(modules)
         configs[attr] = config
-        component = FOLDER_COMPONENTS[attr]
+        component = PIPELINE_COMPONENTS[attr]
         for path, factors in modules.items():
             name = kohya_name(component, path, single_text)
             rank = pattern_value(config.get("rank_pattern"), path, config.get("r", PEFT_DEFAULTS["r"]))
@@ -122,10 +111,9 @@ def load_folder(folder: str | os.PathLike) -> Network:
 
 def kohya_name(component: str, path: str, single_text: bool = True) -> str:
     """The kohya module name of a PEFT module path (text encoders with ``text_model_``)."""
-    if component == "unet":
-        return KOHYA_PREFIXES["unet"] + path.replace(".", "_")
-    prefix = SINGLE_TEXT_PREFIX if component == "te1" and single_text else KOHYA_PREFIXES[component]
-    return prefix + (TEXT_MODEL_LEVEL + path.removeprefix(TEXT_MODEL_LEVEL)).replace(".", "_")
+    if component != "unet":
+        path = TEXT_MODEL_LEVEL + path.removeprefix(TEXT_MODEL_LEVEL)
+    return kohya_prefix(component, single_text) + path.replace(".", "_")
 
 
 def _guess_part(modules: dict) -> str:
@@ -188,7 +176,7 @@ def adapter_config(label: str, modules: dict) -> dict:
     """PEFT LoHa config for {module path: (Module, Target)}: the commonest rank and alpha,
     exact-path patterns for the others, and the exact paths as targets."""
     ranks = {path: m.rank for path, (m, _) in modules.items()}
-    alphas = {path: _number(m.alpha if m.alpha is not None else m.rank) for path, (m, _) in modules.items()}
+    alphas = {path: _as_config_number(m.alpha if m.alpha is not None else m.rank) for path, (m, _) in modules.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     kernel_convs = {path: m.tucker for path, (m, t) in modules.items() if len(t.shape) > 2 and any(k > 1 for k in t.shape[2:])}
@@ -214,6 +202,6 @@ def adapter_config(label: str, modules: dict) -> dict:
     }
 
 
-def _number(value: float):
+def _as_config_number(value: float):
     """An int where the value is integral, so configs read as PEFT writes them."""
     return int(value) if float(value).is_integer() else float(value)

@@ -1,7 +1,7 @@
 """Gradio blocks for LoHa files: Merge and Inspect tabs (Train when `loha.ui_train` is there).
 
-The same blocks serve the standalone app (`python -m loha ui`) and the WebUI's "LoHa"
-tab, so they keep to what gradio 3.41 (WebUI 1.8) and current gradio both have.
+The same blocks serve the standalone app (`python -m loha ui`, needs the ``ui`` extra)
+and the WebUI's "LoHa" tab, so they keep to what gradio 3.41 (WebUI 1.8) and current gradio both have.
 Tabs come from a registry: a module in `OPTIONAL_TABS` that imports, with a `TITLE`
 and a `tab(folders)` that adds its components, gets a tab of its own. The handlers
 are plain functions of strings, testable without a browser.
@@ -10,18 +10,36 @@ are plain functions of strings, testable without a browser.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
 
-from .errors import LohaError
+from ..errors import LohaError
+from ..files.safetensors_io import DTYPE_NAMES
 
 log = logging.getLogger("loha")
 
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
-DTYPES = ("keep", "fp16", "bf16", "fp32")
+#: Output dtype choices of the Merge tab: keep each tensor's, or one for all.
+OUTPUT_DTYPES = ("keep", *DTYPE_NAMES)
 #: Tabs other modules provide, shown first when the module imports: module name.
-OPTIONAL_TABS = ("loha.ui_train",)
+OPTIONAL_TABS = ("loha.app.ui_train",)
+#: What the tabs import beyond the core (the `ui` extra).
+UI_PACKAGES = ("gradio", "pandas")
+#: Library arguments (`LohaError.option`) -> what sets them in the tabs.
+OPTION_HINTS = {"overwrite": "tick Overwrite"}
+
+
+def missing_packages() -> list[str]:
+    """The `ui` extra's packages that are not installed."""
+    return [name for name in UI_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def error_text(exc: LohaError) -> str:
+    """A refused call as the tabs show it: the message, and the control that would accept it."""
+    hint = OPTION_HINTS.get(exc.option or "")
+    return f"{exc}" + (f" ({hint})" if hint else "")
 
 
 @dataclass
@@ -67,9 +85,9 @@ def _resolve(value: str, listed: dict[str, str], what: str) -> str:
 
 def inspect_file(folders: Folders, network: str, against: str = "") -> tuple[str, dict]:
     """(text report, summary dict) of a network, optionally checked against a checkpoint."""
-    from .format import load
-    from .inspect import against as check_against
-    from .inspect import render, summarize
+    from ..files.network import load
+    from ..summary import against as check_against
+    from ..summary import render, summarize
 
     try:
         net = load(_resolve(network, folders.network_files(), "network"))
@@ -82,7 +100,7 @@ def inspect_file(folders: Folders, network: str, against: str = "") -> tuple[str
 
 def merge_spec_lines(folders: Folders, text: str) -> list[str]:
     """`name[:unet[:te]]` lines with listed names replaced by their paths."""
-    from .merge import parse_spec
+    from .specs import parse_spec
 
     listed = folders.network_files()
     specs = []
@@ -100,7 +118,8 @@ def merge_spec_lines(folders: Folders, text: str) -> list[str]:
 def merge_files(folders: Folders, checkpoint: str, networks: str, out_name: str, dtype: str = "keep",
                 overwrite: bool = False) -> str:
     """Merge and say what happened, in Markdown (errors included: the UI shows them as they are)."""
-    from .merge import merge, uses_from_specs
+    from ..merge import merge
+    from .specs import uses_from_specs
 
     try:
         source = _resolve(checkpoint, folders.checkpoint_files(), "checkpoint")
@@ -112,7 +131,7 @@ def merge_files(folders: Folders, checkpoint: str, networks: str, out_name: str,
         out = out if out.endswith(".safetensors") else out + ".safetensors"
         result = merge(source, uses, out, dtype=None if dtype == "keep" else dtype, overwrite=overwrite)
     except LohaError as exc:
-        return f"**Error:** {exc}"
+        return f"**Error:** {error_text(exc)}"
     unmatched = sum(len(v) for v in result.unmatched.values())
     lines = [f"Wrote `{result.out}`: {len(result.changed)} tensors changed, "
              f"{result.seconds['total']:.1f} s."]
@@ -148,7 +167,7 @@ def merge_tab(gr, folders: Folders) -> None:
     networks = gr.Textbox(label="Networks, one per line: name[:unet strength[:text-encoder strength]]", lines=4)
     with gr.Row():
         out_name = gr.Textbox(label="Output file name", value="merged.safetensors")
-        dtype = gr.Radio(list(DTYPES), value="keep", label="Output dtype")
+        dtype = gr.Radio(list(OUTPUT_DTYPES), value="keep", label="Output dtype")
         overwrite = gr.Checkbox(label="Overwrite", value=False)
     run = gr.Button("Merge", variant="primary")
     status = gr.Markdown()
@@ -197,21 +216,3 @@ def build(folders: Folders):
                 with gr.Tab(title):
                     make(gr, folders)
     return blocks
-
-
-def add_ui_parser(sub) -> None:
-    """`loha ui`: the same tabs in a standalone app (the CLI calls this to add the command)."""
-    p = sub.add_parser("ui", help="Merge and Inspect (and Train) in a browser",
-                       description="The LoHa tabs the WebUI shows, as a standalone Gradio app.")
-    p.add_argument("--checkpoints", action="append", metavar="DIR", help="checkpoint folder (repeatable; default .)")
-    p.add_argument("--networks", action="append", metavar="DIR", help="network folder (repeatable; default .)")
-    p.add_argument("--output", default=".", metavar="DIR", help="where merges are written (default .)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=None, help="port (default: gradio's first free one)")
-    p.set_defaults(run=run)
-
-
-def run(args) -> int:
-    folders = Folders(checkpoints=args.checkpoints or ["."], networks=args.networks or ["."], output=args.output)
-    build(folders).launch(server_name=args.host, server_port=args.port)
-    return 0

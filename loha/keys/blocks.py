@@ -12,7 +12,7 @@ SDXL     12            BASE, the input/output blocks that hold attention, MID
 SDXL     20            BASE, IN00–IN08, MID, OUT00–OUT08
 =======  ============  ====================================================
 
-The ids are those `loha.keys` gives every weight (``Target.block``): ``BASE`` is the
+The ids are those `loha.keys.unet` gives every weight (``Target.block``): ``BASE`` is the
 text encoders (and the time/label embeddings), ``IN04`` is ``input_blocks.4`` and so
 on; the extension's ``M00`` is our ``MID``. As in the extension, a block a short list
 does not name gets 0 (so 17 values switch off conv-only blocks such as ``IN00`` and
@@ -23,9 +23,7 @@ weight must give the same image twice.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from .errors import LohaError
+from ..errors import LohaError
 
 __all__ = ["BLOCK_LISTS", "PRESETS", "block_ids", "parse", "preset_names"]
 
@@ -101,7 +99,7 @@ def parse(spec: str, family: str) -> dict[str, float]:
             raise LohaError(f"block weights: preset {text!r} has no {family} version "
                             f"(presets for {family}: {', '.join(preset_names(family))})")
         text = preset[layout]
-    values = [_number(part, spec) for part in text.split(",")]
+    values = [_multiplier(part, spec) for part in text.split(",")]
     ids = BLOCK_LISTS.get((layout, len(values)))
     if ids is None:
         counts = sorted(n for lay, n in BLOCK_LISTS if lay == layout)
@@ -112,7 +110,7 @@ def parse(spec: str, family: str) -> dict[str, float]:
     return weights
 
 
-def _number(part: str, spec: str) -> float:
+def _multiplier(part: str, spec: str) -> float:
     try:
         return float(part)
     except ValueError:

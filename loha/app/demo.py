@@ -9,8 +9,8 @@ merges it with the streaming merge, patches the same checkpoint in memory with
 and draws a picture of the effect. Needs diffusers and transformers
 (``pip install loha[diffusers]``); nothing is downloaded.
 
-The checkpoint is written and read back with `loha.checkpoint` (diffusers parts <->
-LDM layout).
+The checkpoint is written and read back with `loha.models` (diffusers parts <->
+LDM layout); the model's configs are `loha.models.configs.DEMO`.
 """
 
 from __future__ import annotations
@@ -24,27 +24,14 @@ from typing import Callable, Mapping
 
 import torch
 
-from .errors import LohaError
+from ..errors import LohaError
+from ..families import UNET_STATE_PREFIXES
+from ..models.configs import DEMO
+from ..models.structures import require_diffusers
 
-UNET_PREFIX = "model.diffusion_model."
+#: Where the demo checkpoint's UNet sits.
+UNET_PREFIX = UNET_STATE_PREFIXES[0]
 
-#: SD1.5's UNet structure with small widths, and a 2-layer CLIP-L-wide text encoder.
-DEMO_UNET = dict(
-    sample_size=32,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64, 64, 64),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
-#: What the weights cannot tell `checkpoint.diffusers_parts` about the demo model.
-DEMO_OVERRIDES = {"unet": {"attention_head_dim": 8, "norm_num_groups": 8}, "text_encoder": {"num_attention_heads": 12}}
-DEMO_TEXT = dict(hidden_size=768, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=12,
-                 vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 #: The weight whose ΔW the picture shows (a square attention projection).
 PICTURED_WEIGHT = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
 
@@ -59,31 +46,12 @@ text_encoder_target_name = []
 """
 
 
-def to_ldm(unet_sd, text_sd) -> dict[str, torch.Tensor]:
-    """SD1 LDM checkpoint state dict of diffusers UNet and CLIP text-model state dicts.
-
-    A shorthand kept for callers of the demo's first converter; `loha.checkpoint` is the API.
-    """
-    from .checkpoint import ldm_state_dict
-
-    return ldm_state_dict({"unet": unet_sd, "text_encoder": text_sd}, family="sd1")
-
-
 # --------------------------------------------------------------------------- the models
 
 
-def _need_diffusers():
-    try:
-        import diffusers  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as exc:
-        raise LohaError(f"the demo builds its model with diffusers and transformers ({exc.name} is missing): "
-                        "pip install 'loha[diffusers]'") from None
-
-
-def build_parts(seed: int = 0, unet_config: dict = DEMO_UNET, text_config: dict = DEMO_TEXT) -> dict:
+def build_parts(seed: int = 0, unet_config: dict = DEMO["unet"], text_config: dict = DEMO["text_encoder"]) -> dict:
     """A seeded diffusers UNet and CLIP text encoder, in eval mode."""
-    _need_diffusers()
+    require_diffusers("the demo")
     import logging
 
     from diffusers import UNet2DConditionModel
@@ -153,8 +121,8 @@ def _lycoris_network(parts, path, seed, dim, alpha, conv_dim, conv_alpha) -> str
 
 
 def _own_network(parts, path, seed, dim, alpha, conv_dim, conv_alpha) -> str:
-    from .keys import map_modules
-    from .stream import save
+    from ..files.safetensors_io import save
+    from ..keys import map_modules
 
     names = map_modules(parts)
     g = torch.Generator().manual_seed(seed)
@@ -203,93 +171,131 @@ def _forward(parts: dict, sample, ids) -> torch.Tensor:
 def run(out_dir: str = "loha-demo", seed: int = 0, strength: tuple[float, float] = (1.0, 1.0),
         echo: Callable[[str], None] = print, prefer_lycoris: bool = True) -> dict:
     """Run the demo into `out_dir`; returns what it measured (also echoed line by line)."""
-    from safetensors.torch import load_file
-
-    from .checkpoint import diffusers_parts, save_checkpoint
-    from .keys import unet_key_map
-
-    from .patch import patch as patch_model
-    from .format import load
-    from .inspect import summarize
-    from .merge import merge
-
-    _need_diffusers()
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, f) for k, f in (("checkpoint", "demo-sd1.safetensors"),
-                                                        ("network", "demo-loha.safetensors"),
-                                                        ("merged", "demo-merged.safetensors"))}
-    report: dict = {"paths": paths, "seconds": {}}
-    clock = time.perf_counter()
-    t0 = clock
-
-    def lap(name: str) -> float:
-        nonlocal clock
-        now = time.perf_counter()
-        report["seconds"][name] = now - clock
-        clock = now
-        return report["seconds"][name]
-
+    require_diffusers("the demo")
+    demo = _Demo(out_dir, seed, strength, echo)
     echo(f"loha demo: everything goes to {out_dir}/ (seed {seed})")
-    parts = build_parts(seed)
-    save_checkpoint(paths["checkpoint"], parts, metadata={"modelspec.title": "loha demo SD1-architecture model"})
-    n_unet = sum(p.numel() for p in parts["unet"].parameters())
-    n_text = sum(p.numel() for p in parts["text_encoder"].parameters())
-    echo(f"  1. checkpoint  SD1.5's UNet structure at small widths ({n_unet / 1e6:.1f}M params) + a CLIP-L-wide "
-         f"text encoder ({n_text / 1e6:.1f}M), seeded random weights, LDM layout, fp32: "
-         f"{_name(paths['checkpoint'])} {_mb(paths['checkpoint'])} ({lap('checkpoint'):.2f} s)")
+    demo.checkpoint()
+    demo.network(prefer_lycoris)
+    demo.merge()
+    demo.patch()
+    demo.check()
+    demo.effect()
+    demo.picture()
+    return demo.finish()
 
-    maker = make_network(parts, paths["network"], seed, prefer_lycoris=prefer_lycoris)
-    summary = summarize(load(paths["network"]))
-    report["network"] = summary
-    counts = ", ".join(f"{part} {n}" for part, n in summary["modules_by_part"].items())
-    echo(f"  2. network     LoHa made by {maker}: {summary['module_count']} modules ({counts}), "
-         f"rank {_joined(summary['ranks'])}, alpha {_joined(summary['alphas'])}: "
-         f"{_name(paths['network'])} {_mb(paths['network'])} ({lap('network'):.2f} s)")
 
-    unet_s, te_s = strength
-    result = merge(paths["checkpoint"], [(paths["network"], unet_s, te_s)], paths["merged"], overwrite=True)
-    report["merge"] = result
-    echo(f"  3. merge       streamed {result.tensors} tensors, changed {len(result.changed)}: "
-         f"{_name(paths['merged'])} {_mb(paths['merged'])} ({lap('merge'):.2f} s)")
-    echo(f"                 = python -m loha merge {paths['checkpoint']} --loha {paths['network']}:{unet_s:g}:{te_s:g} "
-         f"-o {paths['merged']}")
+class _Demo:
+    """The demo's steps, in order; each adds to `report` and prints one line."""
 
-    state = load_file(paths["checkpoint"])
-    handle = patch_model(state, [(load(paths["network"]), unet_s, te_s)])
-    echo(f"  4. patch       loha.patch on the checkpoint's state dict in memory: "
-         f"{len(handle.patched_keys)} weights changed ({lap('patch'):.2f} s)")
+    def __init__(self, out_dir: str, seed: int, strength: tuple[float, float], echo: Callable[[str], None]):
+        os.makedirs(out_dir, exist_ok=True)
+        self.paths = {k: os.path.join(out_dir, f) for k, f in (("checkpoint", "demo-sd1.safetensors"),
+                                                                 ("network", "demo-loha.safetensors"),
+                                                                 ("merged", "demo-merged.safetensors"))}
+        self.seed, self.strength, self.echo = seed, strength, echo
+        self.report: dict = {"paths": self.paths, "seconds": {}}
+        self._start = self._clock = time.perf_counter()
 
-    merged = load_file(paths["merged"])
-    same = sum(torch.equal(merged[k], state[k]) and merged[k].dtype == state[k].dtype for k in state)
-    report["identical"] = (same, len(state))
-    if merged.keys() != state.keys() or same != len(state):
-        raise LohaError(f"demo check failed: only {same} of {len(state)} merged tensors equal the patched ones")
-    echo(f"  5. check       merged file == patched state dict: {same}/{len(state)} tensors bit-identical "
-         f"({lap('check'):.2f} s)")
+    def _lap(self, name: str) -> float:
+        now = time.perf_counter()
+        self.report["seconds"][name] = now - self._clock
+        self._clock = now
+        return self.report["seconds"][name]
 
-    sample, ids = _inputs(DEMO_UNET, seed)
-    before = _forward(parts, sample, ids)
-    after = _forward(diffusers_parts(merged, overrides=DEMO_OVERRIDES), sample, ids)
-    # The same network patched onto the diffusers modules (the other name layout) agrees.
-    patch_model(parts, [(load(paths["network"]), unet_s, te_s)])
-    live = _forward(parts, sample, ids)
-    change = (after - before).abs()
-    layouts = (after - live).abs().max().item()
-    report["effect"] = {"max": change.max().item(), "mean": change.mean().item(), "diffusers_vs_merged": layouts}
-    echo(f"  6. effect      UNet output (text encoder → UNet, one step) changes by mean {change.mean():.3g}, "
-         f"max {change.max():.3g}; merged checkpoint vs the network patched onto diffusers modules: "
-         f"max difference {layouts:.2g} ({lap('effect'):.2f} s)")
-    if layouts > 1e-3 * max(1.0, before.abs().max().item()):
-        raise LohaError(f"demo check failed: merged and diffusers-patched outputs differ by {layouts}")
+    def _uses(self) -> list:
+        from ..files.network import load
 
-    key = UNET_PREFIX + unet_key_map(parts["unet"].state_dict(), from_ldm=False)[PICTURED_WEIGHT]
-    picture = draw(paths, before[0], after[0], load_file(paths["checkpoint"])[key], merged[key])
-    report["picture"] = picture
-    echo(f"  7. picture     {picture}: UNet output before | after | difference (top); "
-         f"{key.removeprefix(UNET_PREFIX)} W | W+ΔW | ΔW (bottom) ({lap('picture'):.2f} s)")
-    report["seconds"]["total"] = time.perf_counter() - t0
-    echo(f"done in {report['seconds']['total']:.1f} s")
-    return report
+        return [(load(self.paths["network"]), *self.strength)]
+
+    def checkpoint(self) -> None:
+        from ..models.to_ldm import save_checkpoint
+
+        self.parts = build_parts(self.seed)
+        path = self.paths["checkpoint"]
+        save_checkpoint(path, self.parts, metadata={"modelspec.title": "loha demo SD1-architecture model"})
+        n_unet = sum(p.numel() for p in self.parts["unet"].parameters())
+        n_text = sum(p.numel() for p in self.parts["text_encoder"].parameters())
+        self.echo(f"  1. checkpoint  SD1.5's UNet structure at small widths ({n_unet / 1e6:.1f}M params) + a "
+                  f"CLIP-L-wide text encoder ({n_text / 1e6:.1f}M), seeded random weights, LDM layout, fp32: "
+                  f"{_name(path)} {_mb(path)} ({self._lap('checkpoint'):.2f} s)")
+
+    def network(self, prefer_lycoris: bool) -> None:
+        from ..files.network import load
+        from ..summary import summarize
+
+        path = self.paths["network"]
+        maker = make_network(self.parts, path, self.seed, prefer_lycoris=prefer_lycoris)
+        summary = self.report["network"] = summarize(load(path))
+        counts = ", ".join(f"{part} {n}" for part, n in summary["modules_by_part"].items())
+        self.echo(f"  2. network     LoHa made by {maker}: {summary['module_count']} modules ({counts}), "
+                  f"rank {_joined(summary['ranks'])}, alpha {_joined(summary['alphas'])}: "
+                  f"{_name(path)} {_mb(path)} ({self._lap('network'):.2f} s)")
+
+    def merge(self) -> None:
+        from ..merge import merge
+
+        p, (unet_s, te_s) = self.paths, self.strength
+        result = self.report["merge"] = merge(p["checkpoint"], self._uses(), p["merged"], overwrite=True)
+        self.echo(f"  3. merge       streamed {result.tensors} tensors, changed {len(result.changed)}: "
+                  f"{_name(p['merged'])} {_mb(p['merged'])} ({self._lap('merge'):.2f} s)")
+        self.echo(f"                 = python -m loha merge {p['checkpoint']} --loha {p['network']}:{unet_s:g}:{te_s:g} "
+                  f"-o {p['merged']}")
+
+    def patch(self) -> None:
+        from ..files.safetensors_io import read_all
+        from ..patch import apply
+
+        self.state = read_all(self.paths["checkpoint"])[0]
+        handle = apply(self.state, self._uses())
+        self.echo(f"  4. patch       loha.apply on the checkpoint's state dict in memory: "
+                  f"{len(handle.patched_keys)} weights changed ({self._lap('patch'):.2f} s)")
+
+    def check(self) -> None:
+        from ..files.safetensors_io import read_all
+
+        state, merged = self.state, read_all(self.paths["merged"])[0]
+        same = sum(torch.equal(merged[k], state[k]) and merged[k].dtype == state[k].dtype for k in state)
+        self.report["identical"] = (same, len(state))
+        if merged.keys() != state.keys() or same != len(state):
+            raise LohaError(f"demo check failed: only {same} of {len(state)} merged tensors equal the patched ones")
+        self.merged = merged
+        self.echo(f"  5. check       merged file == patched state dict: {same}/{len(state)} tensors bit-identical "
+                  f"({self._lap('check'):.2f} s)")
+
+    def effect(self) -> None:
+        from ..models.from_ldm import diffusers_parts
+        from ..patch import apply
+
+        sample, ids = _inputs(DEMO["unet"], self.seed)
+        self.before = _forward(self.parts, sample, ids)
+        self.after = _forward(diffusers_parts(self.merged, overrides=DEMO), sample, ids)
+        # The same network patched onto the diffusers modules (the other name layout) agrees.
+        apply(self.parts, self._uses())
+        live = _forward(self.parts, sample, ids)
+        change = (self.after - self.before).abs()
+        layouts = (self.after - live).abs().max().item()
+        self.report["effect"] = {"max": change.max().item(), "mean": change.mean().item(),
+                                 "diffusers_vs_merged": layouts}
+        self.echo(f"  6. effect      UNet output (text encoder → UNet, one step) changes by mean {change.mean():.3g}, "
+                  f"max {change.max():.3g}; merged checkpoint vs the network patched onto diffusers modules: "
+                  f"max difference {layouts:.2g} ({self._lap('effect'):.2f} s)")
+        if layouts > 1e-3 * max(1.0, self.before.abs().max().item()):
+            raise LohaError(f"demo check failed: merged and diffusers-patched outputs differ by {layouts}")
+
+    def picture(self) -> None:
+        from ..files.safetensors_io import read_all
+        from ..keys import unet_key_map
+
+        key = UNET_PREFIX + unet_key_map(self.parts["unet"].state_dict(), from_ldm=False)[PICTURED_WEIGHT]
+        base = read_all(self.paths["checkpoint"])[0][key]
+        picture = self.report["picture"] = draw(self.paths, self.before[0], self.after[0], base, self.merged[key])
+        self.echo(f"  7. picture     {picture}: UNet output before | after | difference (top); "
+                  f"{key.removeprefix(UNET_PREFIX)} W | W+ΔW | ΔW (bottom) ({self._lap('picture'):.2f} s)")
+
+    def finish(self) -> dict:
+        self.report["seconds"]["total"] = time.perf_counter() - self._start
+        self.echo(f"done in {self.report['seconds']['total']:.1f} s")
+        return self.report
 
 
 def _name(path: str) -> str:

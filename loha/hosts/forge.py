@@ -15,7 +15,7 @@ without LoHa the patchers are the built-in's again.
 
 from __future__ import annotations
 
-from .keyed import PatchSet, plan_keyed
+from ..keyed import PatchSet, plan_keyed
 from .webui import NetworkFiles
 
 #: The patch type name our patches carry in Forge's patch lists ("loha" is Forge's own).

@@ -14,7 +14,11 @@ import os
 from collections import Counter
 
 from .errors import LohaError
-from .format import Network, component_of, parse_json_metadata
+from .families import FAMILY_NAMES, component_of
+from .files.checkpoint import checkpoint_shapes
+from .files.network import Network, parse_json_metadata
+from .keys import map_state_dict
+from .patch import Use, plan_modules
 
 #: Training metadata worth showing: summary key -> metadata key (kohya / modelspec).
 TRAINING_KEYS = {
@@ -36,12 +40,11 @@ TRAINING_KEYS = {
     "architecture": "modelspec.architecture",
 }
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 PART_ORDER = ("unet", "te1", "te2", "other")
 TOP_TAGS = 10
 
 
-def _number(value: float | None) -> str:
+def _shown(value: float | None) -> str:
     return "none" if value is None else f"{value:g}"
 
 
@@ -49,7 +52,7 @@ def _counts(values) -> dict[str, int]:
     """Value -> count, keys as strings (JSON-safe), in increasing value order."""
     counter = Counter(values)
     ordered = sorted(counter, key=lambda v: (v is None, v if v is not None else 0))
-    return {_number(v) if not isinstance(v, str) else v: counter[v] for v in ordered}
+    return {_shown(v) if not isinstance(v, str) else v: counter[v] for v in ordered}
 
 
 def top_tags(metadata: dict[str, str], n: int = TOP_TAGS) -> list[tuple[str, int]]:
@@ -108,16 +111,12 @@ def against(network: Network, checkpoint: str | os.PathLike) -> dict:
 
     "error" holds the first shape disagreement, if any (a merge would refuse it).
     """
-    from .keys import map_state_dict
-    from .merge import checkpoint_shapes
-    from .patch import Use, plan
-
     checkpoint = os.fspath(checkpoint)
     names = map_state_dict(checkpoint_shapes(checkpoint))
     unmatched = [name for name in network.modules if names.lookup(name) is None]
     error = None
     try:
-        plan(names, [Use(network)])
+        plan_modules(names, [Use(network)])
     except LohaError as exc:
         error = str(exc)
     return {

@@ -1,13 +1,14 @@
 """LoHa on diffusers pipelines: load, change strengths, unload exactly.
 
-    from loha.diffusers import load_loha, set_loha_strength, unload_loha
+    from loha.hosts.pipelines import load_loha, set_loha_strength, unload_loha
     load_loha(pipe, "style.safetensors", strength=0.8, te_strength=0.5)   # adapter "style"
     load_loha(pipe, "peft_adapter/", adapter_name="subject")             # PEFT folders too
     set_loha_strength(pipe, "style", 1.0)
     unload_loha(pipe)                                                      # every weight back, bit for bit
 
 diffusers' own loader refuses ``hada_*`` keys; this patches the pipeline's UNet and
-text encoders in place through `loha.patch` (SD1.x, SD2.x, SDXL). The networks loaded
+text encoders in place through `loha.patch` (SD1.x, SD2.x, SDXL). Nothing here imports
+diffusers: any object with those attributes works. The networks loaded
 on a pipeline are kept on it, by adapter name, as one patch: every change restores
 the original weights and applies the current set at once, so a weight touched by
 several networks is rounded once, and unloading any of them leaves exactly what the
@@ -19,9 +20,9 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from .errors import LohaError, UnmatchedError
-from .format import Network, load
-from .patch import ModelView, PatchHandle, Use, patch, plan
+from ..errors import LohaError, UnmatchedError
+from ..files.network import Network, load
+from ..patch import ModelView, PatchHandle, Use, apply, plan_modules
 
 #: Attribute of the pipeline that holds its loaded networks.
 STATE_ATTR = "_loha_state"
@@ -47,7 +48,7 @@ def _reapply(pipe, state: _State) -> None:
         state.handle.restore()
         state.handle = None
     if state.uses:
-        state.handle = patch(pipe, list(state.uses.values()))
+        state.handle = apply(pipe, list(state.uses.values()))
 
 
 def load_loha(pipe, network, strength: float = 1.0, te_strength: float | None = None, *,
@@ -62,7 +63,7 @@ def load_loha(pipe, network, strength: float = 1.0, te_strength: float | None = 
     net = network if isinstance(network, Network) else load(network)
     name = adapter_name or net.name
     use = Use(net, strength, te_strength, dict(blocks or {}))
-    _, unmatched = plan(ModelView(pipe).names, [use])  # check before touching the weights
+    _, unmatched = plan_modules(ModelView(pipe).names, [use])  # check before touching the weights
     if unmatched:
         names = unmatched[net.label]
         message = f"{net.label}: {len(names)} names match no weight of the pipeline: {', '.join(names)}"

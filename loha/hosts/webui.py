@@ -21,9 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import LohaError
-from .format import Network, load
-from .patch import ModelView, PatchHandle, Use
+from ..errors import LohaError
+from ..families import FAMILY_NAMES
+from ..files.network import Network, load
+from ..keys import bias_key
+from ..keys.blocks import parse as parse_blocks
+from ..patch import ModelView, PatchHandle, Use
+from ..summary import summarize
 
 #: File types listed as networks (the WebUI's Lora folder also holds .pt/.ckpt files).
 NETWORK_EXTENSIONS = (".safetensors",)
@@ -44,7 +48,7 @@ class Request:
     lbw: str | None = None  # block weights as written (a preset name or a comma list)
 
 
-def _number(value, what: str, name: str) -> float:
+def _strength(value, what: str, name: str) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -63,19 +67,17 @@ def parse_request(positional: list, named: Mapping[str, str], default: float = 1
     if unknown or len(positional) > 3:
         extra = ", ".join([*(f"{k}=" for k in unknown), *map(repr, positional[3:])])
         raise LohaError(f"<loha:{name}:…>: unknown arguments {extra} (known: te, unet, lbw)")
-    te = _number(positional[1], "te strength", name) if len(positional) > 1 else default
-    te = _number(named["te"], "te=", name) if "te" in named else te
-    unet = _number(positional[2], "unet strength", name) if len(positional) > 2 else te
-    unet = _number(named["unet"], "unet=", name) if "unet" in named else unet
+    te = _strength(positional[1], "te strength", name) if len(positional) > 1 else default
+    te = _strength(named["te"], "te=", name) if "te" in named else te
+    unet = _strength(positional[2], "unet strength", name) if len(positional) > 2 else te
+    unet = _strength(named["unet"], "unet=", name) if "unet" in named else unet
     lbw = named.get("lbw") or None
     return Request(name, unet=unet, te=te, lbw=lbw)
 
 
 def block_weights(lbw: str | None, family: str) -> dict[str, float]:
     """Block id -> multiplier for an `lbw=` value (presets and lists of the block-weight extension)."""
-    from .blocks import parse
-
-    return parse(lbw, family) if lbw else {}
+    return parse_blocks(lbw, family) if lbw else {}
 
 
 # --------------------------------------------------------------------------- files
@@ -110,8 +112,6 @@ def sidecar(path: str) -> dict:
 
 def card_metadata(network: Network) -> dict:
     """What a card's metadata table shows: the file's shape (from `inspect`), tags, raw metadata."""
-    from .inspect import FAMILY_NAMES, summarize
-
     s = summarize(network)
     shown = {
         "family": FAMILY_NAMES.get(s["family"], s["family"]),
@@ -237,7 +237,7 @@ class ActiveSet:
         view = self._view(model)
         uses = [self._use(request, path, view.names.family) for request, path in wanted]
         touched = {t.key for u in uses for name in u.network.modules if (t := view.names.lookup(name))}
-        release_builtin(model, touched | {_bias_key(k) for k in touched})
+        release_builtin(model, touched | {bias_key(k) for k in touched})
         with torch.no_grad(), _no_autocast(model):
             self.handle = PatchHandle(view, uses)
         self.key, self.unmatched = key, self.handle.unmatched
@@ -266,10 +266,6 @@ class ActiveSet:
 
     def _use(self, request: Request, path: str, family: str) -> Use:
         return Use(self._files.get(path), request.unet, request.te, block_weights(request.lbw, family))
-
-
-def _bias_key(weight_key: str) -> str:
-    return weight_key[: -len("weight")] + "bias"
 
 
 def _no_autocast(model: torch.nn.Module):

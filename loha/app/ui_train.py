@@ -1,5 +1,5 @@
 """The Train tab: pick a base model and a folder of images, press Train, watch the loss
-and samples, get a LoHa file every tool loads (`loha.ui` shows this tab first).
+and samples, get a LoHa file every tool loads (`loha.app.ui` shows this tab first).
 
 Training runs in a background thread (one run at a time per process); the Train
 button's handler is a generator that redraws the progress bar, the loss plot, the
@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .errors import LohaError
+from ..errors import LohaError
 
 TITLE = "Train"
 #: Settings the tab shows, with their defaults (the demo model runs out of the box).
@@ -30,8 +30,8 @@ _PLOT_POINTS = 400
 
 
 @dataclass
-class Job:
-    """One run as the tab sees it."""
+class TrainingRun:
+    """One training run as the tab follows it."""
 
     config: object
     thread: threading.Thread | None = None
@@ -51,12 +51,12 @@ class Job:
         return self.thread is not None and self.thread.is_alive()
 
 
-_current: Job | None = None
+_current: TrainingRun | None = None
 _lock = threading.Lock()
 
 
 def _config(folders, values: dict):
-    from .train import SAMPLE_DATA, NetworkSpec, TrainConfig
+    from ..train import SAMPLE_DATA, NetworkSpec, TrainConfig
 
     model = (values["model"] or "demo").strip()
     if model != "demo":
@@ -80,15 +80,15 @@ def _config(folders, values: dict):
                        gradient_checkpointing=bool(values["gradient_checkpointing"]))
 
 
-def start(folders, values: dict) -> Job:
+def start(folders, values: dict) -> TrainingRun:
     """Start a run in the background; refuses while another runs."""
-    from .train import Callbacks, train
+    from ..train import Callbacks, train
 
     global _current
     with _lock:
         if _current is not None and _current.running:
             raise LohaError("a training run is already going; stop it first")
-        job = Job(_config(folders, {**DEFAULTS, **values}))
+        job = TrainingRun(_config(folders, {**DEFAULTS, **values}))
         job.total = job.config.steps
 
         def progress(step, total, loss, lr):
@@ -114,7 +114,7 @@ def start(folders, values: dict) -> Job:
         return job
 
 
-def stop(job: Job | None = None) -> str:
+def stop(job: TrainingRun | None = None) -> str:
     job = job or _current
     if job is None or not job.running:
         return "Nothing is training."
@@ -122,7 +122,7 @@ def stop(job: Job | None = None) -> str:
     return "Stopping after this step; the LoHa is saved with what it has."
 
 
-def progress_html(job: Job) -> str:
+def progress_html(job: TrainingRun) -> str:
     fraction = job.step / job.total if job.total else 0.0
     state = "done" if job.result else ("failed" if job.error else ("stopping" if job.stop_flag.is_set() else "training"))
     return (f'<div class="loha-progress" data-step="{job.step}" data-total="{job.total}" data-state="{state}">'
@@ -131,7 +131,7 @@ def progress_html(job: Job) -> str:
             f"{f', loss {job.losses[-1]:.4f}' if job.losses else ''}</div></div>")
 
 
-def loss_frame(job: Job):
+def loss_frame(job: TrainingRun):
     """Steps and losses for the plot (thinned to a few hundred points)."""
     import pandas as pd
 
@@ -140,7 +140,7 @@ def loss_frame(job: Job):
     return pd.DataFrame({"step": steps, "loss": job.losses[::every]})
 
 
-def status_markdown(job: Job) -> str:
+def status_markdown(job: TrainingRun) -> str:
     lines = [html.escape(line) for line in job.log[-4:]]
     if job.error:
         lines.append(f"**Error:** {html.escape(job.error)}")
@@ -155,14 +155,14 @@ def status_markdown(job: Job) -> str:
     return "\n\n".join(lines)
 
 
-def view(job: Job) -> tuple:
+def view(job: TrainingRun) -> tuple:
     """(progress HTML, loss frame, sample image path, status Markdown, file path)."""
     path = job.result.path if job.result is not None else None
     return progress_html(job), loss_frame(job), job.sample, status_markdown(job), path
 
 
 def _labels():
-    from .train.modules import PRESET_HELP
+    from ..train.modules import PRESET_HELP
 
     return {
         "model": "Base model: 'demo', a checkpoint name or path, or a diffusers folder",
@@ -177,8 +177,8 @@ def _labels():
 
 
 def tab(gr, folders) -> None:
-    from .train.loop import DTYPES, SCHEDULES
-    from .train.modules import PRESETS
+    from ..train.loop import MIXED_PRECISION, SCHEDULES
+    from ..train.modules import PRESETS
 
     label = _labels()
     widgets = {}
@@ -200,7 +200,7 @@ def tab(gr, folders) -> None:
             widgets[key] = gr.Number(value=DEFAULTS[key], label=label[key], elem_id=f"loha-train-{key}")
     with gr.Row():
         widgets["lr_scheduler"] = gr.Dropdown(list(SCHEDULES), value=DEFAULTS["lr_scheduler"], label=label["lr_scheduler"])
-        widgets["mixed_precision"] = gr.Dropdown(list(DTYPES), value=DEFAULTS["mixed_precision"],
+        widgets["mixed_precision"] = gr.Dropdown(list(MIXED_PRECISION), value=DEFAULTS["mixed_precision"],
                                                  label=label["mixed_precision"])
         widgets["gradient_checkpointing"] = gr.Checkbox(value=False, label=label["gradient_checkpointing"])
     with gr.Row():

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
-from safetensors import safe_open
 
-from .errors import FormatError
-
+from ..errors import FormatError
+from ..families import component_of, family_of_network
+from .safetensors_io import FLOAT_DTYPES, dtype_name, open_mapped
 # suffix -> kind; a module's kind is the kind of its factor suffixes.
 _KIND_OF_SUFFIX = {
     **dict.fromkeys(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"), "loha"),
@@ -35,24 +35,6 @@ _REQUIRED = {
 }
 # Longest first, so "lora_up.weight" wins over a shorter match.
 _SUFFIXES = sorted((*_KIND_OF_SUFFIX, *_SHARED_SUFFIXES), key=len, reverse=True)
-
-# Prefix of a file module name -> the model part it patches.
-_COMPONENT_PREFIXES = (
-    ("lora_unet_", "unet"),
-    ("lycoris_", "unet"),
-    ("lora_te1_", "te1"),
-    ("lora_te2_", "te2"),
-    ("lora_te_", "te1"),
-)
-
-
-def component_of(name: str) -> str | None:
-    """"unet", "te1", "te2" from a kohya/LyCORIS module name's prefix, else None."""
-    for prefix, component in _COMPONENT_PREFIXES:
-        if name.startswith(prefix):
-            return component
-    return None
-
 
 @dataclass
 class Module:
@@ -119,21 +101,13 @@ class Module:
         raise NotImplementedError(self.kind)
 
 
-# torch dtype -> the name safetensors headers use, so both sources report dtypes alike.
-_SAFETENSORS_DTYPE = {
-    torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-    torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
 class _Source:
     """Where tensors come from: an open safetensors file or an in-memory dict."""
 
     def __init__(self, path: str | None = None, tensors: Mapping[str, torch.Tensor] | None = None):
         self.path = path
         self._tensors = tensors
-        self._file = safe_open(path, framework="pt", device="cpu") if tensors is None else None
+        self._file = open_mapped(path) if tensors is None else None
 
     def keys(self) -> list[str]:
         return list(self._tensors.keys() if self._tensors is not None else self._file.keys())
@@ -145,7 +119,11 @@ class _Source:
 
     def dtype(self, key: str) -> str:
         if self._tensors is not None:
-            return _SAFETENSORS_DTYPE.get(self._tensors[key].dtype, str(self._tensors[key].dtype))
+            dtype = self._tensors[key].dtype
+            try:
+                return dtype_name(dtype)
+            except FormatError:
+                return str(dtype)
         return self._file.get_slice(key).get_dtype()
 
     def get(self, key: str) -> torch.Tensor:
@@ -170,7 +148,7 @@ class Network:
         self.modules: dict[str, Module] = {}
         self.unknown_keys: list[str] = []
         self._group()
-        self.family = detect_family(self)
+        self.family = family_of_network(self.modules, self.metadata)
 
     @property
     def label(self) -> str:
@@ -199,7 +177,7 @@ class Network:
     def _check_dtypes(self, module: Module) -> None:
         for suffix, key in module.keys.items():
             dtype = self._source.dtype(key)
-            allowed = _ALPHA_DTYPES if suffix == "alpha" else _FLOAT_DTYPES
+            allowed = _ALPHA_DTYPES if suffix == "alpha" else FLOAT_DTYPES
             if dtype not in allowed:
                 raise FormatError(f"{self.label}: '{key}' has dtype {dtype}; expected one of {sorted(allowed)}")
 
@@ -227,8 +205,7 @@ class Network:
                 module.alpha = _read_alpha(self.label, module, self._source.get(module.keys["alpha"]))
 
 
-_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-_ALPHA_DTYPES = _FLOAT_DTYPES | {"I8", "I16", "I32", "I64", "U8"}
+_ALPHA_DTYPES = FLOAT_DTYPES | {"I8", "I16", "I32", "I64", "U8"}
 
 
 def _read_alpha(label: str, module: Module, alpha: torch.Tensor) -> float:
@@ -291,60 +268,10 @@ def _validate(label: str, m: Module) -> None:
         fail("has rank 0")
 
 
-# Cross-attention context width (input of attn2.to_k) and text-encoder width -> family.
-_FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-_FAMILY_BY_METADATA = (("sdxl", "sdxl"), ("v2", "sd2"), ("sd_v1", "sd1"), ("v1", "sd1"))
-
-
-def detect_family(net: Network) -> str | None:
-    """SD1.x / SD2.x / SDXL from names and shapes; metadata only as a tie-breaker."""
-    names = net.modules
-    if any(component_of(n) == "te2" for n in names) or any("input_blocks_7_1_transformer_blocks_1" in n for n in names):
-        return "sdxl"
-    for name, module in names.items():
-        if component_of(name) == "unet" and name.endswith("attn2_to_k") and module.kind in ("loha", "lora"):
-            width = module.delta_numel // module.out_features
-            if width in _FAMILY_BY_CONTEXT:
-                return _FAMILY_BY_CONTEXT[width]
-    for name, module in names.items():
-        if component_of(name) == "te1" and name.endswith("self_attn_q_proj") and module.kind in ("loha", "lora"):
-            return {768: "sd1", 1024: "sd2"}.get(module.out_features)
-    hint = " ".join(net.metadata.get(k, "") for k in ("ss_base_model_version", "modelspec.architecture")).lower()
-    if net.metadata.get("ss_v2", "").lower() == "true":
-        return "sd2"
-    return next((family for needle, family in _FAMILY_BY_METADATA if needle in hint), None)
-
-
-# A network header is a few hundred KB; anything claiming more is refused unread.
-MAX_HEADER_BYTES = 64 * 1024 * 1024
-_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
-
-
-def check_header(path: str) -> None:
-    """Refuse what is not a plausible safetensors file before any library parses it.
-
-    Catches empty and truncated files, pickles (.ckpt/.pt renamed), and headers that
-    claim more bytes than the file has or than any network needs, without reading them.
-    """
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if any(head.startswith(magic) for magic in _PICKLE_MAGIC):
-        raise FormatError(f"{path}: is a pickle (.ckpt/.pt), not safetensors; pickles are never loaded")
-    if size < 8:
-        raise FormatError(f"{path}: {size} bytes, too short for a safetensors file")
-    claimed = int.from_bytes(head, "little")
-    if claimed > size - 8 or claimed > MAX_HEADER_BYTES:
-        raise FormatError(
-            f"{path}: header claims {claimed} bytes but the file has {size - 8} after the length "
-            f"(limit {MAX_HEADER_BYTES}); truncated or not safetensors"
-        )
-
-
 def load(path: str | os.PathLike) -> Network:
     """Open a network file lazily. Only safetensors: pickles are never loaded.
 
-    A folder is read as a PEFT LoHa adapter (see `loha.peft`).
+    A folder is read as a PEFT LoHa adapter (see `loha.files.peft`).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -353,12 +280,7 @@ def load(path: str | os.PathLike) -> Network:
         return load_folder(path)
     if not os.path.isfile(path):
         raise FormatError(f"{path}: no such file")
-    check_header(path)
-    try:
-        source = _Source(path)
-    except Exception as exc:  # safetensors raises its own types for bad headers
-        raise FormatError(f"{path}: not a readable safetensors file ({exc})") from None
-    return Network(source, os.path.splitext(os.path.basename(path))[0])
+    return Network(_Source(path), os.path.splitext(os.path.basename(path))[0])
 
 
 def from_tensors(tensors: Mapping[str, torch.Tensor], name: str = "network", metadata: dict[str, str] | None = None) -> Network:

@@ -1,0 +1,90 @@
+"""Model configurations: the published SD1.x/SD2.x/SDXL ones and the demo model's.
+
+One table for every module that builds or reads a model: the meta-device structures
+conversions need (`structures`), the configs a checkpoint's weights cannot tell
+(`from_ldm`: attention heads, norm groups, activations), the demo and the trainer's
+demo model, and the benchmarks.
+"""
+
+from __future__ import annotations
+
+_SD_UNET = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    norm_num_groups=32,
+)
+SD_TEXT = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=49408, max_position_embeddings=77)
+_CLIP_L = dict(SD_TEXT, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+               hidden_act="quick_gelu", projection_dim=768)
+_SD_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+)
+#: The published diffusers configs per family and part (what weights cannot tell —
+#: attention heads, norm groups, activations — comes from here for full-size models).
+PUBLISHED = {
+    "sd1": {
+        "unet": dict(_SD_UNET, sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+        "text_encoder": _CLIP_L,
+        "vae": _SD_VAE,
+    },
+    "sd2": {
+        "unet": dict(_SD_UNET, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                     use_linear_projection=True),
+        "text_encoder": dict(SD_TEXT, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                             num_attention_heads=16, hidden_act="gelu", projection_dim=512),
+        "vae": _SD_VAE,
+    },
+    "sdxl": {
+        "unet": dict(
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            norm_num_groups=32,
+        ),
+        "text_encoder": _CLIP_L,
+        "text_encoder_2": dict(SD_TEXT, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                               num_attention_heads=20, hidden_act="gelu", projection_dim=1280),
+        "vae": dict(_SD_VAE, sample_size=1024, scaling_factor=0.13025),
+    },
+}
+
+#: The demo model: SD1.5's UNet structure at small widths, a 2-layer CLIP-L-wide text
+#: encoder and a small VAE (8× downsampling, 4 latent channels).
+DEMO = {
+    "unet": dict(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ),
+    "text_encoder": dict(hidden_size=768, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=12,
+                         vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1),
+    "vae": dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128, scaling_factor=0.18215,
+    ),
+}
