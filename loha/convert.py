@@ -131,7 +131,7 @@ class LoraReport:
 
 def to_lora(networks, out, rank: int | None = None, base=None, *, dtype: str | torch.dtype = torch.float32,
             overwrite: bool = False) -> LoraReport:
-    """Write one kohya LoRA file equal to `networks` at their strengths (loha.patch's forms).
+    """Write one kohya LoRA file equal to `networks` at their strengths (the forms `loha.apply` uses).
 
     Without `rank` every layer is exact (rank Σ R² of the LoHa/LoRA modules on it);
     with `rank`, layers above it are reduced by SVD and their error is reported.

@@ -5,7 +5,7 @@
 Only the checkpoint's header is read up front: the name map is built from its shapes
 and every network is planned (matched, checked, factors read) before a byte is
 written. Then each tensor is read alone, the ΔW of its items is added by the same
-code `loha.patch` uses (fp32 math, one rounding to the output dtype), and its bytes
+code `loha.apply` uses (fp32 math, one rounding to the output dtype), and its bytes
 are appended to the output. Peak memory is the networks plus a couple of copies of
 the largest tensor, whatever the checkpoint's size.
 

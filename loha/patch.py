@@ -1,6 +1,6 @@
 """Apply networks to a live model at strengths, atomically, and restore exactly.
 
-`patch()` plans everything before it touches a weight (names, shapes, factors read
+`apply()` plans everything before it touches a weight (names, shapes, factors read
 from the files), so a bad file changes nothing. It keeps a bitwise copy of every
 weight it changes and restores by copying back, never by subtracting. Changing
 strengths re-applies from the cached factors without reading the files again.
@@ -213,7 +213,7 @@ def apply_to_bias(bias: torch.Tensor, items: list[PlannedModule]) -> None:
 
 
 class PatchHandle:
-    """What `patch()` returns: restore(), set strengths, and the names that matched nothing."""
+    """What `apply()` returns: restore(), set strengths, and the names that matched nothing."""
 
     def __init__(self, view: ModelView, uses: list[Use], skip_bad: bool = False):
         self._view = view

@@ -16,6 +16,8 @@ import comfy_assets
 import comfy_host as H
 from loha.convert import to_lora
 
+pytestmark = pytest.mark.e2e
+
 CHECKPOINT, LOHA, LORA = "sd15-random.safetensors", "loha-sd15.safetensors", "lora-from-loha.safetensors"
 
 

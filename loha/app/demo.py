@@ -5,7 +5,7 @@ with SD1.5's block structure and 768-wide cross-attention, and a CLIP text encod
 saves it as an LDM-layout checkpoint like the ones people download, makes a LoHa for
 it (with lycoris-lora when installed, else random factors in the same file format),
 merges it with the streaming merge, patches the same checkpoint in memory with
-`loha.patch`, checks the two agree bit for bit, runs the models before and after,
+`loha.apply`, checks the two agree bit for bit, runs the models before and after,
 and draws a picture of the effect. Needs diffusers and transformers
 (``pip install loha[diffusers]``); nothing is downloaded.
 

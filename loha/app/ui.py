@@ -1,4 +1,4 @@
-"""Gradio blocks for LoHa files: Merge and Inspect tabs (Train when `loha.ui_train` is there).
+"""Gradio blocks for LoHa files: Merge and Inspect tabs (Train when `loha.app.ui_train` imports).
 
 The same blocks serve the standalone app (`python -m loha ui`, needs the ``ui`` extra)
 and the WebUI's "LoHa" tab, so they keep to what gradio 3.41 (WebUI 1.8) and current gradio both have.

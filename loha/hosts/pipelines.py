@@ -7,7 +7,7 @@
     unload_loha(pipe)                                                      # every weight back, bit for bit
 
 diffusers' own loader refuses ``hada_*`` keys; this patches the pipeline's UNet and
-text encoders in place through `loha.patch` (SD1.x, SD2.x, SDXL). Nothing here imports
+text encoders in place through `loha.apply` (SD1.x, SD2.x, SDXL). Nothing here imports
 diffusers: any object with those attributes works. The networks loaded
 on a pipeline are kept on it, by adapter name, as one patch: every change restores
 the original weights and applies the current set at once, so a weight touched by
