@@ -11,6 +11,10 @@ Forge samples with `forge_objects_after_applying_lora`, which the built-in Lora
 extension sets: our patches go on clones of its patchers once every extra network has
 been activated, so `<lora:a> <loha:b>` in either order gives the base with both, and
 without LoHa the patchers are the built-in's again.
+
+Names are matched by loha's map, and where it has none by Forge's own LoRA key map
+(`backend.patcher.lora.model_lora_keys_unet`/`_clip`, ComfyUI's format), so every model
+Forge patches with LoRA (Flux included) takes LoHa here too.
 """
 
 from __future__ import annotations
@@ -31,6 +35,13 @@ def register_calculator() -> None:
     from backend.patcher import lora
 
     lora.extra_weight_calculators[PATCH_TYPE] = lambda weight, strength, patch: patch.add_into(weight, strength)
+
+
+def forge_key_map(unet, clip) -> dict:
+    """Forge's own LoRA key map for its UNet and CLIP patchers, as its built-in Lora builds it."""
+    from backend.patcher.lora import model_lora_keys_clip, model_lora_keys_unet
+
+    return {**model_lora_keys_unet(unet.model, {}), **model_lora_keys_clip(clip.cond_stage_model, {})}
 
 
 def _shapes(module) -> dict[str, tuple]:
@@ -77,7 +88,7 @@ class ForgeActive:
         parts = {"model": unet.model, "clip": clip.patcher.model}
         self.unmatched = {}
         for request, path in self.wanted:
-            planned = self._plan(request, path, parts)
+            planned = self._plan(request, path, parts, lambda: forge_key_map(unet, clip))
             self.unmatched[planned.network.label] = planned.unmatched
             tag = f"{path}#loha:{request.lbw or ''}"
             for target, part, strength in ((unet, "model", request.unet), (clip, "clip", request.te)):
@@ -86,11 +97,11 @@ class ForgeActive:
                     target.add_patches(filename=tag, patches=patches, strength_patch=strength)
         return unet, clip
 
-    def _plan(self, request, path: str, parts: dict) -> PatchSet:
+    def _plan(self, request, path: str, parts: dict, key_map) -> PatchSet:
         network = self._files.get(path)
         key = (id(network), request.lbw, *(id(module) for module in parts.values()))
         if key not in self._plans:
             shapes = {part: _shapes(module) for part, module in parts.items()}
             self._plans = {k: v for k, v in self._plans.items() if v.network.path != path}
-            self._plans[key] = plan_keyed(network, shapes, request.lbw or "")
+            self._plans[key] = plan_keyed(network, shapes, request.lbw or "", key_map=key_map())
         return self._plans[key]
