@@ -55,16 +55,18 @@ _FAMILY_BY_METADATA = (("flux", "flux"), ("sd3", "sd3"), ("stable-diffusion-3", 
 #: Patterns at the root of a diffusion transformer's module paths that give its family
 #: away, first match wins. Matched against file names and model paths alike, with every
 #: "." as "_" and the part's prefix taken off; they name the family for the user only,
-#: nothing is patched differently because of them. (HunyuanVideo and HunyuanDiT share
-#: their block names with Flux and Wan, so they are not named.)
+#: nothing is patched differently because of them. (HunyuanVideo's attention and MLP
+#: names are Flux's: only its modulation names tell it apart.)
 _FAMILY_SIGNS = (
+    ("hunyuan-video", r"(double_blocks_\d+_(img|txt)_mod_linear|single_blocks_\d+_modulation_linear|"
+                      r"txt_in_individual_token_refiner)"),
     ("flux", r"double_blocks_\d+_(img|txt)_attn_qkv|single_transformer_blocks_\d+_proj_mlp"),
     ("sd3", r"joint_blocks_\d+_(x|context)_block|transformer_blocks_\d+_(ff_context_net|norm1_context_linear)"),
-    ("auraflow", r"(joint|single)_transformer_blocks_\d+_(attn|ff)"),
+    ("auraflow", r"(joint|single)_transformer_blocks_\d+_(attn|ff)|(double|single)_layers_\d+_(attn|mlp)"),
     ("hidream", r"double_stream_blocks_\d+"),
     ("qwen-image", r"transformer_blocks_\d+_(img|txt)_(mlp|mod)"),
     ("sana", r"transformer_blocks_\d+_ff_conv_inverted"),
-    ("pixart", r"transformer_blocks_\d+_attn2_to_"),
+    ("pixart", r"transformer_blocks_\d+_attn2_to_|blocks_\d+_(attn_qkv|cross_attn_(q|kv)_linear)$"),
     ("wan", r"blocks_\d+_(ffn|self_attn|cross_attn)_"),
 )
 

@@ -40,7 +40,7 @@ from ..families import (COMFY_DENOISER_PREFIX, DENOISER_PREFIXES, FAMILIES, KNOW
                         TEXT_MODEL_LEVEL, UNET_PREFIX, UNET_STATE_PREFIXES, family_of_names, sd_family,
                         text_prefixes)
 from . import layouts
-from .text import T5_PATH, TEXT_PATH, shape_of, state_text_weights, weight_path
+from .text import COMFY_TEXT_PREFIX, T5_PATH, TEXT_PATH, shape_of, state_text_weights, weight_path
 from .unet import unet_places
 
 __all__ = ["Target", "NameMap", "map_state_dict", "map_modules", "bias_key"]
@@ -158,7 +158,7 @@ def map_state_dict(shapes: Mapping, *, family: str | None = None) -> NameMap:
     ``family`` skips detection.
     """
     denoiser = _weights(shapes, UNET_STATE_PREFIXES)
-    text = [_Encoder(component, kind, TEXT_ATTRIBUTES[component], [tuple(weight)])
+    text = [_Encoder(component, kind, TEXT_ATTRIBUTES[component], [tuple(weight)], from_state=True)
             for component, kind, *weight in state_text_weights(shapes)]
     if not denoiser and not text:
         denoiser = _weights(shapes, ("",))
@@ -222,6 +222,7 @@ class _Encoder:
     kind: str  # "clip" (HF CLIP paths without text_model.), "t5", or "other"
     attr: str
     weights: list[tuple]
+    from_state: bool = False  # keys are a state dict's (ComfyUI's generic names apply)
 
 
 def _merged(encoders: list[_Encoder]) -> list[_Encoder]:
@@ -269,7 +270,7 @@ def _build(denoisers: list[tuple[str, dict]], text: list[_Encoder], family: str 
     for encoder in text:
         for path, key, rows, shape in encoder.weights:
             target = Target(encoder.component, path, key, rows, shape, "BASE" if family in FAMILIES else "")
-            entries.append((target, _text_names(encoder, path, single)))
+            entries.append((target, _text_names(encoder, path, key, single)))
     return NameMap(family, entries)
 
 
@@ -325,9 +326,20 @@ def _sd_unet_entries(attr: str, weights: dict, from_ldm: bool, family: str | Non
             entries.append((_plain(path, key, shape), _denoiser_names(attr, path, path, path)))
             continue
         kohya = place.ldm if ldm_first else place.diffusers
-        entries.append((_plain(place.diffusers, key, shape, block=place.block),
-                        _denoiser_names(attr, kohya, place.diffusers, place.ldm)))
+        names = _denoiser_names(attr, kohya, place.diffusers, place.ldm) + _processor_names(attr, place.diffusers)
+        entries.append((_plain(place.diffusers, key, shape, block=place.block), names))
     return entries
+
+
+def _processor_names(attr: str, path: str) -> list[str]:
+    """diffusers' attention-processor LoRA spelling (``attn1.processor.to_q``, ``….processor.to_out``),
+    bare and under the attribute, as ComfyUI reads it for SD UNets."""
+    if ".to_" not in path:
+        return []
+    processor = path.replace(".to_", ".processor.to_")
+    if processor.endswith(".to_out.0"):
+        processor = processor.removesuffix(".0")
+    return [processor, f"{attr}.{processor}"]
 
 
 def _layout_entries(attr: str, weights: dict, placed: list, side: str) -> list:
@@ -401,9 +413,13 @@ def _denoiser_names(attr: str, kohya: str, diffusers: str | None, checkpoint: st
     return names + paths
 
 
-def _text_names(encoder: _Encoder, path: str, single: bool) -> list[str]:
-    """Every spelling of a text-encoder weight; the first is kohya's."""
+def _text_names(encoder: _Encoder, path: str, key: str, single: bool) -> list[str]:
+    """Every spelling of a text-encoder weight; the first is kohya's. In a state dict, also
+    ComfyUI's generic ``text_encoders.`` + key (its own layout: ``clip_l.transformer.…``)."""
     levels = (TEXT_MODEL_LEVEL, "") if encoder.kind == "clip" else ("",)
     prefixes = text_prefixes(encoder.component, single, t5=encoder.kind == "t5")
     names = [prefix + _under(level + path) for prefix in prefixes for level in levels]
-    return names + [f"{encoder.attr}.{level}{path}" for level in levels]
+    names += [f"{encoder.attr}.{level}{path}" for level in levels]
+    if encoder.from_state and not key.startswith(COMFY_TEXT_PREFIX):
+        names.append(COMFY_TEXT_PREFIX + key.removesuffix(".weight"))
+    return names

@@ -75,8 +75,11 @@ TEXT_STATE_SOURCES = (
     ("text_encoders.clip_l.transformer.", "te1", "hf"),  # SD3/3.5 and Flux checkpoints
     ("text_encoders.clip_g.transformer.", "te2", "hf"),
     ("text_encoders.t5xxl.transformer.", T5_AFTER_CLIPS, "t5"),
-    ("t5xxl.transformer.", T5_AFTER_CLIPS, "t5"),  # ComfyUI (SD3, Flux)
+    ("t5xxl.transformer.", T5_AFTER_CLIPS, "t5"),  # ComfyUI (SD3, Flux, PixArt)
+    ("umt5xxl.transformer.", T5_AFTER_CLIPS, "t5"),  # ComfyUI (Wan)
 )
+#: ComfyUI's generic text-encoder names: this + the state-dict key without ".weight".
+COMFY_TEXT_PREFIX = "text_encoders."
 
 
 def shape_of(value) -> tuple[int, ...]:
