@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 import dit_checkpoints as C
 import loha
 import tiny_dit as D
-from loha.summary import render, summarize
+from loha.summary import against, render, summarize
 
 STRENGTH, TE_STRENGTH = 0.8, 0.6
 
@@ -253,6 +253,9 @@ def test_merge_streams_a_flux_checkpoint(files, tmp_path):
     merged = load_file(str(tmp_path / "out.safetensors"))
     assert merged.keys() == expected.keys()
     assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    match = against(loha.load(files["flux"]), source)  # `loha inspect --against`: the header alone
+    assert (match["family"], match["unmatched"], match["error"]) == ("flux", [], None)
+    assert against(loha.load(files["sd3"]), source)["unmatched"]  # an SD3 file names what Flux lacks
 
 
 def test_inspect_names_the_family_or_says_unknown(files, tmp_path):
