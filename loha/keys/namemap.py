@@ -158,11 +158,13 @@ def map_state_dict(shapes: Mapping, *, family: str | None = None) -> NameMap:
     ``family`` skips detection.
     """
     denoiser = _weights(shapes, UNET_STATE_PREFIXES)
-    text = [_Encoder(component, kind, TEXT_ATTRIBUTES[component], [tuple(weight)], from_state=True)
-            for component, kind, *weight in state_text_weights(shapes)]
+    text: dict[str, _Encoder] = {}
+    for component, kind, *weight in state_text_weights(shapes):
+        encoder = text.setdefault(component, _Encoder(component, kind, TEXT_ATTRIBUTES[component], [], True))
+        encoder.weights.append(tuple(weight))
     if not denoiser and not text:
         denoiser = _weights(shapes, ("",))
-    return _build([("", denoiser)] if denoiser else [], _merged(text), family)
+    return _build([("", denoiser)] if denoiser else [], list(text.values()), family)
 
 
 def map_modules(modules: Mapping, *, family: str | None = None) -> NameMap:
@@ -225,17 +227,6 @@ class _Encoder:
     from_state: bool = False  # keys are a state dict's (ComfyUI's generic names apply)
 
 
-def _merged(encoders: list[_Encoder]) -> list[_Encoder]:
-    """One `_Encoder` per component (state dicts yield them weight by weight)."""
-    by_component: dict[str, _Encoder] = {}
-    for encoder in encoders:
-        if encoder.component in by_component:
-            by_component[encoder.component].weights += encoder.weights
-        else:
-            by_component[encoder.component] = encoder
-    return list(by_component.values())
-
-
 def _module_encoder(component: str, attr: str, weights: Mapping[str, tuple]) -> _Encoder:
     """The patchable weights of a text-encoder module, by what kind of encoder its paths say it is."""
     clip = {path.removeprefix(TEXT_MODEL_LEVEL): value for path, value in weights.items()
@@ -261,7 +252,7 @@ def _build(denoisers: list[tuple[str, dict]], text: list[_Encoder], family: str 
     entries: list[tuple[Target, list[str]]] = []
     detected = None
     for attr, weights in denoisers:
-        found, part_entries = _denoiser_entries(attr, weights, family, text)
+        found, part_entries = _denoiser_entries(attr, weights, family)
         detected = detected or found
         entries += part_entries
     if family is None:
@@ -286,7 +277,7 @@ def _text_widths(text: list[_Encoder]) -> dict[str, int]:
             for path, _, _, shape in encoder.weights if path.endswith("self_attn.q_proj")}
 
 
-def _denoiser_entries(attr: str, weights: dict, family: str | None, text: list[_Encoder]):
+def _denoiser_entries(attr: str, weights: dict, family: str | None):
     """(detected family, entries) of one diffusion model: SD UNet, fused layout, or plain paths."""
     paths = list(weights)
     sd_side = next((side for side, starts in _SD_UNET_STARTS.items() if any(p.startswith(starts) for p in paths)), None)
