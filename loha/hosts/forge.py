@@ -13,8 +13,8 @@ been activated, so `<lora:a> <loha:b>` in either order gives the base with both,
 without LoHa the patchers are the built-in's again.
 
 Names are matched by loha's map, and where it has none by Forge's own LoRA key map
-(`backend.patcher.lora.model_lora_keys_unet`/`_clip`, ComfyUI's format), so every model
-Forge patches with LoRA (Flux included) takes LoHa here too.
+(`backend.patcher.lora.model_lora_keys_unet`/`_clip`, ComfyUI's format; the WebUI script
+passes it in), so every model Forge patches with LoRA (Flux included) takes LoHa here too.
 """
 
 from __future__ import annotations
@@ -35,13 +35,6 @@ def weight_calculator(weight, strength, patch):
     return patch.add_into(weight, strength)
 
 
-def forge_key_map(unet, clip) -> dict:
-    """Forge's own LoRA key map for its UNet and CLIP patchers, as its built-in Lora builds it."""
-    from backend.patcher.lora import model_lora_keys_clip, model_lora_keys_unet
-
-    return {**model_lora_keys_unet(unet.model, {}), **model_lora_keys_clip(clip.cond_stage_model, {})}
-
-
 def _shapes(module) -> dict[str, tuple]:
     return {key: tuple(t.shape) for key, t in module.state_dict().items()}
 
@@ -49,7 +42,8 @@ def _shapes(module) -> dict[str, tuple]:
 class ForgeActive:
     """The LoHa wanted now, the patchers we made for them, and plans cached per file and model."""
 
-    def __init__(self):
+    def __init__(self, key_map=lambda unet, clip: {}):
+        self.key_map = key_map  # (unet patcher, clip) -> Forge's own LoRA key map
         self.wanted: list = []  # (Request, path) pairs from the last activate
         self.unmatched: dict[str, list[str]] = {}
         self._base = None  # the built-in's (unet, clip) our patchers were cloned from
@@ -86,7 +80,7 @@ class ForgeActive:
         parts = {"model": unet.model, "clip": clip.patcher.model}
         self.unmatched = {}
         for request, path in self.wanted:
-            planned = self._plan(request, path, parts, lambda: forge_key_map(unet, clip))
+            planned = self._plan(request, path, parts, lambda: self.key_map(unet, clip))
             self.unmatched[planned.network.label] = planned.unmatched
             tag = f"{path}#loha:{request.lbw or ''}"
             for target, part, strength in ((unet, "model", request.unet), (clip, "clip", request.te)):
