@@ -76,7 +76,7 @@ def checkpoint_state(family: str, parts: dict, host: str) -> dict:
     prefixes = C.PREFIXES[host]
     transformer = {k: v.clone() for k, v in parts["transformer"].state_dict().items()}
     state = {prefixes["transformer"] + k: v for k, v in C.to_checkpoint(family, transformer).items()}
-    for attr, kind in D.TEXT_ENCODERS[family].items():
+    for attr, (kind, _) in D.TEXT_ENCODERS[family].items():
         state.update({k: v.clone() for k, v in C.text_state(kind, parts[attr], prefixes[kind]).items()})
     return state
 
@@ -88,7 +88,7 @@ def load_checkpoint_state(family: str, parts: dict, state: dict, host: str) -> N
                    if k.startswith(prefixes["transformer"])}
     hidden = parts["transformer"].config.num_attention_heads * parts["transformer"].config.attention_head_dim
     parts["transformer"].load_state_dict(C.to_diffusers(family, dict(transformer), hidden))
-    for attr, kind in D.TEXT_ENCODERS[family].items():
+    for attr, (kind, _) in D.TEXT_ENCODERS[family].items():
         prefix = prefixes[kind] + ("text_model." if kind.startswith("clip") else "")
         own = parts[attr].state_dict()
         parts[attr].load_state_dict({k: state[prefix + k.removeprefix("text_model.")] if "position_ids" not in k

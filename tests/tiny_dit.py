@@ -15,21 +15,15 @@ import logging
 
 import torch
 
-#: family -> (pipeline attribute -> text encoder kind), in the family's order.
+#: family -> pipeline attribute -> (text encoder kind, the prefix its modules get in the files
+#: here: kohya's, where T5 is te3 in Flux and SD3), in the family's order.
 TEXT_ENCODERS = {
-    "flux": {"text_encoder": "clip", "text_encoder_2": "t5"},
-    "sd3": {"text_encoder": "clip", "text_encoder_2": "clip_g", "text_encoder_3": "t5"},
-    "pixart": {"text_encoder": "t5"},
+    "flux": {"text_encoder": ("clip", "lora_te1"), "text_encoder_2": ("t5", "lora_te3")},
+    "sd3": {"text_encoder": ("clip", "lora_te1"), "text_encoder_2": ("clip_g", "lora_te2"),
+            "text_encoder_3": ("t5", "lora_te3")},
+    "pixart": {"text_encoder": ("t5", "lora_te1")},
     "qwen-image": {},
-    "wan": {"text_encoder": "umt5"},
-}
-#: The prefix each text encoder's modules get in the files here: kohya's (T5 is te3 in Flux and SD3).
-TEXT_PREFIXES = {
-    "flux": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
-    "sd3": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"},
-    "pixart": {"text_encoder": "lora_te1"},
-    "qwen-image": {},
-    "wan": {"text_encoder": "lora_te1"},
+    "wan": {"text_encoder": ("umt5", "lora_te1")},
 }
 #: The transformer blocks SimpleTuner's presets name besides Attention/FeedForward.
 BLOCKS = {
@@ -115,7 +109,7 @@ def parts(family: str, seed: int = 0, text: bool = True) -> dict:
     """{"transformer": …, "text_encoder": …, …} of a tiny model of `family`."""
     found = {"transformer": transformer(family, seed)}
     if text:
-        for i, (attr, kind) in enumerate(TEXT_ENCODERS[family].items()):
+        for i, (attr, (kind, _)) in enumerate(TEXT_ENCODERS[family].items()):
             found[attr] = text_encoder(kind, seed + 1 + i)
     return found
 
@@ -145,10 +139,9 @@ def networks(family: str, model_parts: dict, **kwargs) -> dict:
     """One SimpleTuner-style network per part of `model_parts`, hooked into them."""
     nets = {"transformer": simpletuner_network(model_parts["transformer"],
                                                ["Attention", "FeedForward", *BLOCKS[family]], **kwargs)}
-    for attr, kind in TEXT_ENCODERS[family].items():
+    for attr, (kind, prefix) in TEXT_ENCODERS[family].items():
         if attr in model_parts:
-            nets[attr] = simpletuner_network(model_parts[attr], TEXT_BLOCKS[kind], TEXT_PREFIXES[family][attr],
-                                             **kwargs)
+            nets[attr] = simpletuner_network(model_parts[attr], TEXT_BLOCKS[kind], prefix, **kwargs)
     return nets
 
 
