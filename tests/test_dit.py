@@ -269,3 +269,53 @@ def test_inspect_names_the_family_or_says_unknown(files, tmp_path):
     save_file(tensors, str(path))
     text = render(summarize(loha.load(path)))
     assert "family          unknown: 4 modules over the diffusion model (3) and text encoder te1 (1)" in text
+
+
+class Toy(torch.nn.Module):
+    """A model of no known family: a plain module tree."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = torch.nn.Linear(6, 12)
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.GELU(),
+                                                              torch.nn.Linear(24, 12)) for _ in range(2))
+        self.head = torch.nn.Conv1d(12, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.transpose(1, 2))
+
+
+def test_a_model_of_no_known_family_is_patched_by_its_own_paths(tmp_path):
+    model, x = Toy().eval(), torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(x)
+    net = D.simpletuner_network(copy.deepcopy(model), ["Sequential"], conv_dim=2)
+    net.save_weights(str(tmp_path / "toy.safetensors"), torch.float32, {})
+    reference = copy.deepcopy(model)
+    D.simpletuner_network(reference, ["Sequential"], conv_dim=2).load_weights(str(tmp_path / "toy.safetensors"))
+    with torch.no_grad():
+        theirs = reference(x)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = loha.apply(model, tmp_path / "toy.safetensors")
+    assert handle.unmatched == {} and handle._view.names.family is None and len(handle.patched_keys) == 4
+    with torch.no_grad():
+        ours = model(x)
+    assert (theirs - base).abs().max() > 1e-3
+    torch.testing.assert_close(ours, theirs, rtol=2e-4, atol=2e-5)
+    handle.restore()
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def test_every_spelling_of_a_path_names_one_weight():
+    names = loha.patch.ModelView(Toy()).names
+    target = names.lookup("lycoris_blocks_1_2")
+    assert (target.key, target.rows, target.shape) == ("transformer.blocks.1.2.weight", None, (12, 24))
+    for spelling in ("lora_unet_blocks_1_2", "lora_transformer_blocks_1_2", "transformer.blocks.1.2",
+                     "base_model.model.blocks.1.2", "diffusion_model.blocks.1.2", "blocks.1.2"):
+        assert names.lookup(spelling) is target, spelling
+    assert names.names(target)[0] == "lora_unet_blocks_1_2"
+    assert names.lookup("lora_te1_blocks_1_2") is None and names.lookup("lycoris_blocks_1_3") is None
