@@ -61,18 +61,21 @@ def make_checkpoint(path: str, seed: int) -> int:
     return sum(math.prod(s) for s in checkpoint_shapes(path).values())
 
 
-def make_family(name: str, ckpt: str, net: str, seed: int) -> tuple[int, int]:
-    """A published transformer's weights (bf16, checkpoint layout) and a SimpleTuner-style LoHa for it."""
+def make_family(name: str, ckpt: str, net: str, seed: str) -> None:
+    """A published transformer's weights (bf16, checkpoint layout) and a SimpleTuner-style LoHa for it.
+
+    Run in a process of its own (`--task family-files`): Linux carries a process's peak RSS
+    over fork and exec, so a parent that held the model would inflate every measurement.
+    """
     from apply import family_state
 
     from loha.files.safetensors_io import save
 
-    state, tensors = family_state(name, torch.bfloat16, seed)
+    state, tensors = family_state(name, torch.bfloat16, int(seed))
     state = {f"model.{k}": v for k, v in state.items()}  # as the published files hold it
     save(state, ckpt, {"modelspec.title": f"random {name}-size benchmark model"})
     save({k: v.to(torch.bfloat16) if v.dim() else v for k, v in tensors.items()}, net,
          {"ss_network_module": "lycoris.kohya"})
-    return sum(v.numel() for v in state.values()), sum(1 for k in tensors if k.endswith(".alpha"))
 
 
 def make_network(ckpt: str, path: str, dim: int, alpha: float, conv_dim: int, conv_alpha: float, seed: int) -> int:
@@ -212,7 +215,7 @@ def main() -> None:
     parser.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.task:
-        TASKS[args.task](*args.paths)
+        {**TASKS, "family-files": make_family}[args.task](*args.paths)
         return
 
     folder = args.keep or tempfile.mkdtemp(prefix="loha-bench-merge-")
@@ -225,10 +228,16 @@ def main() -> None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, files in {folder}")
         t = time.perf_counter()
         if args.family and not os.path.exists(ckpt):
-            params, modules = make_family(args.family, ckpt, net, args.seed)
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--task", "family-files", args.family, ckpt,
+                            net, str(args.seed)], check=True)
+            from loha.files.checkpoint import checkpoint_shapes
+            from loha.files.network import load
+
+            params = sum(math.prod(s) for s in checkpoint_shapes(ckpt).values())
             print(f"checkpoint: {args.family} diffusion model, {params / 1e9:.2f}B parameters, bf16, checkpoint "
-                  f"layout, {os.path.getsize(ckpt) / 1e9:.2f} GB; network: SimpleTuner-style LoHa of {modules} "
-                  f"modules, rank 16, bf16, {os.path.getsize(net) / 1e6:.0f} MB ({time.perf_counter() - t:.0f} s)")
+                  f"layout, {os.path.getsize(ckpt) / 1e9:.2f} GB; network: SimpleTuner-style LoHa of "
+                  f"{len(load(net).modules)} modules, rank 16, bf16, {os.path.getsize(net) / 1e6:.0f} MB "
+                  f"({time.perf_counter() - t:.0f} s)")
         if not os.path.exists(ckpt):
             params = make_checkpoint(ckpt, args.seed)
             print(f"checkpoint: SD1.5 UNet + CLIP-L + VAE, {params / 1e6:.0f}M parameters, fp16, LDM layout, "
