@@ -50,7 +50,8 @@ BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v",
                           "sdxl": "stable-diffusion-xl-v1-base"}
 #: Substrings of a file's `ss_base_model_version`/`modelspec.architecture` -> family, in order.
-_FAMILY_BY_METADATA = (("flux", "flux"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"), ("sdxl", "sdxl"),
+_FAMILY_BY_METADATA = (("flux", "flux"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"), ("diffusion-v3", "sd3"),
+                       ("sdxl", "sdxl"),
                        ("v2", "sd2"), ("sd_v1", "sd1"), ("v1", "sd1"))
 #: Patterns at the root of a diffusion transformer's module paths that give its family
 #: away, first match wins. Matched against file names and model paths alike, with every

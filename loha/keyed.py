@@ -72,8 +72,9 @@ def host_targets(key_map: Mapping[str, object], shapes: Mapping[str, tuple], nam
     its maps. The only ``function`` its maps use swaps ΔW's two row halves (Flux's and
     SD3's final modulation, diffusers' scale/shift against the checkpoint's shift/scale):
     it becomes a target over the two halves. Where `names` already has a target for the
-    same rows, that one is used (so block ids stay). Names for tensors no LoHa can change
-    (1-D: biases, norms) and forms not described here are left out.
+    same rows, that one is used (so block ids stay); a new one takes the host's name as
+    its path. Names for tensors no LoHa can change (1-D: biases, norms) and forms not
+    described here are left out.
     """
     own = {_region(target): target for target in names.targets}
     found = {}
@@ -82,10 +83,7 @@ def host_targets(key_map: Mapping[str, object], shapes: Mapping[str, tuple], nam
         shape = shapes.get(key)
         if shape is None or len(shape) < 2 or (offset is not None and offset[0] != 0):
             continue
-        rows = None if offset is None else (offset[1], offset[1] + offset[2])
-        if rows is not None and rows == (0, shape[0]):
-            rows = None
-        start, stop = rows or (0, shape[0])
+        start, stop = (0, shape[0]) if offset is None else (offset[1], offset[1] + offset[2])
         region = [(key, None if (start, stop) == (0, shape[0]) else (start, stop))]
         if function is not None:
             if getattr(function, "__name__", "") != "swap_scale_shift" or (stop - start) % 2:
