@@ -114,21 +114,24 @@ def diff(a: np.ndarray, b: np.ndarray) -> int:
 
 
 #: The images `check_loha_equals_builtin` compares; each test module's `images` starts with them.
+#: Tucker at 0.4: Forge keeps text encoders in fp16, where this random model overflows at 0.5 and
+#: 0.8 (NaN latents: both hosts' pictures one black frame, equal whatever the weights).
 BUILTIN_COMPARISONS = {
     "base": PROMPT,
     "lora a": f"{PROMPT} <lora:a:1>",
     "loha test": f"{PROMPT} <loha:test:0.8>",
     "lora test": f"{PROMPT} <lora:test:0.8>",
-    "loha tucker": f"{PROMPT} <loha:tucker:0.8>",
-    "lora tucker": f"{PROMPT} <lora:tucker:0.8>",
+    "loha tucker": f"{PROMPT} <loha:tucker:0.4>",
+    "lora tucker": f"{PROMPT} <lora:tucker:0.4>",
 }
 
 
 def check_loha_equals_builtin(images: dict, name: str) -> None:
-    """`<loha:name:0.8>` (ours) gives the image of `<lora:name:0.8>` (the host's built-in reading the LoHa)."""
+    """`<loha:name:…>` (ours) gives the image of `<lora:name:…>` (the host's built-in reading the LoHa)."""
     loha_image, lora_image, base = images[f"loha {name}"][0], images[f"lora {name}"][0], images["base"][0]
     print(f"{name}: loha vs lora max {diff(loha_image, lora_image)}, loha vs base mean "
-          f"{np.abs(loha_image - base).mean():.1f}")
+          f"{np.abs(loha_image - base).mean():.1f}, built-in's std {lora_image.std():.1f}")
+    assert lora_image.std() > 5  # a picture, not the flat frame NaN latents decode to
     assert np.abs(loha_image - base).mean() > 5  # the network does change the picture
     assert diff(loha_image, lora_image) <= 1
 
