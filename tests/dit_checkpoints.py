@@ -186,8 +186,13 @@ def provenance(family: str, checkpoint_shapes: dict) -> dict:
     return converted
 
 
+def text_key(kind: str, key: str, prefix: str) -> str:
+    """Where a text encoder's weight sits under a checkpoint/host prefix (CLIP with its
+    ``text_model.`` level, which transformers 5 dropped, and its projection beside that level)."""
+    level = "text_model." if kind.startswith("clip") and not key.startswith("text_projection.") else ""
+    return prefix + level + key.removeprefix("text_model.")
+
+
 def text_state(kind: str, model, prefix: str) -> dict:
-    """A text encoder's weights under a checkpoint/host prefix (CLIP with its ``text_model.`` level)."""
-    level = "text_model." if kind.startswith("clip") else ""
-    return {prefix + level + k.removeprefix("text_model."): v for k, v in model.state_dict().items()
-            if "position_ids" not in k}
+    """A text encoder's weights under a checkpoint/host prefix (`text_key`)."""
+    return {text_key(kind, k, prefix): v for k, v in model.state_dict().items() if "position_ids" not in k}

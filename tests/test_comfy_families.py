@@ -109,10 +109,6 @@ def test_comfyui_key_maps_are_contained_in_the_loha_loaders(key_maps):
 
 # --------------------------------------------------------------------------- end to end
 
-SD3_CONFIG = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64,
-                  num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=128,
-                  pooled_projection_dim=32, out_channels=16, pos_embed_max_size=16, dual_attention_layers=(0,),
-                  qk_norm="rms_norm")
 STRENGTH = 0.8
 
 
@@ -122,24 +118,15 @@ def _assets(folder) -> dict:
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
-    model = SD3Transformer2DModel(**SD3_CONFIG).eval()
+    model = SD3Transformer2DModel(**D.SMALL_SD3).eval()
     checkpoint = C.to_checkpoint("sd3", {k: v.clone() for k, v in model.state_dict().items()})
     paths = {"model": str(folder / "sd3-small.safetensors")}
     save_file({k: v.contiguous() for k, v in checkpoint.items()}, paths["model"])
     net = D.simpletuner_network(model, ["Attention", "FeedForward", *D.BLOCKS["sd3"]], seed=1)
     paths["simpletuner"] = str(folder / "sd3-simpletuner.safetensors")
     save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, paths["simpletuner"])
-    g = torch.Generator().manual_seed(2)
-    kohya = {}
-    for key, value in checkpoint.items():
-        if key.startswith("joint_blocks.") and key.endswith(".weight") and value.dim() == 2:
-            name = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
-            for i in "12":
-                kohya[f"{name}.hada_w{i}_a"] = torch.randn(value.shape[0], 4, generator=g) * 0.1
-                kohya[f"{name}.hada_w{i}_b"] = torch.randn(4, value.shape[1], generator=g)
-            kohya[f"{name}.alpha"] = torch.tensor(2.0)
     paths["kohya"] = str(folder / "sd3-kohya.safetensors")
-    save_file(kohya, paths["kohya"])
+    save_file(D.kohya_checkpoint_network(checkpoint, "joint_blocks."), paths["kohya"])
     return paths
 
 

@@ -89,9 +89,8 @@ def load_checkpoint_state(family: str, parts: dict, state: dict, host: str) -> N
     hidden = parts["transformer"].config.num_attention_heads * parts["transformer"].config.attention_head_dim
     parts["transformer"].load_state_dict(C.to_diffusers(family, dict(transformer), hidden))
     for attr, (kind, _) in D.TEXT_ENCODERS[family].items():
-        prefix = prefixes[kind] + ("text_model." if kind.startswith("clip") else "")
         own = parts[attr].state_dict()
-        parts[attr].load_state_dict({k: state[prefix + k.removeprefix("text_model.")] if "position_ids" not in k
+        parts[attr].load_state_dict({k: state[C.text_key(kind, k, prefixes[kind])] if "position_ids" not in k
                                      else v for k, v in own.items()})
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import torch
 
@@ -36,6 +37,11 @@ BLOCKS = {
 TEXT_BLOCKS = {"clip": ["CLIPAttention", "CLIPMLP"], "clip_g": ["CLIPAttention", "CLIPMLP"],
                "t5": ["T5Attention", "T5LayerFF"], "umt5": ["UMT5Attention", "UMT5LayerFF"]}
 FAMILIES = tuple(BLOCKS)
+#: An SD3 with 64 channels per head, as hosts' MMDiT code assumes (ComfyUI's and Forge's detection read
+#: the depth from the width): two heads, two blocks, the first with SD3.5 medium's second attention.
+SMALL_SD3 = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64,
+                 num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=128, pooled_projection_dim=32,
+                 out_channels=16, pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
 TOKENS = torch.tensor([[0, 5, 17, 42, 2]])
 
 
@@ -137,23 +143,50 @@ def simpletuner_network(module, targets, prefix: str = "lycoris", seed: int = 0,
 
 def networks(family: str, model_parts: dict, **kwargs) -> dict:
     """One SimpleTuner-style network per part of `model_parts`, hooked into them."""
-    nets = {"transformer": simpletuner_network(model_parts["transformer"],
-                                               ["Attention", "FeedForward", *BLOCKS[family]], **kwargs)}
+    nets = {}
+    if "transformer" in model_parts:
+        nets["transformer"] = simpletuner_network(model_parts["transformer"],
+                                                  ["Attention", "FeedForward", *BLOCKS[family]], **kwargs)
     for attr, (kind, prefix) in TEXT_ENCODERS[family].items():
         if attr in model_parts:
             nets[attr] = simpletuner_network(model_parts[attr], TEXT_BLOCKS[kind], prefix, **kwargs)
     return nets
 
 
-def make_file(family: str, model_parts: dict, path, dtype=torch.float32, **kwargs) -> str:
-    """One LoHa file for every part of `model_parts` (built on a copy; the parts stay clean)."""
+def make_file(family: str, model_parts: dict, path, dtype=torch.float32, text_model_level: bool = False,
+              extra: dict | None = None, **kwargs) -> str:
+    """One LoHa file for every part of `model_parts` (built on a copy; the parts stay clean),
+    and the `extra` tensors (e.g. `kohya_checkpoint_network`'s) beside them.
+
+    lycoris-lora under transformers 5 names CLIP layers without ``text_model_``;
+    `text_model_level` writes them as files in the wild do (hosts' built-in loaders
+    know only that spelling).
+    """
     from safetensors.torch import save_file
 
-    tensors = {}
+    tensors = dict(extra or {})
     for net in networks(family, copy.deepcopy(model_parts), **kwargs).values():
         tensors.update({k: v.detach().to(dtype).contiguous() for k, v in net.state_dict().items()})
+    if text_model_level:
+        tensors = {re.sub(r"^(lora_te\d?_)encoder_layers_", r"\1text_model_encoder_layers_", k): v
+                   for k, v in tensors.items()}
     save_file(tensors, str(path), {"ss_network_module": "lycoris.kohya"})
     return str(path)
+
+
+def kohya_checkpoint_network(checkpoint: dict, prefix: str, seed: int = 2, dim: int = 4, alpha: float = 2.0) -> dict:
+    """A LoHa in kohya's naming over a checkpoint's own keys (``lora_unet_`` + key path) on every
+    2-D weight under `prefix`: how kohya-style trainers name fused layouts (SD3's joint blocks)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, value in checkpoint.items():
+        if key.startswith(prefix) and key.endswith(".weight") and value.dim() == 2:
+            name = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
+            for i in "12":
+                tensors[f"{name}.hada_w{i}_a"] = torch.randn(value.shape[0], dim, generator=g) * 0.1
+                tensors[f"{name}.hada_w{i}_b"] = torch.randn(dim, value.shape[1], generator=g)
+            tensors[f"{name}.alpha"] = torch.tensor(alpha)
+    return tensors
 
 
 def run(family: str, model_parts: dict) -> dict:
