@@ -88,3 +88,8 @@ DEMO = {
         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128, scaling_factor=0.18215,
     ),
 }
+
+#: Per family, the whole-model configurations a checkpoint part is recognised as (by the
+#: shapes `from_ldm` checks), in order: what its weights cannot tell is taken from the first
+#: that fits. The demo's is one, so `loha demo`'s checkpoint reads back as it was built.
+KNOWN = {"sd1": (PUBLISHED["sd1"], DEMO), "sd2": (PUBLISHED["sd2"],), "sdxl": (PUBLISHED["sdxl"],)}
