@@ -112,12 +112,12 @@ def _use_lycoris(trainer, args) -> int:
 
 
 def _reset_optimizer(trainer):
-    from loha.train.loop import lr_lambda
+    from loha.train.optim import make_optimizer, make_scheduler
 
     c = trainer.config
-    trainer.optimizer = torch.optim.AdamW(trainer.params, lr=c.learning_rate, weight_decay=c.weight_decay)
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer,
-                                                          lr_lambda(c.lr_scheduler, c.warmup_steps, c.steps))
+    trainer.optimizer = make_optimizer(c.optimizer, [{"params": trainer.params, "lr": c.learning_rate}],
+                                       c.weight_decay, c.optimizer_args)
+    trainer.scheduler = make_scheduler(c.lr_scheduler, trainer.optimizer, c.warmup_steps, trainer.total)
 
 
 def _base(name: str):
