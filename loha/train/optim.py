@@ -73,9 +73,11 @@ def parse_arguments(items) -> dict:
 
 
 def make_optimizer(name: str, groups: list[dict], weight_decay: float, arguments: dict) -> torch.optim.Optimizer:
+    """The optimizer over parameter groups that each carry their "lr"; the first group's is also
+    the default (diffusers' polynomial schedule reads it as the initial rate)."""
     cls = optimizer_class(name)
     kind = OPTIMIZERS[canonical_optimizer(name)]
-    return cls(groups, **{"weight_decay": weight_decay, **dict(kind.defaults), **arguments})
+    return cls(groups, **{"lr": groups[0]["lr"], "weight_decay": weight_decay, **dict(kind.defaults), **arguments})
 
 
 def describe(optimizer: torch.optim.Optimizer, weight_decay: float, arguments: dict) -> str:
