@@ -203,7 +203,7 @@ def _ui(args) -> int:
     if missing:
         raise LohaError(f"the UI needs {' and '.join(missing)}: pip install 'loha[ui]'")
     folders = Folders(checkpoints=args.checkpoints or ["."], networks=args.networks or ["."], output=args.output)
-    build(folders).launch(server_name=args.host, server_port=args.port)
+    build(folders).queue().launch(server_name=args.host, server_port=args.port)  # queue: progress and streams
     return 0
 
 
