@@ -82,6 +82,14 @@ def test_blocks_build_with_the_installed_gradio(folders, monkeypatch):
     assert choices == ["style/fox.safetensors"]
 
 
+def test_a_same_named_folder_is_no_installed_package(tmp_path, monkeypatch):
+    """gradio keeps a `gradio/` folder in the temp folder: run from there, it must not pass for gradio."""
+    (tmp_path / "loha_absent_ui_package").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(ui, "UI_PACKAGES", ("loha_absent_ui_package", "pytest"))
+    assert ui.missing_packages() == ["loha_absent_ui_package"]
+
+
 def test_checkpoints_and_networks_in_one_folder_are_told_apart(folders):
     both = [folders.checkpoints[0], folders.networks[0]]
     mixed = ui.Folders(checkpoints=both, networks=both, output=folders.output)
