@@ -415,3 +415,14 @@ def test_resume_says_what_differs(tmp_path):
     lines = []
     result = _run(_config(tmp_path, "run", steps=2, resume=state, learning_rate=1e-3), log=lines.append)
     assert "resume: learning_rate: 0.005 in the state, 0.001 now" in lines and result.steps == 2
+
+
+def test_a_state_from_an_older_version_resumes():
+    """Settings the saved config lacks (added later) or has and this version dropped are no difference."""
+    from loha.train.settings import differences
+
+    saved = {"steps": 10, "sample_prompt": "", "network": {"rank": 2, "alpha": 1.0}}
+    current = {"steps": 20, "noise_offset": 0.0, "network": {"rank": 2, "alpha": 1.0, "dora_wd": False}}
+    assert differences(saved, current) == ([], ["steps: 10 in the state, 20 now"])
+    assert differences(saved, {**current, "network": {"rank": 4, "alpha": 1.0}})[0] == \
+        ["network rank: 2 in the state, 4 now"]

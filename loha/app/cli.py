@@ -115,6 +115,11 @@ def _train_config(args):
     from ..train.optim import parse_arguments
     from ..train.settings import build_config, read_config
 
+    import dataclasses
+
+    from ..train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = vars(args)
     values = read_config(args.config) if given.get("config") else {}
     network = dict(values.get("network", {}))
@@ -123,7 +128,7 @@ def _train_config(args):
             network[key[4:]] = value
         elif key == "optimizer_args":
             values[key] = {**values.get(key, {}), **parse_arguments(value)}
-        elif key in _TRAIN_FIELDS:
+        elif key in fields:  # the flags' dests are TrainConfig's field names (network ones: net_ + NetworkSpec's)
             values[key] = value
     if network:
         values["network"] = network
@@ -260,17 +265,6 @@ def _declare_convert(sub) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default="fp32", help="--to lora: dtype of the factors")
     p.add_argument("-f", "--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(run=_convert)
-
-
-#: TrainConfig fields the train flags set directly (network ones go through their `net_` dests).
-_TRAIN_FIELDS = ("model", "tokenizer", "vae", "data", "output", "resolution", "bucket_step", "steps", "epochs",
-                 "batch_size", "gradient_accumulation_steps", "learning_rate", "text_encoder_lr", "optimizer",
-                 "optimizer_args", "lr_scheduler", "warmup_steps", "lr_scheduler_num_cycles", "lr_scheduler_power",
-                 "weight_decay", "max_grad_norm", "gradient_checkpointing", "mixed_precision", "prediction_type",
-                 "clip_skip", "seed", "device", "noise_offset", "min_snr_gamma", "shuffle_caption", "keep_tokens",
-                 "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug", "save_every", "save_dtype",
-                 "sample_every", "sample_prompts", "sample_steps", "resume", "log_with", "logging_dir", "title",
-                 "author", "description", "license", "tags", "trigger_words", "comment")
 
 
 def _declare_train(sub) -> None:

@@ -220,14 +220,15 @@ _FIXED = ("network", "optimizer")
 
 
 def differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(what stops a resume, what merely changed) between two configs as `dataclasses.asdict` gives them."""
+    """(what stops a resume, what merely changed) between two configs as `dataclasses.asdict` gives
+    them; settings the saved one lacks (a state from an older version) count as unchanged."""
     blocking, notes = [], []
-    for key in sorted(set(saved) | set(current)):
-        if key in ("resume",):
+    for key in sorted(saved):  # settings newer than the state are not in it
+        if key == "resume" or key not in current:  # a setting this version no longer has
             continue
         old, new = saved.get(key), current.get(key)
         if key == "network" and isinstance(old, dict) and isinstance(new, dict):
-            for field in sorted(set(old) | set(new)):
+            for field in sorted(old):
                 if old.get(field) != new.get(field):
                     blocking.append(f"network {field}: {old.get(field)!r} in the state, {new.get(field)!r} now")
         elif old != new:
