@@ -221,7 +221,8 @@ class _Demo:
         n_unet = sum(p.numel() for p in self.parts["unet"].parameters())
         n_text = sum(p.numel() for p in self.parts["text_encoder"].parameters())
         self.echo(f"  1. checkpoint  SD1.5's UNet structure at small widths ({n_unet / 1e6:.1f}M params) + a "
-                  f"CLIP-L-wide text encoder ({n_text / 1e6:.1f}M) + a small VAE, seeded random weights, LDM layout, fp32: "
+                  f"CLIP-L-wide text encoder ({n_text / 1e6:.1f}M) + a small VAE, seeded random weights, LDM layout, "
+                  "fp32: "
                   f"{_name(path)} {_mb(path)} ({self._lap('checkpoint'):.2f} s)")
 
     def network(self, prefer_lycoris: bool) -> None:

@@ -29,7 +29,7 @@ from ..files.safetensors_io import DTYPE_NAMES
 from .data import CaptionOptions, Dataset
 from .models import BaseModel, _quiet, load_base, take, to_device
 from .modules import LohaNetwork, NetworkSpec
-from .optim import OPTIMIZERS, SCHEDULERS, canonical_optimizer, describe, make_optimizer, make_scheduler
+from .optim import SCHEDULERS, canonical_optimizer, describe, make_optimizer, make_scheduler
 from .prompts import SamplePrompt, label_image, parse_prompts
 from .save import network_metadata, write_network
 
@@ -357,7 +357,8 @@ class Trainer:
         loss = torch.nn.functional.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
         if config.min_snr_gamma:
             snr = (a / (1 - a)).view(-1)
-            weight = torch.clamp(snr, max=config.min_snr_gamma) / (snr + 1 if self.prediction == "v_prediction" else snr)
+            divisor = snr + 1 if self.prediction == "v_prediction" else snr
+            weight = torch.clamp(snr, max=config.min_snr_gamma) / divisor
             loss = loss * weight
         return loss.mean()
 
@@ -402,7 +403,8 @@ class Trainer:
 
     def _paths(self) -> dict[str, str]:
         stem = self.config.output.removesuffix(".safetensors")
-        return {"state": f"{stem}-state", "samples": f"{stem}-samples", "logs": self.config.logging_dir or f"{stem}-logs"}
+        return {"state": f"{stem}-state", "samples": f"{stem}-samples",
+                "logs": self.config.logging_dir or f"{stem}-logs"}
 
     def save(self, path: str) -> str:
         config = self.config

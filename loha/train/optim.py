@@ -97,7 +97,8 @@ def make_scheduler(name: str, optimizer, warmup: int, total: int, cycles: int = 
         from diffusers.optimization import get_scheduler
     except ImportError:  # hosts without diffusers (ComfyUI) still train at a constant rate, as diffusers would
         if name != "constant":
-            raise LohaError(f"lr_scheduler {name} needs diffusers: pip install diffusers", option="lr_scheduler") from None
+            raise LohaError(f"lr_scheduler {name} needs diffusers: pip install diffusers",
+                            option="lr_scheduler") from None
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
     extra = {"num_cycles": cycles} if name == "cosine_with_restarts" else {}
