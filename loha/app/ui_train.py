@@ -237,12 +237,13 @@ def progress_html(job: TrainingRun) -> str:
                  + (f" · ETA {_clock(info.eta)}" if job.running and not job.stop_flag.is_set() else ""))
     eta = f"{info.eta:.1f}" if info is not None else ""
     state = job.state
-    words = {"stopped": f"stopped at step {job.step}", "preparing": "preparing (loading the model, encoding images)"}
+    head = {"stopped": f"stopped at step {job.step} of {job.total}",
+            "preparing": "preparing (loading the model, encoding images)"}.get(
+        state, f"{state}: step {job.step} / {job.total} ({fraction:.0%})")
     return (f'<div class="loha-progress" data-step="{job.step}" data-total="{job.total}" data-state="{state}" '
             f'data-eta="{eta}">'
             f'<progress max="{job.total}" value="{job.step}" style="width:100%"></progress>'
-            f"<div>{words.get(state, state)}: step {job.step} / {job.total} ({fraction:.0%})"
-            f"{f', loss {job.losses[-1]:.4f}' if job.losses else ''}{times}</div></div>")
+            f"<div>{head}{f', loss {job.losses[-1]:.4f}' if job.losses else ''}{times}</div></div>")
 
 
 def loss_frame(job: TrainingRun):
@@ -384,7 +385,8 @@ def tab(gr, folders) -> list:
     with gr.Row():
         plot = gr.LinePlot(x="step", y="loss", title="Training loss", label="Loss", elem_id="loha-train-loss")
         sample = gr.Image(label="Samples (latest)", type="filepath", interactive=False, elem_id="loha-train-sample")
-    samples = gr.Gallery(label="Samples over time (newest first)", elem_id="loha-train-gallery")
+    samples = gr.Gallery(label="Samples over time (newest first)", columns=6, height=360, object_fit="contain",
+                         elem_id="loha-train-gallery")
     status = gr.Markdown(elem_id="loha-train-status")
     file = gr.File(label="LoHa file", interactive=False, elem_id="loha-train-file")
     outputs = [bar, plot, sample, status, file, samples]
