@@ -49,7 +49,16 @@ class Files:
 
 files = Files()
 active = ActiveSet()
-forge_active = ForgeActive()
+
+
+def forge_key_map(unet, clip) -> dict:
+    """Forge's own LoRA key map for its UNet and CLIP patchers, as its built-in Lora builds it."""
+    from backend.patcher.lora import model_lora_keys_clip, model_lora_keys_unet
+
+    return {**model_lora_keys_unet(unet.model, {}), **model_lora_keys_clip(clip.cond_stage_model, {})}
+
+
+forge_active = ForgeActive(forge_key_map)
 
 
 def shorthash(name: str, path: str, compute: bool) -> str:
