@@ -52,7 +52,7 @@ def test_handlers_train_stop_and_show(tmp_path):
     assert ui_train.stop() == "Nothing is training."
 
 
-def test_settings_save_load_and_train_from_the_command_line(tmp_path):
+def test_tab_saves_and_loads_the_command_line_s_config_files(tmp_path):
     """The tab saves the same kohya-style config files `loha train --config` reads, and loads them
     (and the presets) back into its fields."""
     from loha.app import ui_train
