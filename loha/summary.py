@@ -31,17 +31,31 @@ TRAINING_KEYS = {
     "resolution": "ss_resolution",
     "epochs": "ss_num_epochs",
     "steps": "ss_max_train_steps",
+    "steps_trained": "ss_steps",
     "images": "ss_num_train_images",
     "learning_rate": "ss_learning_rate",
     "unet_lr": "ss_unet_lr",
     "text_encoder_lr": "ss_text_encoder_lr",
     "started_at": "ss_training_started_at",
+    "finished_at": "ss_training_finished_at",
     "title": "modelspec.title",
     "architecture": "modelspec.architecture",
 }
+#: Training keys that hold Unix seconds (kohya writes them so), shown as local dates.
+DATE_KEYS = ("started_at", "finished_at")
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 PART_ORDER = ("unet", "te1", "te2", "te3", "other")
 TOP_TAGS = 10
+
+
+def readable_date(value: str) -> str:
+    """Unix seconds as "YYYY-MM-DD HH:MM:SS" local time; anything else as it is."""
+    import time
+
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(value)))
+    except (ValueError, OverflowError, OSError):
+        return value
 
 
 def _shown(value: float | None) -> str:
@@ -80,6 +94,9 @@ def summarize(network: Network) -> dict:
     order = [p for p in PART_ORDER if p in by_part]
     meta = network.metadata
     training = {key: meta[src] for key, src in TRAINING_KEYS.items() if meta.get(src)}
+    for key in DATE_KEYS:
+        if key in training:
+            training[key] = readable_date(training[key])
     args = parse_json_metadata(meta, "ss_network_args")
     if isinstance(args, dict):
         training["network_args"] = args

@@ -198,6 +198,11 @@ def before_ui():
     extra_networks.register_extra_network(ExtraNetworkLoha())
 
 
+def loaded_checkpoint() -> str | None:
+    info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+    return getattr(info, "filename", None)
+
+
 def on_ui_tabs():
     from loha.app.ui import Folders, build
 
@@ -205,6 +210,7 @@ def on_ui_tabs():
         checkpoints=[os.path.join(paths.models_path, "Stable-diffusion")],
         networks=network_folders(),
         output=os.path.join(paths.models_path, "Stable-diffusion"),
+        current_checkpoint=loaded_checkpoint,  # the Train tab starts on the model the WebUI has loaded
     )
     return [(build(folders), "LoHa", "loha")]
 

@@ -90,6 +90,11 @@ DEMO = {
     ),
 }
 
+#: Per family, the whole-model configurations a checkpoint part is recognised as (by the
+#: shapes `from_ldm` checks), in order: what its weights cannot tell is taken from the first
+#: that fits. The demo's is one, so `loha demo`'s checkpoint reads back as it was built.
+KNOWN = {"sd1": (PUBLISHED["sd1"], DEMO), "sd2": (PUBLISHED["sd2"],), "sdxl": (PUBLISHED["sdxl"],)}
+
 #: The published diffusion transformers and their text encoders: (diffusers class,
 #: config) per pipeline attribute, for full-size structures on the meta device
 #: (`structures.published_transformer`). Text encoders are transformers classes.
