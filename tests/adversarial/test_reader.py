@@ -83,10 +83,10 @@ def test_header_length_beyond_file(tmp_path, parts):
 
 def test_enormous_claimed_header_is_refused_unread(tmp_path, parts, monkeypatch):
     path = raw_file(tmp_path / "huge.safetensors", b"{}", claimed=2**62)
-    opened = []
-    monkeypatch.setattr("loha.files.safetensors_io.safe_open", lambda *a, **k: opened.append(a))
+    parsed = []
+    monkeypatch.setattr("loha.files.safetensors_io.Reader._parse", lambda *a, **k: parsed.append(a))
     refused(path, parts, r"header claims", loha.FormatError)
-    assert opened == []  # refused before safetensors was asked to parse anything
+    assert parsed == []  # refused before the header parser was asked to read anything
 
 
 def test_header_just_over_the_limit(tmp_path, parts):
