@@ -30,8 +30,8 @@ import torch
 from ..errors import LohaError
 from ..families import (FAMILIES, KOHYA_UNET_LAYOUT, LYCORIS_PREFIX, PIPELINE_COMPONENTS, TEXT_MODEL_LEVEL,
                         TEXT_PREFIXES, UNET_PREFIX, UNET_STATE_PREFIXES, family_of_widths)
-from .text import TEXT_PATH, shape_of, state_text_weights, weight_path
-from .unet import unet_places
+from .text import TEXT_PATH, TEXT_PROJECTION, shape_of, state_text_projections, state_text_weights, weight_path
+from .unet import DIFFUSERS_ALIASES, unet_places
 
 __all__ = ["Target", "NameMap", "map_state_dict", "map_modules", "bias_key"]
 
@@ -45,19 +45,27 @@ class Target:
     key: str  # key of the whole weight tensor in the model's flat namespace
     rows: tuple[int, int] | None  # [start, stop) rows of that tensor, or None for all
     shape: tuple[int, ...]  # the shape ΔW must have (the slice's when rows is set)
-    block: str  # block id for per-block strengths (see loha.keys.unet)
+    block: str  # block id for per-block strengths (see loha.keys.unet); "" for none
+    transposed: bool = False  # the tensor is stored input-major (OpenCLIP's text_projection)
 
 
 class NameMap:
-    """Every spelling of every patchable weight of one model, for lookups by file name."""
+    """Every spelling of every patchable weight of one model, for lookups by file name.
 
-    def __init__(self, family: str, entries: Iterable[tuple[Target, list[str]]]):
+    `targets` are the Linear/Conv weights networks factor; `extra_targets` are weights only
+    a network's dense changes reach (norm layers: lycoris ``train_norm``; text projections:
+    OneTrainer): looked up the same way, but no trainer or converter plans for them.
+    """
+
+    def __init__(self, family: str, entries: Iterable[tuple[Target, list[str]]],
+                 extras: Iterable[tuple[Target, list[str]]] = ()):
         self.family = family
         self.targets: list[Target] = []
+        self.extra_targets: list[Target] = []
         self._names: dict[Target, list[str]] = {}
         self._by_name: dict[str, Target] = {}
-        for target, names in entries:
-            self.targets.append(target)
+        for is_extra, (target, names) in [*((False, e) for e in entries), *((True, e) for e in extras)]:
+            (self.extra_targets if is_extra else self.targets).append(target)
             self._names[target] = names
             for name in names:
                 other = self._by_name.setdefault(name, target)
@@ -93,14 +101,14 @@ def map_state_dict(shapes: Mapping, *, family: str | None = None) -> NameMap:
     shape tuples; only the shapes of weight keys are read, so meta tensors and lazy
     mappings work.  ``Target.key`` is the state-dict key.  ``family`` skips detection.
     """
-    unet = {}
+    unet, norms = {}, {}
     for key in shapes:
         ldm_path = weight_path(key, UNET_STATE_PREFIXES)
         if ldm_path is not None:
             shape = shape_of(shapes[key])
-            if len(shape) >= 2:
-                unet[ldm_path] = (key, shape)
-    return _build(unet, from_ldm=True, text=list(state_text_weights(shapes)), family=family)
+            (unet if len(shape) >= 2 else norms if len(shape) == 1 else {})[ldm_path] = (key, shape)
+    return _build(unet, from_ldm=True, text=list(state_text_weights(shapes)), family=family,
+                  norms=norms, projections=list(state_text_projections(shapes)))
 
 
 def map_modules(modules: Mapping, *, family: str | None = None) -> NameMap:
@@ -112,25 +120,37 @@ def map_modules(modules: Mapping, *, family: str | None = None) -> NameMap:
     Text encoders may have a ``text_model.`` level (transformers 4, and
     ``CLIPTextModelWithProjection``) or not (``CLIPTextModel`` on transformers 5).
     """
-    unet = {}
-    text = []
+    unet, norms = {}, {}
+    text, projections = [], []
     for attr, model in modules.items():
         component = PIPELINE_COMPONENTS.get(attr)
         if component is None or model is None:
             continue
         for path, module in model.named_modules():
+            key = f"{attr}.{path}.weight"
+            if component == "unet" and _norm_shape(module) is not None:
+                norms[path] = (key, _norm_shape(module))
             shape = _patchable_shape(module)
             if shape is None:
                 continue
-            key = f"{attr}.{path}.weight"
             if component == "unet":
                 unet[path] = (key, shape)
             elif match := TEXT_PATH.fullmatch(path.removeprefix(TEXT_MODEL_LEVEL)):
                 text.append((component, match.group(0), key, None, shape))
-    return _build(unet, from_ldm=False, text=text, family=family)
+            elif path == TEXT_PROJECTION:
+                projections.append((component, key, False, shape))
+    return _build(unet, from_ldm=False, text=text, family=family, norms=norms, projections=projections)
 
 
 # --------------------------------------------------------------------------- reading models
+
+
+def _norm_shape(module: torch.nn.Module) -> tuple[int, ...] | None:
+    """Weight shape of a GroupNorm/LayerNorm with a learned scale, None for anything else."""
+    if not isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+        return None
+    weight = getattr(module, "weight", None)
+    return tuple(weight.shape) if weight is not None and weight.dim() == 1 else None
 
 
 def _patchable_shape(module: torch.nn.Module) -> tuple[int, ...] | None:
@@ -144,11 +164,14 @@ def _patchable_shape(module: torch.nn.Module) -> tuple[int, ...] | None:
 # --------------------------------------------------------------------------- building the map
 
 
-def _build(unet: Mapping, from_ldm: bool, text: list, family: str | None) -> NameMap:
+def _build(unet: Mapping, from_ldm: bool, text: list, family: str | None, norms: Mapping | None = None,
+           projections: list = ()) -> NameMap:
     """Targets and spellings for a model's UNet weights and text-encoder weights.
 
     ``unet`` maps module paths (LDM paths if ``from_ldm``, else diffusers paths) to
     (key, shape); ``text`` holds (component, HF path, key, rows, shape) tuples.
+    ``norms`` (UNet norm layers, as ``unet``) and ``projections`` ((component, key,
+    transposed, stored shape) of text projections) become extra targets.
     """
     if family is None:
         family = family_of_widths(_context_dim(unet), _text_widths(text))
@@ -165,7 +188,19 @@ def _build(unet: Mapping, from_ldm: bool, text: list, family: str | None) -> Nam
     for component, path, key, rows, shape in text:
         target = Target(component, path, key, rows, shape, "BASE")
         entries.append((target, _text_names(family, component, path)))
-    return NameMap(family, entries)
+    extras = []
+    for path, (key, shape) in (norms or {}).items():
+        place = place_of(path)
+        if place is not None:
+            target = Target("unet", place.diffusers, key, None, shape, place.block)
+            extras.append((target, _unet_names(family, place.diffusers, place.ldm)))
+    for component, key, transposed, shape in projections:
+        if component not in TEXT_PREFIXES[family] or len(shape) != 2:
+            continue
+        shape = (shape[1], shape[0]) if transposed else shape
+        target = Target(component, TEXT_PROJECTION, key, None, shape, "BASE", transposed)
+        extras.append((target, _text_names(family, component, TEXT_PROJECTION)))
+    return NameMap(family, entries, extras)
 
 
 def _context_dim(unet: Mapping) -> int | None:
@@ -189,7 +224,12 @@ def _unet_names(family: str, diffusers_path: str, ldm_path: str) -> list[str]:
     kohya = [UNET_PREFIX + diffusers_name, UNET_PREFIX + ldm_name]
     if KOHYA_UNET_LAYOUT[family] == "ldm":
         kohya.reverse()
-    return [*kohya, LYCORIS_PREFIX + diffusers_name]
+    names = [*kohya, LYCORIS_PREFIX + diffusers_name]
+    first, _, rest = diffusers_path.partition(".")
+    if first in DIFFUSERS_ALIASES:
+        alias = f"{DIFFUSERS_ALIASES[first]}.{rest}".replace(".", "_")
+        names += [UNET_PREFIX + alias, LYCORIS_PREFIX + alias]
+    return names
 
 
 def _text_names(family: str, component: str, path: str) -> list[str]:
