@@ -112,11 +112,15 @@ def against(network: Network, checkpoint: str | os.PathLike) -> dict:
     "error" holds the first shape disagreement, if any (a merge would refuse it).
     """
     checkpoint = os.fspath(checkpoint)
-    names = map_state_dict(checkpoint_shapes(checkpoint))
+    shapes = checkpoint_shapes(checkpoint)
+    try:
+        names = map_state_dict(shapes)
+    except LohaError as exc:
+        raise LohaError(f"{checkpoint}: {exc}") from None
     unmatched = [name for name in network.modules if names.lookup(name) is None]
     error = None
     try:
-        plan_modules(names, [Use(network)])
+        plan_modules(names, [Use(network)], shape_of=shapes.get)
     except LohaError as exc:
         error = str(exc)
     return {

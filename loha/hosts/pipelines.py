@@ -63,7 +63,8 @@ def load_loha(pipe, network, strength: float = 1.0, te_strength: float | None = 
     net = network if isinstance(network, Network) else load(network)
     name = adapter_name or net.name
     use = Use(net, strength, te_strength, dict(blocks or {}))
-    _, unmatched = plan_modules(ModelView(pipe).names, [use])  # check before touching the weights
+    view = ModelView(pipe)
+    _, unmatched = plan_modules(view.names, [use], shape_of=view.shape_of)  # check before touching the weights
     if unmatched:
         names = unmatched[net.label]
         message = f"{net.label}: {len(names)} names match no weight of the pipeline: {', '.join(names)}"
