@@ -308,16 +308,20 @@ def _validate(label: str, m: Module) -> None:
 def load(path: str | os.PathLike) -> Network:
     """Open a network file lazily. Only safetensors: pickles are never loaded.
 
-    A folder is read as a PEFT LoHa adapter (see `loha.files.peft`).
+    A folder is read as a PEFT LoHa adapter, and so is a file of diffusers'
+    `save_lora_weights` names (see `loha.files.peft`).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         from .peft import load_folder
 
         return load_folder(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FormatError(f"{path}: no such file")
-    return Network(_Source(path), os.path.splitext(os.path.basename(path))[0])
+    network = Network(_Source(path), os.path.splitext(os.path.basename(path))[0])
+    from .peft import from_diffusers_file, is_diffusers_file
+
+    return from_diffusers_file(network) if is_diffusers_file(network) else network
 
 
 def from_tensors(tensors: Mapping[str, torch.Tensor], name: str = "network", metadata: dict[str, str] | None = None) -> Network:
