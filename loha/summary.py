@@ -63,7 +63,7 @@ def top_tags(metadata: dict[str, str], n: int = TOP_TAGS) -> list[tuple[str, int
         for tags in freq.values():
             if isinstance(tags, dict):
                 for tag, count in tags.items():
-                    if isinstance(count, (int, float)):
+                    if isinstance(count, (int, float)) and not isinstance(count, bool) and math.isfinite(count):
                         total[str(tag).strip()] += int(count)
     return sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 

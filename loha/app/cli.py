@@ -312,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     except LohaError as exc:
         print(error_line(exc), file=sys.stderr)
         return 1
+    except OSError as exc:  # the disk or the folder, not the input (a full disk, a read-only folder)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"loha: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("loha: interrupted", file=sys.stderr)
         return 130

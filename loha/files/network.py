@@ -329,9 +329,33 @@ def from_tensors(tensors: Mapping[str, torch.Tensor], name: str = "network", met
     return Network(_Source(tensors=tensors), name, metadata or {})
 
 
+#: Deepest nesting a JSON metadata value may have to be shown (kohya's are two levels deep);
+#: deeper values would exhaust the recursion of whatever prints or re-encodes them.
+MAX_JSON_DEPTH = 16
+
+
 def parse_json_metadata(metadata: Mapping[str, str], key: str):
-    """A JSON-valued metadata entry (ss_network_args, ss_tag_frequency), or None if absent/bad."""
+    """A JSON-valued metadata entry (ss_network_args, ss_tag_frequency), or None if absent,
+    not JSON, nested deeper than `MAX_JSON_DEPTH`, or holding NaN/Infinity."""
     try:
-        return json.loads(metadata[key])
-    except (KeyError, TypeError, ValueError):
+        value = json.loads(metadata[key], parse_constant=_no_constant)
+    except (KeyError, TypeError, ValueError, RecursionError):
         return None
+    return value if _depth(value) <= MAX_JSON_DEPTH else None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
+def _depth(value) -> int:
+    """Nesting depth of parsed JSON, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
