@@ -32,6 +32,7 @@ pytestmark = pytest.mark.e2e
 
 CHECKPOINT = "sd15-random.safetensors"
 LOHA = "loha-sd15.safetensors"
+LOHA_NORM = comfy_assets.LOHA_NORM
 STRENGTHS = (0.8, 0.6)
 
 
@@ -124,6 +125,23 @@ def test_same_image_as_lora_loader_and_base_returns(comfy, images, tmp_path):
     assert np.abs(ours.astype(int) - fresh.astype(int)).mean() > 5, "the LoHa must visibly change the image"
     assert diff(ours, builtin) <= 1
     assert np.array_equal(after_ours, fresh), "removing the LoHa must give the base image exactly"
+    assert unloaded_names(comfy.log()) == []
+
+
+def test_train_norm_file_gives_lora_loaders_image(comfy, assets, images, tmp_path):
+    """lycoris train_norm modules (w_norm/b_norm on norm layers) are applied, as Load LoRA applies them."""
+    link = os.path.join(comfy.base, "models", "loras", LOHA_NORM)
+    os.symlink(assets["loha_norm"], link)
+    try:
+        ours = render(comfy, H.image_graph(CHECKPOINT, loader(name=LOHA_NORM)))
+        builtin = render(comfy, H.image_graph(CHECKPOINT, loader("LoraLoader", name=LOHA_NORM)))
+    finally:
+        os.remove(link)
+    save_strip(tmp_path / "train_norm-ours-lora_loader.png", [("LoHa Loader", ours), ("LoraLoader", builtin)])
+    print(f"train_norm: max |ours - LoraLoader| = {diff(ours, builtin)}, vs the same file without norms "
+          f"{diff(ours, images['ours'])}")
+    assert diff(ours, builtin) <= 1
+    assert diff(ours, images["ours"]) > 1, "the norm modules must change the picture"
     assert unloaded_names(comfy.log()) == []
 
 

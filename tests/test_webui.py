@@ -275,7 +275,7 @@ def test_a_broken_file_is_left_out_and_named_while_the_good_one_applies(parts, f
     assert "not a readable safetensors file" in active.failed["broken"] and "3 values" in active.failed["c"]
     assert same(weights(model), _patched_state(base, (loha.load(files["b"]), 0.8, 0.5)))
     text = not_applied_text(active.failed, {"broken": str(broken)})
-    assert text.startswith("broken: broken: not a readable safetensors file") and str(tmp_path) not in text
+    assert text.startswith("broken: not a readable safetensors file") and str(tmp_path) not in text
     assert not active.update(model, wanted, keep_going=True)  # nothing changed: nothing written, failures kept
     assert set(active.failed) == {"broken", "c"}
     active.clear(model)

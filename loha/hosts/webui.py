@@ -257,7 +257,9 @@ def not_applied_text(problems: dict[str, str], paths: dict[str, str]) -> str:
     shown = []
     for name, why in problems.items():
         path = paths.get(name)
-        shown.append(f"{name}: {why.replace(path, name) if path else why}")
+        if path:
+            why = why.removeprefix(f"{path}: ").replace(path, name)
+        shown.append(f"{name}: {why}")
     return "; ".join(shown)
 
 
