@@ -197,7 +197,7 @@ def _same(a: str, b: str) -> bool:
 
 
 def _check_paths(checkpoint: str, out: str, uses: list[Use], overwrite: bool) -> None:
-    if not os.path.isfile(checkpoint):
+    if not os.path.exists(checkpoint):
         raise LohaError(f"{checkpoint}: no such checkpoint")
     if _same(checkpoint, out):
         raise LohaError(f"{out}: refusing to overwrite the input checkpoint; choose another output path")

@@ -338,7 +338,7 @@ def parse_json_metadata(metadata: Mapping[str, str], key: str):
     """A JSON-valued metadata entry (ss_network_args, ss_tag_frequency), or None if absent,
     not JSON, nested deeper than `MAX_JSON_DEPTH`, or holding NaN/Infinity."""
     try:
-        value = json.loads(metadata[key], parse_constant=_no_constant)
+        value = json.loads(metadata[key], parse_constant=_no_constant, parse_float=_finite)
     except (KeyError, TypeError, ValueError, RecursionError):
         return None
     return value if _depth(value) <= MAX_JSON_DEPTH else None
@@ -346,6 +346,13 @@ def parse_json_metadata(metadata: Mapping[str, str], key: str):
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400
+        raise ValueError(f"{text} is not a finite number")
+    return value
 
 
 def _depth(value) -> int:

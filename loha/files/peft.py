@@ -74,21 +74,21 @@ def _adapter_dirs(folder: str) -> dict[str, str | None]:
     return found
 
 
-def pattern_value(patterns, path: str, default):
+def pattern_value(patterns, path: str, default, where: str = "adapter config"):
     """PEFT's per-module override: the first pattern matching the end of `path`, else `default`.
 
     Patterns come from files: each runs under `PATTERN_TIMEOUT`, and one that is not a
-    valid expression or takes longer is a `FormatError` naming it.
+    valid expression or takes longer is a `FormatError` naming it and `where` it is.
     """
     for key, value in (patterns or {}).items():
         if not isinstance(key, str):
-            raise FormatError(f"pattern {key!r} is not a string")
+            raise FormatError(f"{where}: pattern {key!r} is not a string")
         try:
             found = regex.match(rf"(.*\.)?({key})$", path, timeout=PATTERN_TIMEOUT)
         except regex.error as exc:
-            raise FormatError(f"pattern {key[:200]!r} is not a regular expression ({exc})") from None
+            raise FormatError(f"{where}: pattern {key[:200]!r} is not a regular expression ({exc})") from None
         except TimeoutError:
-            raise FormatError(f"pattern {key[:200]!r} takes more than {PATTERN_TIMEOUT} s to match "
+            raise FormatError(f"{where}: pattern {key[:200]!r} takes more than {PATTERN_TIMEOUT} s to match "
                               f"'{path}' (catastrophic backtracking); refused") from None
         if found:
             return value
@@ -113,6 +113,7 @@ def check_config(config, where: str) -> dict:
     if not isinstance(peft_type, str) or peft_type.upper() != "LOHA":
         raise FormatError(f"{where}: a PEFT {str(peft_type)[:50]!r} adapter, not LOHA")
     checked = dict(config)
+    checked["where"] = where
     checked["r"] = _number(config.get("r", PEFT_DEFAULTS["r"]), "r", where, rank=True)
     checked["alpha"] = _number(config.get("alpha", PEFT_DEFAULTS["alpha"]), "alpha", where)
     for field, rank in (("rank_pattern", True), ("alpha_pattern", False)):
@@ -121,7 +122,7 @@ def check_config(config, where: str) -> dict:
             raise FormatError(f"{where}: {field} is a {type(patterns).__name__}, not an object of patterns")
         for key, value in patterns.items():
             _number(value, f"{field}[{key[:100]!r}]", where, rank=rank)
-            pattern_value({key: value}, "", None)  # a bad expression is refused before any module
+            pattern_value({key: value}, "", None, where)  # a bad expression is refused before any module
         checked[field] = patterns
     return checked
 
@@ -226,8 +227,8 @@ def _network(parts: dict[str, tuple[dict | None, dict]], name: str, where: str) 
             if config is None:
                 rank = alpha = w1b.shape[0]
             else:
-                rank = pattern_value(config["rank_pattern"], path, config["r"])
-                alpha = pattern_value(config["alpha_pattern"], path, config["alpha"])
+                rank = pattern_value(config["rank_pattern"], path, config["r"], config["where"])
+                alpha = pattern_value(config["alpha_pattern"], path, config["alpha"], config["where"])
             if w1b.shape[0] != rank:
                 shapes = {s: tuple(t.shape) for s, t in factors.items()}
                 raise FormatError(f"{where}: {attr} module '{path}': the config says rank {rank}, the factors "

@@ -141,17 +141,19 @@ def check_header(path: str, fd: int | None = None) -> int:
     fd = open_regular(path) if own else fd
     try:
         size = os.fstat(fd).st_size
-        head = os.pread(fd, 8, 0) if hasattr(os, "pread") else _read_at(fd, 8, 0)
+        head = os.pread(fd, 9, 0) if hasattr(os, "pread") else _read_at(fd, 9, 0)
     except OSError as exc:
         raise FormatError(f"{path}: cannot read ({exc.strerror})") from None
     finally:
         if own:
             os.close(fd)
-    if any(head.startswith(magic) for magic in _PICKLE_MAGIC):
+    # A header of 640, 896, 1152 or 1408 bytes has a length that starts like a pickle (0x80 0x02…);
+    # its JSON starts with "{" right after the length, where a pickle holds its opcodes.
+    if any(head.startswith(magic) for magic in _PICKLE_MAGIC) and head[8:9] != b"{":
         raise FormatError(f"{path}: is a pickle (.ckpt/.pt), not safetensors; pickles are never loaded")
     if size < 8:
         raise FormatError(f"{path}: {size} bytes, too short for a safetensors file")
-    claimed = int.from_bytes(head, "little")
+    claimed = int.from_bytes(head[:8], "little")
     if claimed > size - 8 or claimed > MAX_HEADER_BYTES:
         raise FormatError(
             f"{path}: header claims {claimed} bytes but the file has {size - 8} after the length "

@@ -307,8 +307,11 @@ def from_checkpoint(path: str, tokenizer: str | None = None, vae: str | None = N
     if not os.path.isfile(path):
         raise LohaError(f"{path}: no such checkpoint")
     state, meta = read_checkpoint(path)
-    configs = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
-    parts = diffusers_parts(state, overrides=configs)
+    configs = _stored_configs(path, meta)
+    try:
+        parts = diffusers_parts(state, overrides=configs)
+    except LohaError as exc:
+        raise LohaError(f"{path}: {exc}") from None
     if vae is not None:
         parts["vae"] = from_diffusers_vae(vae)
     if "vae" not in parts:
@@ -316,6 +319,19 @@ def from_checkpoint(path: str, tokenizer: str | None = None, vae: str | None = N
     family = map_modules(parts).family
     return _assemble(parts, parts["vae"], _tokenizers(path, meta, tokenizer, parts), family,
                      os.path.splitext(os.path.basename(path))[0], configs=configs)
+
+
+def _stored_configs(path: str, meta: dict) -> dict | None:
+    """The part configs `save_base_checkpoint` stores beside the weights ({part: {key: value}}), checked."""
+    if CONFIG_KEY not in meta:
+        return None
+    try:
+        configs = json.loads(meta[CONFIG_KEY])
+    except (ValueError, RecursionError):
+        configs = None
+    if not (isinstance(configs, dict) and all(isinstance(v, dict) for v in configs.values())):
+        raise LohaError(f"{path}: metadata '{CONFIG_KEY}' is not an object of part configs")
+    return configs
 
 
 def from_diffusers_vae(folder: str):
