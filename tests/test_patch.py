@@ -112,8 +112,12 @@ def test_unmatched_names_are_listed(tmp_path):
     save_file(tensors, tmp_path / "extra.safetensors")
     net = loha.load(tmp_path / "extra.safetensors")
     assert net.unknown_keys == ["lora_unet_conv_in.strange_suffix"]
-    handle = loha.apply(parts, net)
+    with pytest.warns(UserWarning) as warned:
+        handle = loha.apply(parts, net)
     assert handle.unmatched == {str(tmp_path / "extra.safetensors"): ["lora_unet_no_such_block_proj"]}
+    assert handle.unknown_keys == {str(tmp_path / "extra.safetensors"): ["lora_unet_conv_in.strange_suffix"]}
+    said = " ".join(str(w.message) for w in warned)
+    assert "1 module names match no weight" in said and "1 keys are of no known kind" in said
 
 
 def test_shape_mismatch_changes_nothing(tmp_path):
