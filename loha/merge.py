@@ -43,6 +43,7 @@ class MergeResult:
     tensors: int  # tensors written
     changed: list[str] = field(default_factory=list)  # keys whose values the networks changed
     unmatched: dict[str, list[str]] = field(default_factory=dict)  # network label -> names
+    unknown_keys: dict[str, list[str]] = field(default_factory=dict)  # network label -> keys of no known kind
     dropped: list[str] = field(default_factory=list)  # non-tensor entries of a pickle
     merged: list[dict] = field(default_factory=list)  # the records added to the metadata
     bytes: int = 0  # size of OUT
@@ -101,6 +102,7 @@ def merge(
                              for k, (dt, shape) in source.layout().items())
         planned = time.perf_counter()
         result = MergeResult(out, checkpoint, source.streamed, len(entries), unmatched=plan.unmatched,
+                             unknown_keys={u.network.label: u.network.unknown_keys for u in uses if u.network.unknown_keys},
                              dropped=source.dropped, merged=plan.records)
         _write(out, entries, with_records(source.metadata, plan.records), source, plan, result,
                dev, out_dtype, progress, on_progress, overwrite)

@@ -99,7 +99,7 @@ class ExtraNetworkLoha(extra_networks.ExtraNetwork):
         else:
             if active.update(shared.sd_model, wanted, keep_going=True):
                 forget_cached_conditioning(p)
-                warn_unmatched(active.unmatched)
+                warn_unmatched(active.unmatched, active.handle.unknown_keys if active.handle else {})
             problems.update(active.failed)
         report_not_applied(p, problems, {r.name: path for r, path in wanted})
         applied = [(r, path) for r, path in wanted if r.name not in problems]
@@ -111,11 +111,15 @@ class ExtraNetworkLoha(extra_networks.ExtraNetwork):
         pass  # weights stay patched until the set changes, as the built-in Lora keeps its own
 
 
-def warn_unmatched(unmatched: dict[str, list[str]]) -> None:
+def warn_unmatched(unmatched: dict[str, list[str]], unknown_keys: dict[str, list[str]] | None = None) -> None:
+    """What the files hold that this model does not get, in the console."""
     for label, names in unmatched.items():
         if names:
             log.warning("loha: %s: %d names match no weight of this model and were not applied: %s", label,
                         len(names), ", ".join(names))
+    for label, keys in (unknown_keys or {}).items():
+        log.warning("loha: %s: %d keys are of no known kind and were not applied: %s", label, len(keys),
+                    ", ".join(keys))
 
 
 def report_not_applied(p, problems: dict[str, str], paths: dict[str, str]) -> None:

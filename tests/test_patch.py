@@ -34,7 +34,6 @@ CASES = {
     "sdxl-plain": (T.sdxl_parts, {}, torch.float32, 0.8),
     "sdxl-tucker-alpha-ne-rank": (T.sdxl_parts, {"use_tucker": True, "alpha": 1.0, "conv_alpha": 8.0}, torch.float32, 1.0),
     # lycoris train_norm: w_norm/b_norm modules on every GroupNorm/LayerNorm of the targeted blocks
-    "sd1-train-norm": (T.sd1_parts, {"train_norm": True}, torch.float32, 0.7),
     "sdxl-train-norm": (T.sdxl_parts, {"train_norm": True}, torch.float32, 1.0),
 }
 

@@ -63,6 +63,9 @@ def _merge(args) -> int:
     for label, names in result.unmatched.items():
         print(f"loha: warning: {label}: {len(names)} names match nothing and were skipped: "
               + ", ".join(names), file=err)
+    for label, keys in result.unknown_keys.items():
+        print(f"loha: warning: {label}: {len(keys)} keys are of no known kind and were not merged: "
+              + ", ".join(keys), file=err)
     if result.dropped:
         print(f"loha: note: non-tensor entries not written: {', '.join(result.dropped)}", file=err)
     for record in result.merged:

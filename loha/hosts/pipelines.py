@@ -71,6 +71,9 @@ def load_loha(pipe, network, strength: float = 1.0, te_strength: float | None = 
         if strict:
             raise UnmatchedError(message, names)
         warnings.warn(message, stacklevel=2)
+    if net.unknown_keys:
+        warnings.warn(f"{net.label}: {len(net.unknown_keys)} keys are of no known kind and were not applied: "
+                      + ", ".join(net.unknown_keys), stacklevel=2)
     state = _state(pipe)
     previous = state.uses.get(name)
     state.uses[name] = use

@@ -4,6 +4,7 @@ each is a clean `LohaError` that names what is wrong and changes nothing."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -306,3 +307,34 @@ def test_a_network_truncated_on_disk_after_load_is_refused(files, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "refused:" in done.stdout and "changed on disk since it was read" in done.stdout
     assert "unchanged: True" in done.stdout
+
+
+# --------------------------------------------------------------------------- metadata inspect shows
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("metadata", [
+    {"ss_tag_frequency": DEEP},
+    {"ss_network_args": '{"a": ' * 100_000 + "1" + "}" * 100_000},
+    {"ss_network_args": "[" * 900 + "]" * 900},  # parses, but re-encoding it would exhaust the recursion
+    {"ss_tag_frequency": '{"1_x": {"fox": Infinity, "snow": 2}}'},
+    {"ss_tag_frequency": '{"1_x": {"fox": NaN, "snow": 2}}'},
+    {"ss_tag_frequency": '{"1_x": {"fox": 1e400, "snow": 2}}'},
+    {"ss_tag_frequency": '{"1_x": {"fox": true, "snow": 2}}'},
+])
+def test_hostile_training_metadata_is_shown_without_error(files, tmp_path, capsys, metadata):
+    """inspect (and the ComfyUI info route and WebUI cards, which use the same summary) show what
+    they can: a value nested beyond reason or a count that is not a finite number is left out."""
+    from loha.hosts.webui import card_metadata
+    from loha.summary import render, summarize
+
+    path = tmp_path / "meta.safetensors"
+    save_file(load_file(files["net"]), path, metadata=metadata)
+    summary = summarize(loha.load(path))
+    assert summary["top_tags"] in ([], [["snow", 2]])
+    json.dumps(summary, allow_nan=False)
+    render(summary)
+    card_metadata(loha.load(path))
+    assert main(["inspect", str(path), "--json"]) == 0 and main(["inspect", str(path)]) == 0
+    capsys.readouterr()

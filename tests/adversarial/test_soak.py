@@ -51,13 +51,13 @@ def test_thousand_cycles_with_changing_strengths(tmp_path):
 def test_thousand_repatches_of_one_loaded_network_keep_memory_flat(tmp_path):
     """apply + restore of the same loaded network, 1000 times: RSS must not grow (it grew by every
     tensor read while the network held the reference library's memory map: ~80 KB per cycle on
-    an SD1.5 file, 346 → 497 MB over 1000 cycles). A 12-layer text encoder keeps cycles quick."""
-    parts = {"unet": T.sd1_unet(), "text_encoder": T.clip_text(layers=12)}
+    an SD1.5 file, 346 → 497 MB over 1000 cycles). A 6-layer text encoder keeps cycles quick."""
+    parts = {"unet": T.sd1_unet(), "text_encoder": T.clip_text(layers=6)}
     full = load_file(T.make_loha_file(parts, tmp_path / "full.safetensors"))
     save_file({k: v for k, v in full.items() if k.startswith("lora_te_")}, tmp_path / "te.safetensors")
     model = {"text_encoder": parts["text_encoder"]}
     net = loha.load(tmp_path / "te.safetensors")
-    assert len(net.modules) == 72
+    assert len(net.modules) == 36
     before = snapshot(model)
     for _ in range(100):  # allocator caches, lazily built kernels
         loha.apply(model, net, family="sd1").restore()
