@@ -375,9 +375,15 @@ class PatchHandle:
                 handle._apply()
 
     def _spans(self) -> set[tuple]:
-        """Where this handle's changed tensors live now (device, address): how handles overlap."""
+        """Where the tensors this handle may change live now (device, address): how handles overlap.
+
+        Every tensor its modules target counts, not only those changed at the current
+        strengths, so raising a strength from 0 later is still ordered against newer handles.
+        """
+        keys = {item.target.key for item in self._items}
+        keys |= {bias_key(item.target.key) for item in self._items if item.bias is not None}
         spans = set()
-        for key in self._backups:
+        for key in keys:
             tensor = self._view.tensor(key)
             if tensor is not None and tensor.data_ptr():
                 spans.add((tensor.device, tensor.data_ptr()))

@@ -338,3 +338,18 @@ def test_hostile_training_metadata_is_shown_without_error(files, tmp_path, capsy
     card_metadata(loha.load(path))
     assert main(["inspect", str(path), "--json"]) == 0 and main(["inspect", str(path)]) == 0
     capsys.readouterr()
+
+
+def test_a_strength_raised_from_zero_under_a_newer_handle_is_ordered_too(files):
+    """A's UNet strength is 0 while B patches the UNet; raising it later still orders A under B."""
+    model = T.sd1_parts()
+    base = H.snapshot(model)
+    a = loha.apply(model, (files["net"], 0.0, 1.0))
+    b = loha.apply(model, (files["other"], 1.0, 0.0))
+    a.set_strengths([(1.0, 1.0)])  # b is unwound, a applied anew, b applied again on top
+    b.restore()
+    only_a = T.sd1_parts()
+    loha.apply(only_a, (files["net"], 1.0, 1.0))
+    assert H.unchanged(H.snapshot(only_a), model)
+    a.restore()
+    assert H.unchanged(base, model)
