@@ -526,11 +526,9 @@ def _prepare_checked(net: Network, module: Module, target: Target, use: Use, sha
         kind = "dense"
     else:  # full diff, or a norm layer's w_norm: the change itself
         factors, kind = (t["diff"] if module.kind == "full" else t["w_norm"],), "dense"
-    _check_finite(net, module, [*factors, dora_scale, bias])
-    bound = math.inf if dora_scale is not None else abs(scale) * _bound(kind, factors)
-    if bias is not None:
-        bound = max(bound, float(bias.detach().abs().max().double()) if bias.numel() else 0.0)
-    return PlannedModule(use, module, target, kind, factors, scale, dora_scale, bias, bound)
+    *peaks, _, bias_peak = _finite_peaks(net, module, [*factors, dora_scale, bias])
+    bound = math.inf if dora_scale is not None else abs(scale) * _bound(kind, factors, peaks)
+    return PlannedModule(use, module, target, kind, factors, scale, dora_scale, bias, max(bound, bias_peak))
 
 
 def _check_bias(net: Network, module: Module, target: Target, shape_of, suffix: str) -> None:
@@ -548,16 +546,12 @@ def _check_bias(net: Network, module: Module, target: Target, shape_of, suffix: 
                          f"'{key}' {tuple(bias)}")
 
 
-def _bound(kind: str, factors) -> float:
-    """Largest |ΔW| the factors can make (fp64): for a product, the largest row norm of the left
-    factor times the largest column norm of the right one (Cauchy–Schwarz), per branch."""
-    def norm(t: torch.Tensor, dim: int) -> float:
-        return float(torch.linalg.vector_norm(t.detach().double(), dim=dim).max()) if t.numel() else 0.0
-
+def _bound(kind: str, factors, peaks: list[float]) -> float:
+    """Largest |ΔW| the factors can make, from their largest magnitudes `peaks`: a product a @ b
+    of inner size R makes at most R·max|a|·max|b| per branch."""
     if kind == "dense":
-        return float(factors[0].detach().abs().max().double()) if factors[0].numel() else 0.0
-    pairs = list(zip(factors[0::2], factors[1::2]))
-    branches = [norm(a, 1) * norm(b, 0) for a, b in pairs]
+        return peaks[0]
+    branches = [a.shape[1] * peaks[2 * i] * peaks[2 * i + 1] for i, a in enumerate(factors[0::2])]
     if any(b > 1e30 for b in branches):  # an fp32 intermediate could overflow on its own
         return math.inf
     return math.prod(branches)
@@ -579,14 +573,19 @@ def _lokr_dense(net: Network, module: Module, t: dict, shape: tuple) -> torch.Te
     return dense.reshape(shape[0], -1)
 
 
-def _check_finite(net: Network, module: Module, tensors) -> None:
-    """Refuse NaN/Inf. aminmax propagates them and is ~10× faster than isfinite() on fp16 CPU."""
+def _finite_peaks(net: Network, module: Module, tensors) -> list[float]:
+    """max |x| of each tensor (0 for None), refusing NaN/Inf. aminmax propagates them and is
+    ~10× faster than isfinite() on fp16 CPU."""
+    peaks = []
     for tensor in tensors:
         if tensor is None or not tensor.is_floating_point() or tensor.numel() == 0:
+            peaks.append(0.0)
             continue
-        low, high = torch.aminmax(tensor)
-        if not (torch.isfinite(low) and torch.isfinite(high)):
+        low, high = (float(x) for x in torch.aminmax(tensor))
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise FormatError(f"{net.label}: module '{module.name}' holds NaN or Inf values")
+        peaks.append(max(-low, high))
+    return peaks
 
 
 def apply(model, networks, skip_bad: bool = False, family: str | None = None) -> PatchHandle:

@@ -225,8 +225,10 @@ class Network:
             module.kind = kinds.pop()
             _validate(self.label, module)
             self._check_dtypes(module)
-            if "alpha" in module.keys:
-                module.alpha = _read_alpha(self.label, module, self._source.get(module.keys["alpha"]))
+        with_alpha = [m for m in self.modules.values() if "alpha" in m.keys]
+        alphas = self._source.get_many([m.keys["alpha"] for m in with_alpha])  # one opening of the file
+        for module, alpha in zip(with_alpha, alphas):
+            module.alpha = _read_alpha(self.label, module, alpha)
 
 
 _ALPHA_DTYPES = FLOAT_DTYPES | {"I8", "I16", "I32", "I64", "U8"}
