@@ -160,8 +160,23 @@ def test_stack_block_weights_and_model_only(comfy, images, tmp_path):
     save_strip(tmp_path / "stack-none-outall.png",
                [("stack 0.5+0.3", stacked), ("model only, NONE", nothing), ("model only, OUTALL list", outs_only)])
 
+    # The time embedding and conv_out belong to no block (as in the LoRA Block Weight extension):
+    # NONE leaves exactly them, so it gives the image of a file holding only those modules.
+    from safetensors.torch import load_file, save_file
+
+    unblocked_name = "loha-sd15-unblocked.safetensors"
+    unblocked_path = os.path.join(comfy.base, "models", "loras", unblocked_name)
+    save_file({k: v for k, v in load_file(os.path.join(comfy.base, "models", "loras", LOHA)).items()
+               if k.startswith(("lora_unet_time_embedding_", "lora_unet_conv_out."))}, unblocked_path)
+    try:
+        unblocked_only = loader("LohaLoaderModelOnly", name=unblocked_name)
+        del unblocked_only["inputs"]["clip"], unblocked_only["inputs"]["strength_clip"]
+        unblocked = render(comfy, H.image_graph(CHECKPOINT, unblocked_only))
+    finally:
+        os.remove(unblocked_path)
+
     assert diff(stacked, images["ours"]) <= 1, "0.5 + 0.3 of one LoHa is 0.8 of it"
-    assert np.array_equal(nothing, images["base"]), "all blocks at 0 change nothing"
+    assert np.array_equal(nothing, unblocked), "every block at 0 leaves only the layers in no block"
     assert diff(outs_only, images["base"]) > 1 and diff(outs_only, images["ours"]) > 1
     assert unloaded_names(comfy.log()) == []
 
