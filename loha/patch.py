@@ -18,7 +18,7 @@ import os
 import warnings
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -26,9 +26,10 @@ import torch
 from . import delta as D
 from . import kernels
 from .errors import FamilyError, FormatError, LohaError, ShapeError
-from .families import FAMILY_NAMES, PIPELINE_COMPONENTS
+from .families import FAMILIES, FAMILY_NAMES, PART_COMPONENTS, UNET_STATE_PREFIXES
 from .files.network import Module, Network, load
 from .keys import NameMap, Target, bias_key, map_modules, map_state_dict
+from .keys.text import TEXT_STATE_SOURCES
 
 
 @dataclass
@@ -91,20 +92,24 @@ def _as_network(item) -> Network:
 class ModelView:
     """A model seen as a flat namespace of weight tensors plus its name map.
 
-    Accepts a state dict (LDM layout, as checkpoints and hosts hold it), a mapping of
-    modules ({"unet": ..., "text_encoder": ...}), a diffusers pipeline, a diffusers /
-    transformers model, or any torch module whose parameters use the LDM layout.
+    Accepts a state dict (checkpoint or host layout), a mapping of modules by pipeline
+    attribute ({"transformer": ..., "text_encoder": ...}), a diffusers pipeline (its
+    `unet`/`transformer`/`prior` and text encoders), a single model (a diffusers
+    UNet or transformer, a text encoder, any ``nn.Module``: its own module paths name
+    it), or a module whose parameters are a state dict of a known layout (the WebUI's
+    and ComfyUI's model objects).
     """
 
     def __init__(self, model, family: str | None = None):
-        if isinstance(model, Mapping) and all(isinstance(v, torch.nn.Module) for v in model.values()):
+        if isinstance(model, Mapping) and model and all(isinstance(v, torch.nn.Module) for v in model.values()):
             self._modules = dict(model)
         elif isinstance(model, Mapping):
             self._modules = None
             self._tensors = model
-        elif hasattr(model, "unet") and not isinstance(model, torch.nn.Module):
-            self._modules = {p: getattr(model, p) for p in PIPELINE_COMPONENTS if getattr(model, p, None) is not None}
-        elif isinstance(model, torch.nn.Module) and _is_known_part(model):
+        elif not isinstance(model, torch.nn.Module) and any(hasattr(model, attr) for attr in PART_COMPONENTS):
+            self._modules = {attr: part for attr in PART_COMPONENTS
+                             if isinstance(part := getattr(model, attr, None), torch.nn.Module)}
+        elif isinstance(model, torch.nn.Module) and not _holds_state_layout(model):
             self._modules = {_part_name(model): model}
         elif isinstance(model, torch.nn.Module):
             self._modules = None
@@ -138,12 +143,22 @@ class ModelView:
         return None if tensor is None else tuple(tensor.shape)
 
 
-def _is_known_part(module: torch.nn.Module) -> bool:
-    return type(module).__name__.startswith(("UNet2DConditionModel", "CLIPTextModel"))
+#: Where a module's parameters say it is a whole model in a state-dict layout (LDM, host).
+_STATE_PREFIXES = (*UNET_STATE_PREFIXES, *(prefix for prefix, _, _ in TEXT_STATE_SOURCES))
+
+
+def _holds_state_layout(module: torch.nn.Module) -> bool:
+    return any(name.startswith(_STATE_PREFIXES) for name, _ in module.named_parameters())
 
 
 def _part_name(module: torch.nn.Module) -> str:
-    return "unet" if type(module).__name__.startswith("UNet") else "text_encoder"
+    """The pipeline attribute a lone model stands in: its class says UNet, text encoder or transformer."""
+    name = type(module).__name__
+    if name.startswith("UNet"):
+        return "unet"
+    if "TextModel" in name or "EncoderModel" in name or name.startswith(("CLIP", "T5", "UMT5")):
+        return "text_encoder"
+    return "transformer"
 
 
 @dataclass
@@ -193,7 +208,7 @@ def plan_modules(names: NameMap, uses: list[Use], skip_bad: bool = False,
 def _plan_use(names: NameMap, use: Use, skip_bad: bool, skipped: dict | None,
               shape_of: Callable | None) -> tuple[list[PlannedModule], list[str]]:
     net = use.network
-    if net.family and names.family and net.family != names.family:
+    if net.family in FAMILIES and names.family in FAMILIES and net.family != names.family:
         raise FamilyError(f"{net.label}: the file is for {net.family} models, this model is {names.family} (a "
                           f"{FAMILY_NAMES.get(net.family, net.family)} network cannot patch a "
                           f"{FAMILY_NAMES.get(names.family, names.family)} model)")
@@ -201,16 +216,21 @@ def _plan_use(names: NameMap, use: Use, skip_bad: bool, skipped: dict | None,
     for module in net.modules.values():
         target = names.lookup(module.name)
         if target is None:
+            shared = names.ambiguous(module.name)
+            if shared:
+                raise FormatError(f"{net.label}: module '{module.name}' could mean any of {', '.join(shared)} "
+                                  "(their paths differ only in '.' against '_')")
             missing.append(module.name)
             continue
-        if (target.key, target.rows) in seen:
-            raise FormatError(
-                f"{net.label}: modules '{seen[(target.key, target.rows)]}' and '{module.name}' "
-                f"both patch '{target.key}' (one module under two naming styles)"
-            )
-        seen[(target.key, target.rows)] = module.name
+        for piece in target.pieces or (target,):
+            if (piece.key, piece.rows) in seen:
+                raise FormatError(
+                    f"{net.label}: modules '{seen[(piece.key, piece.rows)]}' and '{module.name}' "
+                    f"both patch '{piece.key}' (one module under two naming styles)"
+                )
+            seen[(piece.key, piece.rows)] = module.name
         try:
-            items.append(_prepare(net, module, target, use, shape_of))
+            items += split_rows(_prepare(net, module, target, use, shape_of))
         except LohaError as exc:
             if not skip_bad:
                 raise
@@ -218,6 +238,37 @@ def _plan_use(names: NameMap, use: Use, skip_bad: bool, skipped: dict | None,
             if skipped is not None:
                 skipped.setdefault(net.label, []).append(str(exc))
     return items, missing
+
+
+def split_rows(item: PlannedModule) -> list[PlannedModule]:
+    """A module planned for a target over several weights, as one item per piece.
+
+    Rows of ΔW depend only on rows of the output-side factors (``a``, the LoRA up, the
+    dense ΔW, an output-axis DoRA scale, ``diff_b``), so each piece gets those rows and
+    the rest as they are: exact. Input-axis DoRA normalises over every output row
+    together and cannot be split.
+    """
+    target = item.target
+    if not target.pieces:
+        return [item]
+    if item.dora_scale is not None and D.dora_axis(item.dora_scale.shape, target.shape) == "in":
+        raise ShapeError(f"{item.use.network.label}: module '{item.module.name}' has an input-axis dora_scale, "
+                         f"which cannot be split over the weights it spans ({target.key})")
+    pieces, start = [], 0
+    for piece in target.pieces:
+        rows = slice(start, start + piece.shape[0])
+        start = rows.stop
+        if item.kind == "hadamard":
+            a1, b1, a2, b2 = item.factors
+            factors = (a1[rows], b1, a2[rows], b2)
+        elif item.kind == "lowrank":
+            factors = (item.factors[0][rows], item.factors[1])
+        else:
+            factors = (item.factors[0].reshape(target.shape[0], -1)[rows],)
+        pieces.append(replace(item, target=piece, factors=factors,
+                              dora_scale=None if item.dora_scale is None else item.dora_scale[rows],
+                              bias=None if item.bias is None else item.bias[rows]))
+    return pieces
 
 
 def by_tensor(items: list[PlannedModule]) -> dict[str, list[PlannedModule]]:
@@ -271,7 +322,7 @@ def apply_to_bias(bias: torch.Tensor, items: list[PlannedModule]) -> None:
         if it.bias is not None:
             rows = it.target.rows
             region = total if rows is None else total[rows[0] : rows[1]]
-            region += it.bias.float().to(bias.device) * it.use.strength(it.target)
+            region += it.bias.float().to(bias.device).reshape(region.shape) * it.use.strength(it.target)
     bias.copy_(total)
 
 
@@ -532,18 +583,20 @@ def _prepare_checked(net: Network, module: Module, target: Target, use: Use, sha
 
 
 def _check_bias(net: Network, module: Module, target: Target, shape_of, suffix: str) -> None:
-    """A module that changes a bias needs a layer with a bias of its rows' size."""
+    """A module that changes a bias needs layers with a bias of their rows' size (each piece's,
+    for a target over several weights)."""
     if shape_of is None:
         return
-    key = bias_key(target.key)
-    bias = shape_of(key)
-    rows = target.rows or (0, target.shape[0])
-    if bias is None:
-        raise ShapeError(f"{net.label}: '{module.keys[suffix]}' changes a bias, but '{target.key}' has no bias "
-                         f"('{key}' does not exist)")
-    if len(bias) != 1 or bias[0] < rows[1] or (target.rows is None and bias[0] != target.shape[0]):
-        raise ShapeError(f"{net.label}: '{module.keys[suffix]}' {module.shapes[suffix]} does not fit the bias "
-                         f"'{key}' {tuple(bias)}")
+    for piece in target.pieces or (target,):
+        key = bias_key(piece.key)
+        bias = shape_of(key)
+        rows = piece.rows or (0, piece.shape[0])
+        if bias is None:
+            raise ShapeError(f"{net.label}: '{module.keys[suffix]}' changes a bias, but '{piece.key}' has no bias "
+                             f"('{key}' does not exist)")
+        if len(bias) != 1 or bias[0] < rows[1] or (piece.rows is None and bias[0] != piece.shape[0]):
+            raise ShapeError(f"{net.label}: '{module.keys[suffix]}' {module.shapes[suffix]} does not fit the bias "
+                             f"'{key}' {tuple(bias)}")
 
 
 def _bound(kind: str, factors, peaks: list[float]) -> float:
@@ -596,7 +649,8 @@ def apply(model, networks, skip_bad: bool = False, family: str | None = None) ->
     no known kind on `handle.unknown_keys`; both are also given as a warning. A bad
     module makes the whole patch fail and change nothing, unless `skip_bad` is set: then
     it is left out with a warning and listed on `handle.skipped`. `family` ("sd1", "sd2",
-    "sdxl") is detected from the model's shapes unless given.
+    "sdxl", "flux", "sd3") is detected from the model unless given; a model of no known
+    family is patched by its own module paths.
     """
     handle = PatchHandle(ModelView(model, family), as_uses(networks), skip_bad)
     for label, names in handle.unmatched.items():
