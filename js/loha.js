@@ -8,6 +8,8 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const NODES_WITH_FILE = ["LohaLoader", "LohaLoaderModelOnly", "LohaInfo"];
+// Sent by a loader for what a file holds that the model does not get (nodes/host.py).
+const NOT_APPLIED_EVENT = "loha.not_applied";
 const FILE_WIDGET = "lora_name";
 const FAMILY = { sd1: "SD 1.x", sd2: "SD 2.x", sdxl: "SDXL" };
 const TAGS_SHOWN = 5;
@@ -33,6 +35,7 @@ function summaryRows(s) {
   if (s.top_tags?.length) {
     rows.push(["top tags", s.top_tags.slice(0, TAGS_SHOWN).map(([tag]) => tag).join(", ")]);
   }
+  if (s.unknown_keys?.length) rows.push(["not applied", `${s.unknown_keys.length} keys of no known kind`]);
   return rows;
 }
 
@@ -115,6 +118,23 @@ function attach(node) {
   const size = node.computeSize();
   node.setSize([Math.max(node.size[0], 360), Math.max(node.size[1], size[1])]);
 }
+
+// A loader's run: what was not applied, shown on that node until the file changes.
+function showNotApplied({ detail }) {
+  const node = app.graph?.getNodeById?.(Number(detail.node));
+  if (!node) return;
+  const view = node.lohaView;
+  if (view) {
+    const row = document.createElement("div");
+    row.className = "loha-not-applied";
+    row.style.color = "var(--error-text, #f88)";
+    row.textContent = detail.text;
+    view.table.append(row);
+  }
+  node.setDirtyCanvas?.(true, true);
+}
+
+api.addEventListener(NOT_APPLIED_EVENT, showNotApplied);
 
 app.registerExtension({
   name: "loha.fileInfo",

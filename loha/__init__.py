@@ -7,11 +7,12 @@
 The package's map is ARCHITECTURE.md beside it in the repository.
 """
 
-from .errors import FormatError, LohaError, ShapeError, UnmatchedError
+from .errors import FamilyError, FormatError, LohaError, ShapeError, UnmatchedError
 from .files.network import Module, Network, from_tensors, load
 from .patch import PatchHandle, Use, apply
 
 __all__ = [
+    "FamilyError",
     "FormatError",
     "LohaError",
     "Module",

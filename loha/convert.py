@@ -86,7 +86,7 @@ def to_kohya(network: Network, out: str | os.PathLike, names: NameMap | None = N
     metadata = dict(network.metadata)
     if network.family:
         metadata.setdefault("ss_base_model_version", BASE_MODEL_VERSION[network.family])
-    save(tensors, out, metadata)
+    save(tensors, out, metadata, overwrite=overwrite)
     return out
 
 
@@ -170,7 +170,7 @@ def to_lora(networks, out, rank: int | None = None, base=None, *, dtype: str | t
     }
     if names.family in BASE_MODEL_VERSION:
         metadata["ss_base_model_version"] = BASE_MODEL_VERSION[names.family]
-    save(tensors, out, metadata)
+    save(tensors, out, metadata, overwrite=overwrite)
     return report
 
 

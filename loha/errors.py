@@ -23,6 +23,10 @@ class FormatError(LohaError):
     """A network file is unreadable, malformed, or holds tensors that disagree."""
 
 
+class FamilyError(LohaError):
+    """A network made for another model family (an SDXL file on an SD1.x model, …)."""
+
+
 class ShapeError(LohaError):
     """A module's ΔW does not fit the weight its name maps to."""
 

@@ -22,12 +22,13 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .errors import LohaError
-from .families import FAMILIES, component_of
+from .families import component_of
 from .files.network import Network
 from .keys import NameMap, Target, bias_key, map_state_dict
 from .keys import blocks as block_weights
 from .keys.namemap import pieces_target
-from .patch import Use, apply_to_bias, apply_to_tensor, by_tensor, plan_modules
+from .patch import (Use, apply_to_bias, apply_to_tensor, by_tensor, overflow_error, overflow_possible, overflowed,
+                    plan_modules)
 
 #: Host model part -> the file components (families.component_of) it holds.
 PART_COMPONENTS = {"model": {"unet"}, "clip": {"te1", "te2", "te3"}}
@@ -46,12 +47,20 @@ class KeyedPatch:
         self.items = items
         self.bias = bias
 
-    def add_into(self, weight: torch.Tensor, strength: float) -> torch.Tensor:
-        """Add strength·ΔW into `weight` (the host's fp32 working copy) in place and return it."""
+    def add_into(self, weight: torch.Tensor, strength: float, key: str = "") -> torch.Tensor:
+        """Add strength·ΔW into `weight` (the host's fp32 working copy) in place and return it.
+
+        A result the working copy cannot hold (±Inf from finite inputs) is refused, naming
+        the weight; `key` is how the host calls it.
+        """
         use = Use(self.use.network, strength, strength, self.use.blocks)
         items = [replace(item, use=use) for item in self.items]
+        risky = overflow_possible(items, weight.dtype)
+        before = weight.clone() if risky else None
         with torch.no_grad():
             (apply_to_bias if self.bias else apply_to_tensor)(weight, items)
+        if risky and overflowed(weight, before):
+            raise overflow_error(key or items[0].target.key, items, weight.dtype)
         return weight
 
 
@@ -120,11 +129,9 @@ def plan_keyed(network: Network, parts: Mapping[str, Mapping[str, tuple]], block
     names = map_state_dict(shapes)
     if key_map:
         names.extend(host_targets(key_map, shapes, names))
-    if network.family in FAMILIES and names.family in FAMILIES and network.family != names.family:
-        raise LohaError(f"{network.label}: the file is for {network.family} models, this model is {names.family}")
     model = f"{names.family} model" if names.family else "model"
     use = Use(network, 1.0, 1.0, block_weights.parse(blocks, names.family))
-    items, unmatched = plan_modules(names, [use])
+    items, unmatched = plan_modules(names, [use], shape_of=shapes.get)  # refuses a file of another SD family
     wanted = set().union(*(PART_COMPONENTS[part] for part in parts))
     relevant = [name for name in network.modules if component_of(name) in wanted | {None}]
     result = PatchSet(network, names.family, {part: {} for part in parts})

@@ -29,7 +29,8 @@ from .files.checkpoint import PICKLE_SUFFIXES, open_checkpoint
 from .files.safetensors_io import Entry, data_order, dtype_name, dtype_of_name, refuse_existing, write_streamed
 from .keys import bias_key, map_state_dict
 from .merge_records import merge_record, with_records
-from .patch import PlannedModule, Use, apply_to_bias, apply_to_tensor, as_uses, by_tensor, plan_modules
+from .patch import (PlannedModule, Use, apply_to_bias, apply_to_tensor, as_uses, by_tensor, overflow_error,
+                    overflow_possible, overflowed, plan_modules)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class MergeResult:
     tensors: int  # tensors written
     changed: list[str] = field(default_factory=list)  # keys whose values the networks changed
     unmatched: dict[str, list[str]] = field(default_factory=dict)  # network label -> names
+    unknown_keys: dict[str, list[str]] = field(default_factory=dict)  # network label -> keys of no known kind
     dropped: list[str] = field(default_factory=list)  # non-tensor entries of a pickle
     merged: list[dict] = field(default_factory=list)  # the records added to the metadata
     bytes: int = 0  # size of OUT
@@ -49,10 +51,18 @@ class MergeResult:
 
 
 @dataclass
+class _Change:
+    """What one tensor of the checkpoint gets: `apply(tensor, items)` adds their ΔW (or bias)."""
+
+    apply: Callable[[torch.Tensor, list[PlannedModule]], None]
+    items: list[PlannedModule]
+
+
+@dataclass
 class _Plan:
     """Everything decided before a byte is written."""
 
-    changes: dict[str, Callable[[torch.Tensor], None]]  # key -> what adds ΔW (or diff_b) into it
+    changes: dict[str, _Change]  # key -> what adds ΔW (or diff_b) into it
     unmatched: dict[str, list[str]]
     records: list[dict]
 
@@ -92,9 +102,10 @@ def merge(
                              for k, (dt, shape) in source.layout().items())
         planned = time.perf_counter()
         result = MergeResult(out, checkpoint, source.streamed, len(entries), unmatched=plan.unmatched,
+                             unknown_keys={u.network.label: u.network.unknown_keys for u in uses if u.network.unknown_keys},
                              dropped=source.dropped, merged=plan.records)
         _write(out, entries, with_records(source.metadata, plan.records), source, plan, result,
-               dev, out_dtype, progress, on_progress)
+               dev, out_dtype, progress, on_progress, overwrite)
     finally:
         source.close()
     result.bytes = os.path.getsize(out)
@@ -105,29 +116,26 @@ def merge(
 
 def _plan(checkpoint: str, source, uses: list[Use], allow_unmatched: bool) -> _Plan:
     """Match and check every network against the checkpoint's header; read their factors."""
+    shapes = source.shapes()
     try:
-        names = map_state_dict(source.shapes())
+        names = map_state_dict(shapes)
     except LohaError as exc:
         raise LohaError(f"{checkpoint}: {exc}") from None
-    items, unmatched = plan_modules(names, uses)
+    items, unmatched = plan_modules(names, uses, shape_of=shapes.get)
     if unmatched and not allow_unmatched:
         raise _unmatched_error(checkpoint, names.family, unmatched)
-    changes: dict[str, Callable[[torch.Tensor], None]] = {}
+    changes: dict[str, _Change] = {}
     for key, group in by_tensor(items).items():
-        changes[key] = _adder(apply_to_tensor, group)
+        changes[key] = _Change(apply_to_tensor, group)
         if any(item.bias is not None for item in group):
-            changes[bias_key(key)] = _adder(apply_to_bias, group)
+            changes[bias_key(key)] = _Change(apply_to_bias, group)
     records = [merge_record(use, sum(1 for i in items if i.use is use)) for use in uses]
     return _Plan(changes, unmatched, records)
 
 
-def _adder(apply: Callable, items: list[PlannedModule]) -> Callable[[torch.Tensor], None]:
-    return lambda tensor: apply(tensor, items)
-
-
 def _write(out: str, entries: list[Entry], metadata: dict[str, str], source, plan: _Plan, result: MergeResult,
            dev: torch.device, out_dtype: torch.dtype | None, progress: bool | None,
-           on_progress: Callable[[int, int], None] | None) -> None:
+           on_progress: Callable[[int, int], None] | None, overwrite: bool) -> None:
     """Read, change and append each tensor in turn, reporting the bytes done."""
     total, done = sum(e.nbytes for e in entries), 0
 
@@ -136,7 +144,7 @@ def _write(out: str, entries: list[Entry], metadata: dict[str, str], source, pla
         if key not in plan.changes:
             return tensor.to(_cast_dtype(tensor.dtype, out_dtype))
         result.changed.append(key)
-        return _patched(tensor, plan.changes[key], dev, out_dtype, owned=source.streamed)
+        return _patched(key, tensor, plan.changes[key], dev, out_dtype, owned=source.streamed)
 
     with tqdm(total=total, unit="B", unit_scale=True, desc="merging",
               disable=None if progress is None else not progress) as bar:
@@ -147,20 +155,27 @@ def _write(out: str, entries: list[Entry], metadata: dict[str, str], source, pla
             if on_progress is not None:
                 on_progress(done, total)
 
-        write_streamed(out, entries, metadata, tensor_of, written=written)
+        write_streamed(out, entries, metadata, tensor_of, written=written, overwrite=overwrite)
 
 
-def _patched(tensor: torch.Tensor, apply: Callable[[torch.Tensor], None], dev: torch.device,
+def _patched(key: str, tensor: torch.Tensor, change: "_Change", dev: torch.device,
              out_dtype: torch.dtype | None, owned: bool) -> torch.Tensor:
     """Apply in fp32 on `dev`, then round once to the output dtype, back on the CPU.
 
-    `owned`: `tensor` is a fresh buffer nobody else sees (else it is copied first).
+    `owned`: `tensor` is a fresh buffer nobody else sees (else it is copied first). A
+    result beyond the output dtype's range (±Inf from finite inputs) is refused, naming
+    the tensor: nothing has been written under OUT's name yet.
     """
     result_dtype = _cast_dtype(tensor.dtype, out_dtype)
+    risky = overflow_possible(change.items, result_dtype)
+    original = tensor.clone() if risky and owned else tensor
     work = tensor.to(dev, torch.float32, copy=not owned)
     with torch.no_grad():
-        apply(work)
-    return work.to("cpu", result_dtype)
+        change.apply(work, change.items)
+    result = work.to("cpu", result_dtype)
+    if risky and overflowed(result, original):
+        raise overflow_error(key, change.items, result_dtype)
+    return result
 
 
 def _cast_dtype(dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.dtype:
@@ -184,7 +199,7 @@ def _same(a: str, b: str) -> bool:
 
 
 def _check_paths(checkpoint: str, out: str, uses: list[Use], overwrite: bool) -> None:
-    if not os.path.isfile(checkpoint):
+    if not os.path.exists(checkpoint):
         raise LohaError(f"{checkpoint}: no such checkpoint")
     if _same(checkpoint, out):
         raise LohaError(f"{out}: refusing to overwrite the input checkpoint; choose another output path")

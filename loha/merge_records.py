@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+from .files.network import parse_json_metadata
 from .files.safetensors_io import file_hashes
 
 #: Output metadata key holding what was merged (a JSON list, appended to on re-merges).
@@ -38,10 +39,13 @@ def merge_record(use, modules: int) -> dict:
 def with_records(metadata: dict[str, str], records: list[dict]) -> dict[str, str]:
     """`metadata` with `records` appended to its `loha_merged` list."""
     out = dict(metadata)
-    try:
-        earlier = json.loads(out.get(MERGED_KEY, "[]"))
-        earlier = earlier if isinstance(earlier, list) else [earlier]
-    except ValueError:
-        earlier = [out[MERGED_KEY]]
+    if MERGED_KEY in out:
+        earlier = parse_json_metadata(out, MERGED_KEY)
+        if earlier is None:  # not JSON we can carry (or nested absurdly deep): kept as the text it is
+            earlier = [out[MERGED_KEY]]
+        elif not isinstance(earlier, list):
+            earlier = [earlier]
+    else:
+        earlier = []
     out[MERGED_KEY] = json.dumps(earlier + records, ensure_ascii=False)
     return out

@@ -1,9 +1,14 @@
 """Apply networks to a live model at strengths, atomically, and restore exactly.
 
-`apply()` plans everything before it touches a weight (names, shapes, factors read
-from the files), so a bad file changes nothing. It keeps a bitwise copy of every
-weight it changes and restores by copying back, never by subtracting. Changing
-strengths re-applies from the cached factors without reading the files again.
+`apply()` plans everything before it touches a weight (family, names, shapes, finite
+factors and strengths, factors read from the files), so a bad file changes nothing.
+It keeps a bitwise copy of every weight it changes and restores by copying back, never
+by subtracting. Changing strengths re-applies from the cached factors without reading
+the files again. Handles may be restored in any order: restoring one under a newer
+handle that changed the same weights unwinds the newer one first and applies it
+again afterwards, so the weights are always exactly what the remaining handles give.
+A result that overflows the weight's dtype (finite inputs, fp16 weights) is refused,
+naming the weight, and every weight is restored.
 """
 
 from __future__ import annotations
@@ -11,16 +16,17 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
 from . import delta as D
 from . import kernels
-from .errors import FormatError, LohaError, ShapeError
-from .families import PART_COMPONENTS, UNET_STATE_PREFIXES
+from .errors import FamilyError, FormatError, LohaError, ShapeError
+from .families import FAMILIES, FAMILY_NAMES, PART_COMPONENTS, UNET_STATE_PREFIXES
 from .files.network import Module, Network, load
 from .keys import NameMap, Target, bias_key, map_modules, map_state_dict
 from .keys.text import TEXT_STATE_SOURCES
@@ -35,11 +41,31 @@ class Use:
     te: float | None = None  # None: same as unet
     blocks: Mapping[str, float] = field(default_factory=dict)  # block id -> multiplier
 
+    def __post_init__(self):
+        self.unet = check_strength(self.unet, f"{self.network.label}: UNet strength")
+        if self.te is not None:
+            self.te = check_strength(self.te, f"{self.network.label}: text-encoder strength")
+        for block, value in self.blocks.items():
+            check_strength(value, f"{self.network.label}: block weight {block}")
+
     def strength(self, target: Target) -> float:
         if target.component == "unet":
             return self.unet * self.blocks.get(target.block, 1.0)
         te = self.unet if self.te is None else self.te
         return te * self.blocks.get(target.block, 1.0)
+
+
+def check_strength(value, what: str = "strength") -> float:
+    """`value` as a float; a non-number, NaN or ±Inf is refused (it would write NaN into every weight)."""
+    if isinstance(value, (str, bytes, bool)):
+        raise LohaError(f"{what} {value!r} is not a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise LohaError(f"{what} {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise LohaError(f"{what} is {number}; strengths must be finite numbers")
+    return number
 
 
 def as_uses(networks) -> list[Use]:
@@ -111,6 +137,11 @@ class ModelView:
         # .data at each call: hosts move models between devices by swapping a parameter's data
         return None if param is None else param.data
 
+    def shape_of(self, key: str) -> tuple[int, ...] | None:
+        """The shape of the tensor under `key`, None if the model has none there."""
+        tensor = self.tensor(key)
+        return None if tensor is None else tuple(tensor.shape)
+
 
 #: Where a module's parameters say it is a whole model in a state-dict layout (LDM, host).
 _STATE_PREFIXES = (*UNET_STATE_PREFIXES, *(prefix for prefix, _, _ in TEXT_STATE_SOURCES))
@@ -141,48 +172,72 @@ class PlannedModule:
     factors: tuple  # canonical factors (delta.py) or the dense ΔW
     scale: float  # alpha/rank
     dora_scale: torch.Tensor | None = None
-    bias: torch.Tensor | None = None  # full-diff modules' diff_b
+    bias: torch.Tensor | None = None  # full-diff modules' diff_b, norm modules' b_norm
+    bound: float = math.inf  # max |ΔW| (and |Δbias|) at strength 1: decides whether overflow is possible
 
 
 def plan_modules(names: NameMap, uses: list[Use], skip_bad: bool = False,
-                 skipped: dict[str, list[str]] | None = None) -> tuple[list[PlannedModule], dict[str, list[str]]]:
+                 skipped: dict[str, list[str]] | None = None,
+                 shape_of: Callable[[str], tuple | None] | None = None,
+                 failed: dict[str, str] | None = None) -> tuple[list[PlannedModule], dict[str, list[str]]]:
     """Match, check and read every module of every use; nothing is written.
 
     Returns the items, and per network (by label) the module names that matched nothing.
-    A bad module (wrong shape, NaN, …) raises; with `skip_bad` it is left out instead, with
-    a warning, and its error message recorded in `skipped` under the network's label.
+    A network for another model family is refused as such. A bad module (wrong shape,
+    NaN, …) raises; with `skip_bad` it is left out instead, with a warning, and its
+    error message recorded in `skipped` under the network's label. `shape_of(key)` gives
+    the shape of any tensor of the model (None if it has none): biases that full-diff and
+    norm modules change are checked with it. With `failed`, a network that cannot be
+    planned at all is left out and its message recorded there under its label.
     """
     items, unmatched = [], {}
     for use in uses:
-        net = use.network
-        missing, seen = [], {}
-        for module in net.modules.values():
-            target = names.lookup(module.name)
-            if target is None:
-                shared = names.ambiguous(module.name)
-                if shared:
-                    raise FormatError(f"{net.label}: module '{module.name}' could mean any of {', '.join(shared)} "
-                                      "(their paths differ only in '.' against '_')")
-                missing.append(module.name)
-                continue
-            for piece in target.pieces or (target,):
-                if (piece.key, piece.rows) in seen:
-                    raise FormatError(
-                        f"{net.label}: modules '{seen[(piece.key, piece.rows)]}' and '{module.name}' "
-                        f"both patch '{piece.key}' (one module under two naming styles)"
-                    )
-                seen[(piece.key, piece.rows)] = module.name
-            try:
-                items += split_rows(_prepare(net, module, target, use))
-            except LohaError as exc:
-                if not skip_bad:
-                    raise
-                warnings.warn(f"skipping a bad module: {exc}", stacklevel=3)
-                if skipped is not None:
-                    skipped.setdefault(net.label, []).append(str(exc))
+        try:
+            planned, missing = _plan_use(names, use, skip_bad, skipped, shape_of)
+        except LohaError as exc:
+            if failed is None:
+                raise
+            failed[use.network.label] = str(exc)
+            continue
+        items += planned
         if missing:
-            unmatched[net.label] = missing
+            unmatched[use.network.label] = missing
     return items, unmatched
+
+
+def _plan_use(names: NameMap, use: Use, skip_bad: bool, skipped: dict | None,
+              shape_of: Callable | None) -> tuple[list[PlannedModule], list[str]]:
+    net = use.network
+    if net.family in FAMILIES and names.family in FAMILIES and net.family != names.family:
+        raise FamilyError(f"{net.label}: the file is for {net.family} models, this model is {names.family} (a "
+                          f"{FAMILY_NAMES.get(net.family, net.family)} network cannot patch a "
+                          f"{FAMILY_NAMES.get(names.family, names.family)} model)")
+    items, missing, seen = [], [], {}
+    for module in net.modules.values():
+        target = names.lookup(module.name)
+        if target is None:
+            shared = names.ambiguous(module.name)
+            if shared:
+                raise FormatError(f"{net.label}: module '{module.name}' could mean any of {', '.join(shared)} "
+                                  "(their paths differ only in '.' against '_')")
+            missing.append(module.name)
+            continue
+        for piece in target.pieces or (target,):
+            if (piece.key, piece.rows) in seen:
+                raise FormatError(
+                    f"{net.label}: modules '{seen[(piece.key, piece.rows)]}' and '{module.name}' "
+                    f"both patch '{piece.key}' (one module under two naming styles)"
+                )
+            seen[(piece.key, piece.rows)] = module.name
+        try:
+            items += split_rows(_prepare(net, module, target, use, shape_of))
+        except LohaError as exc:
+            if not skip_bad:
+                raise
+            warnings.warn(f"skipping a bad module: {exc}", stacklevel=4)
+            if skipped is not None:
+                skipped.setdefault(net.label, []).append(str(exc))
+    return items, missing
 
 
 def split_rows(item: PlannedModule) -> list[PlannedModule]:
@@ -220,7 +275,11 @@ def by_tensor(items: list[PlannedModule]) -> dict[str, list[PlannedModule]]:
     """Items with a non-zero strength, grouped by the key of the tensor they change."""
     grouped: dict[str, list[PlannedModule]] = defaultdict(list)
     for item in items:
-        if item.use.strength(item.target) != 0:
+        strength = item.use.strength(item.target)
+        if not math.isfinite(strength):
+            raise LohaError(f"{item.use.network.label}: strength {strength} for '{item.target.key}'; strengths "
+                            "must be finite numbers")
+        if strength != 0:
             grouped[item.target.key].append(item)
     return grouped
 
@@ -239,6 +298,8 @@ def apply_to_tensor(weight: torch.Tensor, items: list[PlannedModule], batch: lis
     batch = [] if own_batch else batch
     for rows, group in regions.items():
         region = weight if rows is None else weight[rows[0] : rows[1]]
+        if group[0].target.transposed:  # stored input-major (OpenCLIP's text_projection)
+            region = region.t()
         region = region.view(group[0].target.shape)
         simple = len(group) == 1 and group[0].dora_scale is None
         if simple and group[0].kind == "hadamard":
@@ -255,7 +316,7 @@ def apply_to_tensor(weight: torch.Tensor, items: list[PlannedModule], batch: lis
 
 
 def apply_to_bias(bias: torch.Tensor, items: list[PlannedModule]) -> None:
-    """Add full-diff modules' `diff_b` into the bias next to their weight (its rows for a slice)."""
+    """Add full-diff modules' `diff_b` (norm modules' `b_norm`) into the bias next to their weight."""
     total = bias.float()
     for it in items:
         if it.bias is not None:
@@ -265,25 +326,81 @@ def apply_to_bias(bias: torch.Tensor, items: list[PlannedModule]) -> None:
     bias.copy_(total)
 
 
-class PatchHandle:
-    """What `apply()` returns: restore(), set strengths, and the names that matched nothing."""
+def overflow_possible(items: list[PlannedModule], dtype: torch.dtype) -> bool:
+    """Whether adding `items` could take a `dtype` weight beyond its range.
 
-    def __init__(self, view: ModelView, uses: list[Use], skip_bad: bool = False):
+    Each item's `bound` is the largest |ΔW| it can add at strength 1. While their sum
+    stays under half a unit in the last place at the dtype's maximum, no finite weight
+    can round to ±Inf, whatever its value, so the common case needs no extra pass over
+    the weight; otherwise the caller checks the result.
+    """
+    if not dtype.is_floating_point:
+        return False
+    info = torch.finfo(dtype)
+    total = sum(abs(it.use.strength(it.target)) * it.bound for it in items)
+    return not total < info.max * info.eps / 4
+
+
+def overflowed(result: torch.Tensor, original: torch.Tensor | None = None) -> bool:
+    """Whether `result` holds ±Inf or NaN that `original` (the weight before) did not."""
+    if result.numel() == 0 or not result.is_floating_point():
+        return False
+    low, high = torch.aminmax(result)
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
+        return False
+    if original is None:
+        return True
+    low, high = torch.aminmax(original)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def overflow_error(key: str, items: list[PlannedModule], dtype: torch.dtype) -> LohaError:
+    labels = ", ".join(sorted({it.use.network.label for it in items}))
+    return LohaError(f"'{key}' would overflow its {str(dtype).removeprefix('torch.')} range with {labels} at these "
+                     "strengths (values beyond its largest number become Inf); lower the strengths or use "
+                     "an fp32 or bf16 model")
+
+
+#: Handles with weights changed, oldest first (weak: a handle dropped unrestored is forgotten).
+_ACTIVE: list[weakref.ref] = []
+
+
+class PatchHandle:
+    """What `apply()` returns: restore(), set strengths, and what was not applied.
+
+    `unmatched`: per network, module names that match no weight; `unknown_keys`: per
+    network, file keys of no known kind; `skipped`: modules left out by `skip_bad`;
+    `failed`: networks left out whole by `skip_failed`, with the reason.
+    """
+
+    def __init__(self, view: ModelView, uses: list[Use], skip_bad: bool = False, skip_failed: bool = False):
         self._view = view
-        self.uses = uses
         self.skipped: dict[str, list[str]] = {}
-        self._items, self.unmatched = plan_modules(view.names, uses, skip_bad, self.skipped)
+        self.failed: dict[str, str] = {}
+        self._items, self.unmatched = plan_modules(view.names, uses, skip_bad, self.skipped, view.shape_of,
+                                                   self.failed if skip_failed else None)
+        self.uses = [u for u in uses if u.network.label not in self.failed]
+        self.unknown_keys = {u.network.label: list(u.network.unknown_keys) for u in self.uses if u.network.unknown_keys}
         self._backups: dict[str, torch.Tensor] = {}
         self._apply()
+        _ACTIVE.append(weakref.ref(self))
 
     @property
     def patched_keys(self) -> list[str]:
         return list(self._backups)
 
     def restore(self) -> None:
-        """Copy every original weight back, bit for bit, and let the backups go."""
+        """Copy every original weight back, bit for bit, and let the backups go.
+
+        Newer handles that changed the same weights are unwound first and applied
+        again afterwards, so any order of restores ends exactly where LIFO order would.
+        """
+        above = self._unwind_newer()
         self._copy_back()
         self._backups.clear()
+        _forget(self)
+        for handle in above:
+            handle._apply()
 
     def _copy_back(self) -> None:
         with torch.no_grad():
@@ -292,11 +409,53 @@ class PatchHandle:
 
     def set_strengths(self, strengths: Iterable) -> None:
         """New (unet[, te]) strengths per use, in order; re-applies from cached factors."""
+        new = []
         for use, value in zip(self.uses, strengths, strict=True):
             unet, *te = value if isinstance(value, tuple) else (value,)
-            use.unet, use.te = unet, (te[0] if te else None)
+            new.append((check_strength(unet, f"{use.network.label}: UNet strength"),
+                        None if not te or te[0] is None else check_strength(te[0], f"{use.network.label}: "
+                                                                                   "text-encoder strength")))
+        above = self._unwind_newer()
+        for use, (unet, te) in zip(self.uses, new):
+            use.unet, use.te = unet, te
         self._copy_back()  # the backups stay: re-applying needs no second copy
-        self._apply()
+        try:
+            self._apply()
+        finally:
+            for handle in above:
+                handle._apply()
+
+    def _spans(self) -> set[tuple]:
+        """Where the tensors this handle may change live now (device, address): how handles overlap.
+
+        Every tensor its modules target counts, not only those changed at the current
+        strengths, so raising a strength from 0 later is still ordered against newer handles.
+        """
+        keys = {item.target.key for item in self._items}
+        keys |= {bias_key(item.target.key) for item in self._items if item.bias is not None}
+        spans = set()
+        for key in keys:
+            tensor = self._view.tensor(key)
+            if tensor is not None and tensor.data_ptr():
+                spans.add((tensor.device, tensor.data_ptr()))
+        return spans
+
+    def _unwind_newer(self) -> list["PatchHandle"]:
+        """Restore the newer handles that changed what this one changed (newest first); returns
+        them oldest first, their backups cleared, for `_apply` to put them back on top."""
+        handles = [h for h in (ref() for ref in _ACTIVE) if h is not None]
+        if self not in handles:
+            return []
+        touched, above = self._spans(), []
+        for handle in handles[handles.index(self) + 1:]:
+            spans = handle._spans()
+            if spans & touched:
+                above.append(handle)
+                touched |= spans
+        for handle in reversed(above):
+            handle._copy_back()
+            handle._backups.clear()
+        return above
 
     def _apply(self) -> None:
         """Back up every tensor about to change, then write; a failure restores them all."""
@@ -313,17 +472,38 @@ class PatchHandle:
                     if any(i.bias is not None for i in items):
                         apply_to_bias(self._view.tensor(bias_key(key)), items)
                 kernels.add_hadamard_many_(batch)
+                self._check_range(grouped)
         except (torch.OutOfMemoryError, MemoryError) as exc:
-            self.restore()
+            self._undo()
             labels = ", ".join(u.network.label for u in self.uses)
             raise LohaError(f"out of memory while patching {labels}; every weight was restored ({exc})") from exc
         except BaseException:
-            self.restore()
+            self._undo()
             raise
+
+    def _undo(self) -> None:
+        """Put back what a failed `_apply` wrote (the handle then holds nothing)."""
+        self._copy_back()
+        self._backups.clear()
+        _forget(self)
+
+    def _check_range(self, grouped: dict[str, list[PlannedModule]]) -> None:
+        """Refuse results that overflowed the weight's dtype (checked only where it could happen)."""
+        for key, items in grouped.items():
+            tensor = self._view.tensor(key)
+            if overflow_possible(items, tensor.dtype) and overflowed(tensor, self._backups[key]):
+                raise overflow_error(key, items, tensor.dtype)
+            bias = bias_key(key)
+            if bias in self._backups and overflowed(self._view.tensor(bias), self._backups[bias]):
+                raise overflow_error(bias, items, self._view.tensor(bias).dtype)
 
     def _backup(self, key: str) -> None:
         if key not in self._backups:
             self._backups[key] = self._view.tensor(key).detach().to("cpu", copy=True)
+
+
+def _forget(handle: PatchHandle) -> None:
+    _ACTIVE[:] = [ref for ref in _ACTIVE if ref() is not None and ref() is not handle]
 
 
 def _apply_item(work: torch.Tensor, it: PlannedModule) -> None:
@@ -350,10 +530,10 @@ def _dense(it: PlannedModule) -> torch.Tensor:
     return it.factors[0].float().reshape(it.target.shape[0], -1)
 
 
-def _prepare(net: Network, module: Module, target: Target, use: Use) -> PlannedModule:
+def _prepare(net: Network, module: Module, target: Target, use: Use, shape_of=None) -> PlannedModule:
     """Check a module against its target, read its tensors, reduce them to canonical factors."""
     try:
-        return _prepare_checked(net, module, target, use)
+        return _prepare_checked(net, module, target, use, shape_of)
     except (torch.OutOfMemoryError, MemoryError) as exc:  # the machine's limit, not the file's fault
         raise LohaError(f"{net.label}: out of memory while reading module '{module.name}' for "
                         f"'{target.key}'; nothing was changed ({exc})") from exc
@@ -364,14 +544,18 @@ def _prepare(net: Network, module: Module, target: Target, use: Use) -> PlannedM
                          f"{tuple(target.shape)}: {exc} ({shapes})") from None
 
 
-def _prepare_checked(net: Network, module: Module, target: Target, use: Use) -> PlannedModule:
+def _prepare_checked(net: Network, module: Module, target: Target, use: Use, shape_of) -> PlannedModule:
     shape = tuple(target.shape)
-    if module.kind != "lokr" and (module.out_features != shape[0] or module.delta_numel != math.prod(shape)):
+    factors_shown = ", ".join(f"{k}={v}" for k, v in sorted(module.shapes.items()))
+    if module.out_features != shape[0] or module.delta_numel != math.prod(shape):
         raise ShapeError(
             f"{net.label}: module '{module.name}' makes ΔW of {module.out_features} rows and "
             f"{module.delta_numel} elements, but its target '{target.key}' has shape {shape} "
-            f"(factors {', '.join(f'{k}={v}' for k, v in sorted(module.shapes.items()))})"
+            f"(factors {factors_shown})"
         )
+    bias_suffix = {"full": "diff_b", "norm": "b_norm"}.get(module.kind)
+    if bias_suffix in module.keys:
+        _check_bias(net, module, target, shape_of, bias_suffix)
     t = net.tensors(module)
     dora_scale = t.get("dora_scale")
     if dora_scale is not None:
@@ -381,7 +565,7 @@ def _prepare_checked(net: Network, module: Module, target: Target, use: Use) -> 
             raise ShapeError(f"{net.label}: '{module.keys['dora_scale']}': {exc} (target '{target.key}')") from None
     rank = module.rank
     scale = D.module_scale(module.alpha, rank) if rank else 1.0
-    bias = None
+    bias = t.get(bias_suffix) if bias_suffix else None
     if module.kind == "loha":
         factors = D.hadamard_factors(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"], t.get("hada_t1"), t.get("hada_t2"))
         kind = "hadamard"
@@ -391,10 +575,39 @@ def _prepare_checked(net: Network, module: Module, target: Target, use: Use) -> 
     elif module.kind == "lokr":
         factors = (_lokr_dense(net, module, t, shape),)
         kind = "dense"
-    else:
-        factors, kind, bias = (t["diff"],), "dense", t.get("diff_b")
-    _check_finite(net, module, [*factors, dora_scale])
-    return PlannedModule(use, module, target, kind, factors, scale, dora_scale, bias)
+    else:  # full diff, or a norm layer's w_norm: the change itself
+        factors, kind = (t["diff"] if module.kind == "full" else t["w_norm"],), "dense"
+    *peaks, _, bias_peak = _finite_peaks(net, module, [*factors, dora_scale, bias])
+    bound = math.inf if dora_scale is not None else abs(scale) * _bound(kind, factors, peaks)
+    return PlannedModule(use, module, target, kind, factors, scale, dora_scale, bias, max(bound, bias_peak))
+
+
+def _check_bias(net: Network, module: Module, target: Target, shape_of, suffix: str) -> None:
+    """A module that changes a bias needs layers with a bias of their rows' size (each piece's,
+    for a target over several weights)."""
+    if shape_of is None:
+        return
+    for piece in target.pieces or (target,):
+        key = bias_key(piece.key)
+        bias = shape_of(key)
+        rows = piece.rows or (0, piece.shape[0])
+        if bias is None:
+            raise ShapeError(f"{net.label}: '{module.keys[suffix]}' changes a bias, but '{piece.key}' has no bias "
+                             f"('{key}' does not exist)")
+        if len(bias) != 1 or bias[0] < rows[1] or (piece.rows is None and bias[0] != piece.shape[0]):
+            raise ShapeError(f"{net.label}: '{module.keys[suffix]}' {module.shapes[suffix]} does not fit the bias "
+                             f"'{key}' {tuple(bias)}")
+
+
+def _bound(kind: str, factors, peaks: list[float]) -> float:
+    """Largest |ΔW| the factors can make, from their largest magnitudes `peaks`: a product a @ b
+    of inner size R makes at most R·max|a|·max|b| per branch."""
+    if kind == "dense":
+        return peaks[0]
+    branches = [a.shape[1] * peaks[2 * i] * peaks[2 * i + 1] for i, a in enumerate(factors[0::2])]
+    if any(b > 1e30 for b in branches):  # an fp32 intermediate could overflow on its own
+        return math.inf
+    return math.prod(branches)
 
 
 def _lokr_dense(net: Network, module: Module, t: dict, shape: tuple) -> torch.Tensor:
@@ -410,29 +623,40 @@ def _lokr_dense(net: Network, module: Module, t: dict, shape: tuple) -> torch.Te
         w2 = w2.reshape(w2.shape[0], -1, *shape[2:])
         w1 = w1.reshape(*w1.shape, *([1] * (len(shape) - 2)))
     dense = D.lokr_delta(w1, w2)
-    if dense.numel() != math.prod(shape):
-        raise ShapeError(f"{net.label}: LoKr module '{module.name}' makes ΔW of shape {tuple(dense.shape)}, target has {shape}")
     return dense.reshape(shape[0], -1)
 
 
-def _check_finite(net: Network, module: Module, tensors) -> None:
-    """Refuse NaN/Inf. aminmax propagates them and is ~10× faster than isfinite() on fp16 CPU."""
+def _finite_peaks(net: Network, module: Module, tensors) -> list[float]:
+    """max |x| of each tensor (0 for None), refusing NaN/Inf. aminmax propagates them and is
+    ~10× faster than isfinite() on fp16 CPU."""
+    peaks = []
     for tensor in tensors:
         if tensor is None or not tensor.is_floating_point() or tensor.numel() == 0:
+            peaks.append(0.0)
             continue
-        low, high = torch.aminmax(tensor)
-        if not (torch.isfinite(low) and torch.isfinite(high)):
+        low, high = (float(x) for x in torch.aminmax(tensor))
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise FormatError(f"{net.label}: module '{module.name}' holds NaN or Inf values")
+        peaks.append(max(-low, high))
+    return peaks
 
 
 def apply(model, networks, skip_bad: bool = False, family: str | None = None) -> PatchHandle:
     """Apply networks to `model` in place; returns a handle whose restore() undoes it exactly.
 
     `networks`: a Network or path (strength 1), a `Use`, a (network, unet[, te]) tuple,
-    or a list of these. Names that match nothing are listed on `handle.unmatched`. A bad
+    or a list of these. Names that match nothing are listed on `handle.unmatched`, keys of
+    no known kind on `handle.unknown_keys`; both are also given as a warning. A bad
     module makes the whole patch fail and change nothing, unless `skip_bad` is set: then
     it is left out with a warning and listed on `handle.skipped`. `family` ("sd1", "sd2",
     "sdxl", "flux", "sd3") is detected from the model unless given; a model of no known
     family is patched by its own module paths.
     """
-    return PatchHandle(ModelView(model, family), as_uses(networks), skip_bad)
+    handle = PatchHandle(ModelView(model, family), as_uses(networks), skip_bad)
+    for label, names in handle.unmatched.items():
+        warnings.warn(f"{label}: {len(names)} module names match no weight of the model and were not applied "
+                      f"(first: '{names[0]}'; all on handle.unmatched)", stacklevel=2)
+    for label, keys in handle.unknown_keys.items():
+        warnings.warn(f"{label}: {len(keys)} keys are of no known kind and were not applied (first: '{keys[0]}'; "
+                      "all on handle.unknown_keys)", stacklevel=2)
+    return handle

@@ -77,7 +77,7 @@ def top_tags(metadata: dict[str, str], n: int = TOP_TAGS) -> list[tuple[str, int
         for tags in freq.values():
             if isinstance(tags, dict):
                 for tag, count in tags.items():
-                    if isinstance(count, (int, float)):
+                    if isinstance(count, (int, float)) and not isinstance(count, bool) and math.isfinite(count):
                         total[str(tag).strip()] += int(count)
     return sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
@@ -129,11 +129,15 @@ def against(network: Network, checkpoint: str | os.PathLike) -> dict:
     "error" holds the first shape disagreement, if any (a merge would refuse it).
     """
     checkpoint = os.fspath(checkpoint)
-    names = map_state_dict(checkpoint_shapes(checkpoint))
+    shapes = checkpoint_shapes(checkpoint)
+    try:
+        names = map_state_dict(shapes)
+    except LohaError as exc:
+        raise LohaError(f"{checkpoint}: {exc}") from None
     unmatched = [name for name in network.modules if names.lookup(name) is None]
     error = None
     try:
-        plan_modules(names, [Use(network)])
+        plan_modules(names, [Use(network)], shape_of=shapes.get)
     except LohaError as exc:
         error = str(exc)
     return {

@@ -73,5 +73,14 @@ def preview(name: str, roots: Iterable[str]) -> str | None:
     return None
 
 
+def relative_to_roots(message: str, roots: Iterable[str]) -> str:
+    """`message` with the model folders' paths taken out, so files are named as the browser
+    knows them (relative to their folder) and no server path leaves the machine."""
+    for root in roots:
+        for form in {os.path.abspath(root), os.path.realpath(root)}:
+            message = message.replace(form.rstrip(os.sep) + os.sep, "").replace(form, "<loras>")
+    return message
+
+
 def content_type(path: str) -> str:
     return CONTENT_TYPES.get(os.path.splitext(path)[1].lower(), "application/octet-stream")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 
 LORA_FOLDER = "loras"
+#: The event the front end shows on the node that sent it (js/loha.js).
+NOT_APPLIED_EVENT = "loha.not_applied"
 
 
 def lora_names() -> list[str]:
@@ -73,6 +75,16 @@ def metadata_enabled() -> bool:
     from comfy.cli_args import args
 
     return not args.disable_metadata
+
+
+def notify_node(node_id, text: str) -> None:
+    """Show `text` on the node `node_id` in the browser (nothing when run without a front end)."""
+    if node_id is None:
+        return
+    from server import PromptServer
+
+    if getattr(PromptServer, "instance", None) is not None:
+        PromptServer.instance.send_sync(NOT_APPLIED_EVENT, {"node": str(node_id), "text": text})
 
 
 def server_routes():

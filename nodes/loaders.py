@@ -27,6 +27,8 @@ _plans: OrderedDict = OrderedDict()
 
 MODEL_IN = ("MODEL", {"tooltip": "The diffusion model to apply the LoHa to."})
 CLIP_IN = ("CLIP", {"tooltip": "The text encoder(s) to apply the LoHa to."})
+#: ComfyUI passes the node's id, so what is not applied can be shown on that node.
+NODE_ID = {"unique_id": "UNIQUE_ID"}
 BLOCKS_IN = ("LOHA_BLOCKS", {"tooltip": "Per-block strengths from a LoHa Block Weights node; "
                                         "without it every block gets the full strength."})
 
@@ -65,8 +67,24 @@ def planned(path: str, parts: dict[str, dict[str, tuple]], blocks: str, kinds: t
     return _plans[key]
 
 
-def apply_loha(model, clip, path: str, strength_model: float, strength_clip: float, blocks: str = ""):
-    """Clones of `model`/`clip` (either may be None) with the network at `path` added."""
+def not_applied(result: PatchSet) -> list[str]:
+    """What of the file this model does not get: names that match no weight, keys of no known kind."""
+    lines = []
+    if result.unmatched:
+        lines.append(f"{len(result.unmatched)} names match no weight of this {result.family or 'unknown'} model: "
+                     + ", ".join(result.unmatched))
+    unknown = result.network.unknown_keys
+    if unknown:
+        lines.append(f"{len(unknown)} keys are of no kind loha applies: " + ", ".join(unknown))
+    return lines
+
+
+def apply_loha(model, clip, path: str, strength_model: float, strength_clip: float, blocks: str = "",
+               node_id=None):
+    """Clones of `model`/`clip` (either may be None) with the network at `path` added.
+
+    What the file holds but this model does not get is logged and shown on the node `node_id`.
+    """
     parts, used = {}, {"model": None, "clip": None}
     if model is not None and strength_model != 0:
         parts["model"], used["model"] = shapes_of(model.model), model
@@ -77,9 +95,11 @@ def apply_loha(model, clip, path: str, strength_model: float, strength_clip: flo
     kinds = tuple(type(part.model if name == "model" else part.patcher.model).__name__
                   for name, part in used.items() if part is not None)
     result = planned(path, parts, blocks, kinds, lambda: host.lora_key_map(used["model"], used["clip"]))
-    if result.unmatched:
-        LOG.warning("loha: %s: %d names match no weight of this %s model: %s", path,
-                    len(result.unmatched), result.family or "unknown", ", ".join(result.unmatched))
+    lines = not_applied(result)
+    for line in lines:
+        LOG.warning("loha: %s: %s", path, line)
+    if lines:
+        host.notify_node(node_id, f"{os.path.basename(path)}: not applied: " + "; ".join(lines))
     strengths = {"model": strength_model, "clip": strength_clip}
     patched = {"model": model, "clip": clip}
     for part, patches in result.patches.items():
@@ -111,10 +131,11 @@ class LohaLoader:
                 "strength_clip": strength_in("text encoder"),
             },
             "optional": {"blocks": BLOCKS_IN},
+            "hidden": NODE_ID,
         }
 
-    def load(self, model, clip, lora_name, strength_model, strength_clip, blocks=""):
-        return apply_loha(model, clip, host.lora_path(lora_name), strength_model, strength_clip, blocks)
+    def load(self, model, clip, lora_name, strength_model, strength_clip, blocks="", unique_id=None):
+        return apply_loha(model, clip, host.lora_path(lora_name), strength_model, strength_clip, blocks, unique_id)
 
 
 class LohaLoaderModelOnly:
@@ -129,10 +150,11 @@ class LohaLoaderModelOnly:
         return {
             "required": {"model": MODEL_IN, "lora_name": lora_in(), "strength_model": strength_in("diffusion model")},
             "optional": {"blocks": BLOCKS_IN},
+            "hidden": NODE_ID,
         }
 
-    def load(self, model, lora_name, strength_model, blocks=""):
-        return apply_loha(model, None, host.lora_path(lora_name), strength_model, 0, blocks)[:1]
+    def load(self, model, lora_name, strength_model, blocks="", unique_id=None):
+        return apply_loha(model, None, host.lora_path(lora_name), strength_model, 0, blocks, unique_id)[:1]
 
 
 class LohaStack:
@@ -150,14 +172,14 @@ class LohaStack:
             required[f"lora_{i}"] = lora_in([NONE])
             required[f"strength_model_{i}"] = strength_in("diffusion model")
             required[f"strength_clip_{i}"] = strength_in("text encoder")
-        return {"required": required, "optional": {"blocks": BLOCKS_IN}}
+        return {"required": required, "optional": {"blocks": BLOCKS_IN}, "hidden": NODE_ID}
 
-    def load(self, model, clip, blocks="", **slots):
+    def load(self, model, clip, blocks="", unique_id=None, **slots):
         chosen = [i for i in range(1, STACK_SLOTS + 1) if slots[f"lora_{i}"] != NONE]
         bar = host.progress(len(chosen))
         for i in chosen:
             model, clip = apply_loha(model, clip, host.lora_path(slots[f"lora_{i}"]),
-                                     slots[f"strength_model_{i}"], slots[f"strength_clip_{i}"], blocks)
+                                     slots[f"strength_model_{i}"], slots[f"strength_clip_{i}"], blocks, unique_id)
             bar.update(1)
         return model, clip
 

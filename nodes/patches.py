@@ -42,7 +42,7 @@ class LohaPatch(KeyedPatch, WeightAdapterBase):
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
-        return self.add_into(weight, strength)
+        return self.add_into(weight, strength, key)
 
 
 def plan_patches(network: Network, parts: Mapping[str, Mapping[str, tuple]], blocks: str = "",

@@ -4,6 +4,7 @@
 summary, its text, and whether a preview exists); ``GET /loha/preview?name=…``
 answers the image. Both read only files inside the "loras" folders (`files`):
 bad names get 400, names that lead nowhere inside get 404, unreadable networks 422.
+Answers name files relative to their folder, never by the server's paths.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ def _error(status: int, message: str) -> web.Response:
 
 
 async def info(request: web.Request) -> web.Response:
+    roots = host.lora_roots()
     try:
-        payload = await asyncio.to_thread(info_payload, request.query.get("name", ""), host.lora_roots())
+        payload = await asyncio.to_thread(info_payload, request.query.get("name", ""), roots)
     except files.Refused as exc:
         return _error(exc.status, str(exc))
-    except LohaError as exc:
-        return _error(422, str(exc))
+    except LohaError as exc:  # names the file by its server path: answered relative to the folder
+        return _error(422, files.relative_to_roots(str(exc), roots))
     return web.json_response(payload)
 
 

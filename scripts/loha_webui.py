@@ -16,11 +16,16 @@ from modules import extra_networks, hashes, paths, script_callbacks, scripts, sh
 from loha import LohaError
 from loha.hosts.forge import PATCH_TYPE, ForgeActive, is_forge, weight_calculator
 from loha.hosts.safepaths import real_file_inside
-from loha.hosts.webui import ActiveSet, card_metadata, list_networks, parse_request, preferred_weight
+from loha.hosts.webui import (ActiveSet, NetworkFiles, card_files, card_metadata, list_networks, not_applied_text,
+                              parse_request, preferred_weight)
 
 log = logging.getLogger("loha")
 NAME = "loha"  # the prompt syntax: <loha:name:…>; `lora` and `lyco` stay the built-in's
 INFOTEXT_KEY = "LoHa hashes"
+#: Infotext entry naming the LoHa of the prompt that were not applied, and why (the API answer carries it).
+NOT_APPLIED_KEY = "LoHa not applied"
+#: The conditioning caches of the WebUI's processing objects (keyed on the prompt text only).
+COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
 THUMB_ROUTE = "/sd_extra_networks/thumb"
 
 
@@ -29,6 +34,15 @@ def network_folders() -> list[str]:
     lora = getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(paths.models_path, "Lora")
     loha = getattr(shared.cmd_opts, "loha_dir", None) or os.path.join(paths.models_path, "LoHa")
     return [loha, lora]
+
+
+def forget_cached_conditioning(p) -> None:
+    """Empty the WebUI's conditioning caches: they are keyed on the prompt text, so after a
+    LoHa's file or the active set changed they would hand back the old text encoder's output."""
+    for name in COND_CACHES:
+        cache = getattr(p, name, None)
+        if isinstance(cache, list) and len(cache) == 2:
+            cache[0] = cache[1] = None  # the list is shared with the class: clear it in place
 
 
 class Files:
@@ -48,7 +62,8 @@ class Files:
 
 
 files = Files()
-active = ActiveSet()
+networks = NetworkFiles()  # what the cards page read, per file version
+active = ActiveSet(_files=networks)
 
 
 def forge_key_map(unet, clip) -> dict:
@@ -73,42 +88,57 @@ class ExtraNetworkLoha(extra_networks.ExtraNetwork):
         super().__init__(NAME)
 
     def activate(self, p, params_list):
-        wanted, missing = [], []
+        """Apply every LoHa of the prompt that can be applied; name the others, with the reason,
+        in the UI (comments), in the infotext the API returns, and in the console."""
+        wanted, problems = [], {}
         for params in params_list:
-            request = parse_request(params.positional, params.named, shared.opts.extra_networks_default_multiplier)
+            name = str(params.positional[0]).strip() if params.positional else "?"
+            try:
+                request = parse_request(params.positional, params.named, shared.opts.extra_networks_default_multiplier)
+            except LohaError as exc:
+                problems[name] = str(exc)
+                continue
             path = files.find(request.name)
             if path is None:
-                missing.append(request.name)
+                problems[request.name] = "no such file in the LoHa or Lora folders"
             else:
                 wanted.append((request, path))
-        if missing:
-            p.comment(f"LoHa not found: {', '.join(missing)}")
         if is_forge(shared.sd_model):
             forge_active.wanted = wanted  # applied once every extra network is active (LohaForgeScript)
         else:
-            self._patch_in_place(wanted)
-        if wanted and shared.opts.data.get("loha_add_hashes_to_infotext", True):
-            listed = [f"{r.name.replace(':', '').replace(',', '')}: {shorthash(r.name, path, True)}" for r, path in wanted]
+            if active.update(shared.sd_model, wanted, keep_going=True):
+                forget_cached_conditioning(p)
+                warn_unmatched(active.unmatched, active.handle.unknown_keys if active.handle else {})
+            problems.update(active.failed)
+        report_not_applied(p, problems, {r.name: path for r, path in wanted})
+        applied = [(r, path) for r, path in wanted if r.name not in problems]
+        if applied and shared.opts.data.get("loha_add_hashes_to_infotext", True):
+            listed = [f"{r.name.replace(':', '').replace(',', '')}: {shorthash(r.name, path, True)}" for r, path in applied]
             p.extra_generation_params[INFOTEXT_KEY] = ", ".join(listed)
-
-    @staticmethod
-    def _patch_in_place(wanted):
-        try:
-            changed = active.update(shared.sd_model, wanted)
-        except LohaError as exc:
-            active.clear(shared.sd_model)
-            raise LohaError(f"LoHa not applied: {exc}") from None
-        if changed:
-            warn_unmatched(active.unmatched)
 
     def deactivate(self, p):
         pass  # weights stay patched until the set changes, as the built-in Lora keeps its own
 
 
-def warn_unmatched(unmatched: dict[str, list[str]]) -> None:
+def warn_unmatched(unmatched: dict[str, list[str]], unknown_keys: dict[str, list[str]] | None = None) -> None:
+    """What the files hold that this model does not get, in the console."""
     for label, names in unmatched.items():
         if names:
-            log.warning("loha: %s: %d names match no weight of this model, e.g. %s", label, len(names), names[0])
+            log.warning("loha: %s: %d names match no weight of this model and were not applied: %s", label,
+                        len(names), ", ".join(names))
+    for label, keys in (unknown_keys or {}).items():
+        log.warning("loha: %s: %d keys are of no known kind and were not applied: %s", label, len(keys),
+                    ", ".join(keys))
+
+
+def report_not_applied(p, problems: dict[str, str], paths: dict[str, str]) -> None:
+    """Name the LoHa not applied where the user and an API client look: comments, infotext, console."""
+    if not problems:
+        return
+    text = not_applied_text(problems, paths)
+    p.comment(f"{NOT_APPLIED_KEY}: {text}")
+    p.extra_generation_params[NOT_APPLIED_KEY] = text
+    log.warning("loha: %s: %s", NOT_APPLIED_KEY, text)
 
 
 class LohaForgeScript(scripts.Script):
@@ -123,12 +153,10 @@ class LohaForgeScript(scripts.Script):
     def after_extra_networks_activate(self, p, *args, **kwargs):
         if not is_forge(shared.sd_model):
             return
-        try:
-            forge_active.apply(shared.sd_model)
-        except LohaError as exc:
-            forge_active.clear(shared.sd_model)
-            raise LohaError(f"LoHa not applied: {exc}") from None
+        if forge_active.apply(shared.sd_model):
+            forget_cached_conditioning(p)
         warn_unmatched(forge_active.unmatched)
+        report_not_applied(p, forge_active.failed, {r.name: path for r, path in forge_active.wanted})
 
 
 class ExtraNetworksPageLoha(ui_extra_networks.ExtraNetworksPage):
@@ -139,30 +167,31 @@ class ExtraNetworksPageLoha(ui_extra_networks.ExtraNetworksPage):
         files.refresh()
 
     def list_items(self):
-        for index, name in enumerate(list(files.refresh())):
+        cards.refresh()
+        for index, name in enumerate(list(cards.listed)):
             item = self.create_item(name, index)
             if item is not None:
                 yield item
 
     def create_item(self, name, index=None, enable_filter=True):
-        path = files.paths.get(name)
+        """A card; one for a file that cannot be read says so in its description and metadata."""
+        path, error = cards.find(name)
         if path is None:
             return None
-        try:
-            from loha import load
-
-            metadata = card_metadata(load(path))
-        except LohaError as exc:
-            metadata = {"error": str(exc)}
+        network = None if error else networks.read(path)[0]
+        metadata = {"error": error} if error else card_metadata(network)
         stem = os.path.splitext(path)[0]
         weight = preferred_weight(path, shared.opts.extra_networks_default_multiplier)
-        short = shorthash(name, path, False)
+        short = "" if error else shorthash(name, path, False)
+        description = self.find_description(stem)
+        if error:
+            description = f"⚠ Cannot be read, not applied: {error.replace(path, os.path.basename(path))}"
         return {
             "name": name,
             "filename": path,
             "shorthash": short,  # 1.8's tree view reads it from every item
             "preview": self.find_preview(stem),
-            "description": self.find_description(stem),
+            "description": description,
             "search_terms": [self.search_terms_from_path(path), metadata.get("tags", ""), short],
             "local_preview": f"{stem}.{shared.opts.samples_format}",
             "metadata": metadata,
@@ -172,6 +201,25 @@ class ExtraNetworksPageLoha(ui_extra_networks.ExtraNetworksPage):
 
     def allowed_directories_for_previews(self):
         return [d for d in network_folders() if os.path.isdir(d)]
+
+
+class Cards:
+    """The cards page's files: all of the LoHa folder, LoHa-holding and unreadable ones of the Lora folder."""
+
+    def __init__(self):
+        self.listed: dict[str, tuple[str, str | None]] = {}
+
+    def refresh(self) -> None:
+        own, lora = network_folders()
+        self.listed = card_files([own], [lora], networks)
+
+    def find(self, name: str) -> tuple[str | None, str | None]:
+        if name not in self.listed:
+            self.refresh()
+        return self.listed.get(name, (None, None))
+
+
+cards = Cards()
 
 
 re_loha = re.compile(r"<loha:([^:>]+)")

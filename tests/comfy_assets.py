@@ -7,7 +7,8 @@ people download: UNet, CLIP-L text encoder, VAE; `random_checkpoint`)
 and ``OUT_DIR/loha-sd15.safetensors`` (a LoHa made by lycoris-lora for that
 architecture, at a low rank, covering attention, feed-forward, resnets, samplers and
 the text encoder; lycoris-lora is given the layers on the meta device, since it only
-needs their shapes). Nothing is downloaded, and only one tensor of the checkpoint is
+needs their shapes), and ``OUT_DIR/loha-sd15-norm.safetensors``, the same made with
+lycoris' ``train_norm`` (w_norm/b_norm modules on every norm layer of those blocks). Nothing is downloaded, and only one tensor of the checkpoint is
 in memory at a time.
 
 lycoris-lora on transformers 5 names text-encoder modules without ``text_model_``;
@@ -25,8 +26,9 @@ import torch
 
 CHECKPOINT = "sd15-random.safetensors"
 LOHA = "loha-sd15.safetensors"
+LOHA_NORM = "loha-sd15-norm.safetensors"
 #: Bump when the files' content changes (cached copies are rebuilt).
-VERSION = "2"
+VERSION = "3"
 METADATA = {
     "ss_network_module": "lycoris.kohya", "ss_base_model_version": "sd_v1", "ss_network_dim": "4",
     "ss_network_alpha": "2.0", "ss_network_args": '{"algo": "loha", "conv_dim": "4", "conv_alpha": "2.0"}',
@@ -48,10 +50,11 @@ def build(out_dir: str, seed: int = 0) -> None:
     with torch.device("meta"):  # lycoris-lora needs the layers' shapes only; its factors are real
         parts = {"unet": UNet2DConditionModel(**PUBLISHED["sd1"]["unet"]),
                  "text_encoder": CLIPTextModel(CLIPTextConfig(**PUBLISHED["sd1"]["text_encoder"]))}
-    network = lycoris_network(parts, seed=seed, dim=4, alpha=2.0, conv_dim=4, conv_alpha=2.0)
-    tensors = {_wild_text_name(k): v.detach().to(torch.float16).contiguous()
-               for k, v in network.state_dict().items()}
-    _atomic(os.path.join(out_dir, LOHA), lambda path: save(tensors, path, METADATA))
+    for name, extra in ((LOHA, {}), (LOHA_NORM, {"train_norm": True})):
+        network = lycoris_network(parts, seed=seed, dim=4, alpha=2.0, conv_dim=4, conv_alpha=2.0, **extra)
+        tensors = {_wild_text_name(k): v.detach().to(torch.float16).contiguous()
+                   for k, v in network.state_dict().items()}
+        _atomic(os.path.join(out_dir, name), lambda path: save(tensors, path, METADATA))
 
 
 def _atomic(path: str, write) -> None:
@@ -68,7 +71,8 @@ def ensure(out_dir: str) -> dict[str, str]:
     """Paths of the two files in `out_dir`, built there (in a child process) if missing."""
     import subprocess
 
-    paths = {"checkpoint": os.path.join(out_dir, CHECKPOINT), "loha": os.path.join(out_dir, LOHA)}
+    paths = {"checkpoint": os.path.join(out_dir, CHECKPOINT), "loha": os.path.join(out_dir, LOHA),
+             "loha_norm": os.path.join(out_dir, LOHA_NORM)}
     stamp = os.path.join(out_dir, "VERSION")
     current = os.path.isfile(stamp) and open(stamp).read() == VERSION
     if not (current and all(os.path.isfile(p) for p in paths.values())):

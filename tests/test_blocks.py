@@ -34,7 +34,10 @@ def full_map(request):
 
 def test_lists_name_the_blocks_of_the_real_structure(full_map):
     family, names = full_map
-    assigned = {t.block for t in names.targets} | {"BASE"}  # BASE: text encoders
+    assigned = {t.block for t in names.targets if t.block != blocks.NO_BLOCK} | {"BASE"}  # BASE: text encoders
+    unblocked = {t.path for t in names.targets if t.block == blocks.NO_BLOCK}
+    assert unblocked == {"conv_out", "time_embedding.linear_1", "time_embedding.linear_2"} | (
+        {"add_embedding.linear_1", "add_embedding.linear_2"} if family == "sdxl" else set())
     with_attention = {t.block for t in names.targets if ".attentions." in t.path and t.block != "MID"}
     layout = blocks.LAYOUT_OF_FAMILY[family]
     long_ids = blocks.BLOCK_LISTS[(layout, LONG[family])]
@@ -65,22 +68,29 @@ def test_long_lists_and_sdxl():
     assert len(blocks.parse(",".join(["1"] * 20), "sdxl")) == 20
 
 
-def test_presets():
+def test_presets_are_the_extensions_17_value_lists():
+    """As in the extension, a preset is one 17-value list, read by its ids on every family:
+    ALL leaves the conv-only blocks a 17-list does not name at 0, on SDXL OUT00–OUT02 too."""
     assert blocks.parse("outall", "sd1") == blocks.parse("1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1", "sd1")
+    listed = set(blocks.LISTS[17])
     for family in ("sd1", "sdxl"):
-        assert set(blocks.parse("ALL", family).values()) == {1.0}
+        weights = blocks.parse("ALL", family)
+        assert {b for b, v in weights.items() if v == 1.0} == listed & set(blocks.block_ids(family))
+        assert {b for b, v in weights.items() if v == 0.0} == set(blocks.block_ids(family)) - listed
         assert set(blocks.parse("NONE", family).values()) == {0.0}
         for name in blocks.preset_names(family):
             assert len(blocks.parse(name, family)) == len(blocks.block_ids(family))
-    assert "INS" in blocks.preset_names("sd1") and "INS" not in blocks.preset_names("sdxl")
+            assert len(blocks.PRESETS[name].split(",")) == 17
+    assert blocks.parse("ALL", "sdxl")["OUT00"] == 0 and blocks.parse("ALL", "sdxl")["OUT03"] == 1
+    assert blocks.parse(",".join(["1"] * 26), "sd1") == dict.fromkeys(blocks.block_ids("sd1"), 1.0)
     assert blocks.parse("", "sdxl") == {} and blocks.parse("  ", "sd1") == {}
 
 
 @pytest.mark.parametrize("spec, family, message", [
-    ("1,1,1", "sd1", "3 values, but a sd1 list has 17 or 26"),
-    (",".join(["1"] * 17), "sdxl", "17 values, but a sdxl list has 12 or 20"),
+    ("1,1,1", "sd1", "3 values, but a list has 12, 17, 20, 26 values"),
+    (",".join(["1"] * 18), "sdxl", "18 values, but a list has 12, 17, 20, 26 values"),
     ("1,R,1", "sd1", "'R' is not a number"),
-    ("INS", "sdxl", "preset 'INS' has no sdxl version"),
+    ("1," * 16 + "nan", "sd1", "'nan' is not a finite number"),
     ("ALL", "flux", "unknown model family 'flux'"),
 ])
 def test_errors_name_the_spec(spec, family, message):
@@ -104,5 +114,6 @@ def test_parsed_weights_reach_the_patched_blocks(tmp_path):
     names = map_modules(parts)
     changed = {t.block for t in names.targets if not torch.equal(before[t.key], after[t.key])}
     present = {t.block for t in names.targets}
-    assert changed == {b for b in present if weights[b] != 0}
+    assert changed == {b for b in present if weights.get(b, 1.0) != 0}
     assert "BASE" in changed and "MID" not in changed and not any(b.startswith("IN") for b in changed)
+    assert blocks.NO_BLOCK in changed  # the embeddings and conv_out keep the full strength, as in the extension

@@ -115,6 +115,16 @@ def test_merge_errors(files, tmp_path, capsys):
     assert usage.value.code == 2 and "-o/--out" in capsys.readouterr().err
 
 
+def test_merge_says_what_it_did_not_merge(files, tmp_path, capsys):
+    tensors = load_file(files["net"])
+    tensors["lora_unet_conv_in.odd_suffix"] = torch.ones(1, dtype=torch.float16)
+    save_file(tensors, tmp_path / "odd.safetensors")
+    assert main(["merge", files["ckpt"], "--loha", str(tmp_path / "odd.safetensors"), "-o",
+                 str(tmp_path / "o.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert "odd.safetensors: 1 keys are of no known kind and were not merged: lora_unet_conv_in.odd_suffix" in err
+
+
 def test_errors_print_without_traceback(files, tmp_path):
     code, _, err = run_cli("merge", files["ckpt"], "--loha", files["extra"], "-o", tmp_path / "o.safetensors")
     assert code == 1 and err.startswith("loha: ") and "Traceback" not in err

@@ -165,9 +165,11 @@ def test_unmatched_names_are_reported(sd1, tmp_path):
     tensors = _tensors(path)
     stray = {k.replace("lora_unet_conv_in", "lora_unet_no_such_layer"): v
              for k, v in tensors.items() if k.startswith("lora_unet_conv_in.")}
-    net = loha.from_tensors({**tensors, **stray}, "stray")
+    net = loha.from_tensors({**tensors, **stray, "lora_unet_conv_in.odd_suffix": torch.ones(1)}, "stray")
     result = plan_patches(net, split(state))
     assert result.unmatched == ["lora_unet_no_such_layer"]
+    assert loaders.not_applied(result) == ["1 names match no weight of this sd1 model: lora_unet_no_such_layer",
+                                           "1 keys are of no kind loha applies: lora_unet_conv_in.odd_suffix"]
 
 
 def _tensors(path):
@@ -325,7 +327,8 @@ def test_info_and_preview_routes(folders):
     assert two[0] == 200 and json.loads(two[2])["preview"] is True
     assert two_pic[0] == 200 and two_pic[2] == b"\x89PNG two"
     assert none[0] == 404
-    assert bad[0] == 422 and "broken.safetensors" in json.loads(bad[2])["error"]
+    assert bad[0] == 422 and json.loads(bad[2])["error"].startswith("broken.safetensors: ")
+    assert all(root not in bad[2].decode() for root in roots)  # files named relative to their folder
 
 
 @pytest.mark.parametrize("name, status", [

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.e2e
 
 CHECKPOINT = "sd15-random.safetensors"
 LOHA = "loha-sd15.safetensors"
+LOHA_NORM = comfy_assets.LOHA_NORM
 STRENGTHS = (0.8, 0.6)
 
 
@@ -127,6 +128,23 @@ def test_same_image_as_lora_loader_and_base_returns(comfy, images, tmp_path):
     assert unloaded_names(comfy.log()) == []
 
 
+def test_train_norm_file_gives_lora_loaders_image(comfy, assets, images, tmp_path):
+    """lycoris train_norm modules (w_norm/b_norm on norm layers) are applied, as Load LoRA applies them."""
+    link = os.path.join(comfy.base, "models", "loras", LOHA_NORM)
+    os.symlink(assets["loha_norm"], link)
+    try:
+        ours = render(comfy, H.image_graph(CHECKPOINT, loader(name=LOHA_NORM)))
+        builtin = render(comfy, H.image_graph(CHECKPOINT, loader("LoraLoader", name=LOHA_NORM)))
+    finally:
+        os.remove(link)
+    save_strip(tmp_path / "train_norm-ours-lora_loader.png", [("LoHa Loader", ours), ("LoraLoader", builtin)])
+    print(f"train_norm: max |ours - LoraLoader| = {diff(ours, builtin)}, vs the same file without norms "
+          f"{diff(ours, images['ours'])}")
+    assert diff(ours, builtin) <= 1
+    assert diff(ours, images["ours"]) > 1, "the norm modules must change the picture"
+    assert unloaded_names(comfy.log()) == []
+
+
 def test_stack_block_weights_and_model_only(comfy, images, tmp_path):
     stack = {"class_type": "LohaStack", "inputs": {"model": H.CKPT_MODEL, "clip": H.CKPT_CLIP}}
     for i, (name, sm, sc) in enumerate([(LOHA, 0.5, 0.6), (LOHA, 0.3, 0.0), ("None", 1.0, 1.0), ("None", 1.0, 1.0)], 1):
@@ -142,8 +160,23 @@ def test_stack_block_weights_and_model_only(comfy, images, tmp_path):
     save_strip(tmp_path / "stack-none-outall.png",
                [("stack 0.5+0.3", stacked), ("model only, NONE", nothing), ("model only, OUTALL list", outs_only)])
 
+    # The time embedding and conv_out belong to no block (as in the LoRA Block Weight extension):
+    # NONE leaves exactly them, so it gives the image of a file holding only those modules.
+    from safetensors.torch import load_file, save_file
+
+    unblocked_name = "loha-sd15-unblocked.safetensors"
+    unblocked_path = os.path.join(comfy.base, "models", "loras", unblocked_name)
+    save_file({k: v for k, v in load_file(os.path.join(comfy.base, "models", "loras", LOHA)).items()
+               if k.startswith(("lora_unet_time_embedding_", "lora_unet_conv_out."))}, unblocked_path)
+    try:
+        unblocked_only = loader("LohaLoaderModelOnly", name=unblocked_name)
+        del unblocked_only["inputs"]["clip"], unblocked_only["inputs"]["strength_clip"]
+        unblocked = render(comfy, H.image_graph(CHECKPOINT, unblocked_only))
+    finally:
+        os.remove(unblocked_path)
+
     assert diff(stacked, images["ours"]) <= 1, "0.5 + 0.3 of one LoHa is 0.8 of it"
-    assert np.array_equal(nothing, images["base"]), "all blocks at 0 change nothing"
+    assert np.array_equal(nothing, unblocked), "every block at 0 leaves only the layers in no block"
     assert diff(outs_only, images["base"]) > 1 and diff(outs_only, images["ours"]) > 1
     assert unloaded_names(comfy.log()) == []
 

@@ -310,17 +310,17 @@ def lycoris_targets(root, classes, names) -> dict[str, torch.nn.Module]:
     return found
 
 
-def expected_block(ldm_path: str, last_out: int) -> str:
+def expected_block(ldm_path: str) -> str:
+    """The LoRA Block Weight extension's block of a UNet layer: the block its LDM name lies in;
+    the embeddings and conv_out lie in none (the extension leaves them at the full strength)."""
     if match := re.match(r"input_blocks\.(\d+)\.", ldm_path):
         return f"IN{int(match[1]):02d}"
     if match := re.match(r"output_blocks\.(\d+)\.", ldm_path):
         return f"OUT{int(match[1]):02d}"
     if ldm_path.startswith("middle_block."):
         return "MID"
-    if ldm_path == "out.2":
-        return f"OUT{last_out:02d}"
-    assert ldm_path.split(".")[0] in ("time_embed", "label_emb"), ldm_path
-    return "BASE"
+    assert ldm_path == "out.2" or ldm_path.split(".")[0] in ("time_embed", "label_emb"), ldm_path
+    return ""
 
 
 TEXT_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
@@ -346,9 +346,6 @@ def test_full_size_coverage(full: Full, layout: str):
     else:
         name_map = map_state_dict(full.ldm)
     assert name_map.family == full.family
-    outputs = UNET_LDM_PREFIX + "output_blocks."
-    last_out = max(int(k[len(outputs):].split(".")[0]) for k in full.ldm if k.startswith(outputs))
-
     jobs = [("unet", "unet", full.unet, FULL_UNET_MODULES, FULL_UNET_NAMES, None)]
     for e, model in full.encoders.items():
         jobs.append((e.component, e.attr, model, FULL_TEXT_ENCODER_MODULES, [], e.prefix))
@@ -361,7 +358,7 @@ def test_full_size_coverage(full: Full, layout: str):
             tag = full.where[(component, f"{canonical}.weight")]
             ldm_path = tag.key.removeprefix(UNET_LDM_PREFIX).removesuffix(".weight")
             spellings, kohya = expected_spellings(full.family, component, path, ldm_path, te_prefix)
-            block = expected_block(ldm_path, last_out) if component == "unet" else "BASE"
+            block = expected_block(ldm_path) if component == "unet" else "BASE"
 
             targets = {name_map.lookup(s) for s in spellings}
             assert len(targets) == 1 and None not in targets, (path, targets)
@@ -389,13 +386,13 @@ def test_full_size_block_ids(full: Full):
     name_map = map_state_dict(full.ldm)
     blocks = {t.path: t.block for t in name_map.targets if t.component == "unet"}
     assert blocks["conv_in"] == "IN00"
-    assert blocks["conv_out"] == {"sd1": "OUT11", "sd2": "OUT11", "sdxl": "OUT08"}[full.family]
-    assert blocks["time_embedding.linear_1"] == "BASE"
+    assert blocks["conv_out"] == ""  # no block: the extension leaves conv_out and the embeddings at 1
+    assert blocks["time_embedding.linear_1"] == ""
     assert blocks["down_blocks.0.downsamplers.0.conv"] == "IN03"
     assert blocks["mid_block.resnets.1.conv2"] == "MID"
     assert blocks["up_blocks.0.upsamplers.0.conv"] == "OUT02"
     if full.family == "sdxl":
-        assert blocks["add_embedding.linear_2"] == "BASE"
+        assert blocks["add_embedding.linear_2"] == ""
         assert blocks["down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k"] == "IN08"
     assert {t.block for t in name_map.targets if t.component != "unet"} == {"BASE"}
 

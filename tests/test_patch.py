@@ -33,6 +33,8 @@ CASES = {
     "sd1-dora-in": (T.sd1_parts, {"dora_wd": True, "wd_on_output": False}, torch.float32, 1.0),
     "sdxl-plain": (T.sdxl_parts, {}, torch.float32, 0.8),
     "sdxl-tucker-alpha-ne-rank": (T.sdxl_parts, {"use_tucker": True, "alpha": 1.0, "conv_alpha": 8.0}, torch.float32, 1.0),
+    # lycoris train_norm: w_norm/b_norm modules on every GroupNorm/LayerNorm of the targeted blocks
+    "sdxl-train-norm": (T.sdxl_parts, {"train_norm": True}, torch.float32, 1.0),
 }
 
 
@@ -109,8 +111,12 @@ def test_unmatched_names_are_listed(tmp_path):
     save_file(tensors, tmp_path / "extra.safetensors")
     net = loha.load(tmp_path / "extra.safetensors")
     assert net.unknown_keys == ["lora_unet_conv_in.strange_suffix"]
-    handle = loha.apply(parts, net)
+    with pytest.warns(UserWarning) as warned:
+        handle = loha.apply(parts, net)
     assert handle.unmatched == {str(tmp_path / "extra.safetensors"): ["lora_unet_no_such_block_proj"]}
+    assert handle.unknown_keys == {str(tmp_path / "extra.safetensors"): ["lora_unet_conv_in.strange_suffix"]}
+    said = " ".join(str(w.message) for w in warned)
+    assert "1 module names match no weight" in said and "1 keys are of no known kind" in said
 
 
 def test_shape_mismatch_changes_nothing(tmp_path):
@@ -187,3 +193,37 @@ def test_alpha_semantics():
     assert loha.delta.module_scale(None, 4) == 1.0
     assert loha.delta.module_scale(0.0, 4) == 0.0
     assert loha.delta.module_scale(2.0, 8) == 0.25
+
+
+def test_onetrainer_text_projection_and_class_embedding_names():
+    """`lora_te2_text_projection` (OneTrainer) and `lora_unet_class_embedding_*` (SDXL's label_emb under
+    its other diffusers name) patch diffusers modules and LDM checkpoints alike; OpenCLIP stores the
+    projection input-major, so the checkpoint gets ΔWᵀ."""
+    from loha.models.to_ldm import ldm_state_dict
+
+    parts = T.sdxl_parts()
+    projection = parts["text_encoder_2"].text_projection.weight
+    embedding = parts["unet"].add_embedding.linear_1.weight
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, (rows, cols) in {"lora_te2_text_projection": projection.shape,
+                               "lora_unet_class_embedding_linear_1": embedding.shape}.items():
+        for suffix, shape in (("hada_w1_a", (rows, 2)), ("hada_w1_b", (2, cols)), ("hada_w2_a", (rows, 2)),
+                              ("hada_w2_b", (2, cols))):
+            tensors[f"{name}.{suffix}"] = torch.randn(shape, generator=g)
+    net = loha.from_tensors(tensors, "onetrainer")
+    ldm = {k: v.clone() for k, v in ldm_state_dict(parts).items()}
+    before = projection.detach().clone()
+    assert loha.apply(parts, net).unmatched == {}
+    assert loha.apply(ldm, net).unmatched == {}
+    assert not torch.equal(projection, before)
+    expected = ldm_state_dict(parts)  # the patched diffusers parts, written as a checkpoint
+    for key in ("conditioner.embedders.1.model.text_projection", "model.diffusion_model.label_emb.0.0.weight"):
+        torch.testing.assert_close(ldm[key], expected[key], rtol=0, atol=1e-6)
+    comfy = {"clip_g.transformer.text_projection.weight": tuple(projection.shape),
+             "clip_l.transformer.text_projection.weight": (768, 768),
+             "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (64, 2048)}
+    names = loha.keys.map_state_dict(comfy)  # ComfyUI's live layout: HF orientation
+    assert names.lookup("lora_te2_text_projection").key == "clip_g.transformer.text_projection.weight"
+    assert not names.lookup("lora_te2_text_projection").transposed
+    assert names.lookup("lora_te1_text_projection").key == "clip_l.transformer.text_projection.weight"

@@ -174,3 +174,70 @@ def test_refuses_what_is_not_a_loha_adapter(tmp_path):
         loha.load(folder)
     with pytest.raises(loha.FormatError, match="no PEFT adapter"):
         loha.load(tmp_path / "lora_adapter" / "..")
+
+
+def sdxl_peft_parts(pipe, inject: bool = False):
+    """A seeded random PEFT LoHa on every part of an SDXL pipeline: {part: (model to run, config)}."""
+    from peft import LoHaConfig, inject_adapter_in_model
+
+    configs = {"unet": LoHaConfig(r=4, alpha=2, target_modules=UNET_TARGETS, use_effective_conv2d=True,
+                                  rank_pattern={"conv2": 3}, alpha_pattern={"to_q": 5}, init_weights=False),
+               "text_encoder": LoHaConfig(r=2, alpha=2, target_modules=TEXT_TARGETS, init_weights=False),
+               "text_encoder_2": LoHaConfig(r=3, alpha=4, target_modules=TEXT_TARGETS, init_weights=False)}
+    torch.manual_seed(0)
+    parts = {}
+    for part, model in P.parts(pipe).items():
+        parts[part] = (inject_adapter_in_model(configs[part], model) if inject else peft_model(model, configs[part])).eval()
+    return parts, configs
+
+
+def test_diffengine_sdxl_folder_patches_a_pipeline_to_peft_outputs(tmp_path):
+    """diffengine's PeftSaveHook writes stepN/unet, stepN/text_encoder_one and stepN/text_encoder_two:
+    every part is read, and a pipeline patched with the folder gives PEFT's own outputs."""
+    peft_parts, _ = sdxl_peft_parts(P.sdxl_pipeline())
+    step = tmp_path / "work_dir" / "step10"
+    for part, sub in (("unet", "unet"), ("text_encoder", "text_encoder_one"), ("text_encoder_2", "text_encoder_two")):
+        peft_parts[part].save_pretrained(step / sub)
+    peft_outputs = T.run_parts(peft_parts)
+
+    net = loha.load(step)
+    assert net.family == "sdxl" and net.text_encoders == {"te1", "te2"} and net.components == {"unet", "te1", "te2"}
+    pipe = P.sdxl_pipeline()
+    base = T.run_parts(P.parts(P.sdxl_pipeline()))
+    before = P.weights(pipe)
+    load_loha(pipe, step)
+    assert_matches_peft(T.run_parts(P.parts(pipe)), peft_outputs, base)
+    unload_loha(pipe)
+    P.assert_weights_equal(before, pipe)
+
+
+def test_diffusers_lora_weights_file_patches_a_pipeline_to_peft_outputs(tmp_path):
+    """diffusers' save_lora_weights (its training scripts) writes one pytorch_lora_weights.safetensors with
+    part-prefixed PEFT names and the adapter configs as metadata; the folder and the file both load."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import get_peft_model_state_dict
+
+    peft_parts, configs = sdxl_peft_parts(P.sdxl_pipeline(), inject=True)
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path / "out", **{f"{part}_lora_layers": get_peft_model_state_dict(model) for part, model in peft_parts.items()},
+        **{f"{part}_lora_adapter_metadata": configs[part].to_dict() for part in peft_parts})
+    peft_outputs = T.run_parts(peft_parts)
+    base = T.run_parts(P.parts(P.sdxl_pipeline()))
+    for source in (tmp_path / "out", tmp_path / "out" / lp.DIFFUSERS_WEIGHTS_FILE):
+        net = loha.load(source)
+        assert net.components == {"unet", "te1", "te2"}
+        assert net.modules["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"].alpha == 5
+        pipe = P.sdxl_pipeline()
+        load_loha(pipe, source)
+        assert_matches_peft(T.run_parts(P.parts(pipe)), peft_outputs, base)
+
+
+def test_a_file_without_adapter_configs_says_what_scale_it_assumes(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from peft import get_peft_model_state_dict
+
+    peft_parts, _ = sdxl_peft_parts(P.sdxl_pipeline(), inject=True)
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(peft_parts["unet"]))
+    with pytest.warns(UserWarning, match="no adapter config for unet .*alpha is taken equal to each module's rank"):
+        net = loha.load(tmp_path)
+    assert {m.alpha == m.rank for m in net.modules.values()} == {True}

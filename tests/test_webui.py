@@ -9,14 +9,17 @@ differ from those applied, restore the backup and add their ΔW.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import loha
 from loha.models.to_ldm import ldm_state_dict
-from loha.hosts.webui import (ActiveSet, LiveParameters, Request, card_metadata, list_networks, parse_request,
-                        preferred_weight, release_builtin)
+from loha.hosts.webui import (ActiveSet, LiveParameters, NetworkFiles, Request, card_files, card_metadata,
+                              list_networks, not_applied_text, parse_request, preferred_weight, release_builtin)
 from tiny_models import make_loha_file, sd1_parts
 
 
@@ -45,6 +48,8 @@ def test_default_strength_is_the_hosts():
     (["x"], {"unet": "?"}, "unet= must be a number"),
     (["x"], {"dyn": "4"}, "unknown arguments dyn="),
     (["x", "1", "1", "8"], {}, "unknown arguments '8'"),
+    (["x", "nan"], {}, "te strength is nan; strengths must be finite"),
+    (["x"], {"unet": "inf"}, "unet= is inf; strengths must be finite"),
 ])
 def test_bad_arguments_are_refused_by_name(positional, named, message):
     with pytest.raises(loha.LohaError, match=message):
@@ -150,7 +155,10 @@ def test_block_weights_scale_only_their_blocks(parts, files):
     only_in01 = ",".join(["0", "0", "1"] + ["0"] * 23)  # 26 values: BASE, IN00–IN11, MID, OUT00–OUT11
     active.update(model, [(Request("b", 1.0, 1.0, only_in01), files["b"])])
     changed = {k for k, v in weights(model).items() if not torch.equal(v, base[k])}
-    assert changed and all(k.startswith("model.diffusion_model.input_blocks.1.") for k in changed)
+    # the time embedding and conv_out are in no block: the block weights leave them at the full strength
+    in_no_block = ("model.diffusion_model.time_embed.", "model.diffusion_model.out.2.")
+    assert any(k.startswith("model.diffusion_model.input_blocks.1.") for k in changed)
+    assert all(k.startswith(("model.diffusion_model.input_blocks.1.", *in_no_block)) for k in changed)
     with pytest.raises(loha.LohaError, match="values"):
         active.update(model, [(Request("b", 1.0, 1.0, "1,2,3"), files["b"])])
     active.clear(model)
@@ -249,3 +257,55 @@ def test_release_hands_back_fused_attention_from_its_backup():
     assert release_builtin(model, ["0.attn.out_proj.weight"]) == 1
     assert torch.equal(attention.in_proj_weight, base[0]) and torch.equal(attention.out_proj.weight, base[1])
     assert attention.network_weights_backup is None and attention.network_current_names == ()
+
+
+def test_a_broken_file_is_left_out_and_named_while_the_good_one_applies(parts, files, tmp_path):
+    model = ldm_model(parts)
+    base = weights(model)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    active = ActiveSet()
+    wanted = [(Request("broken"), str(broken)), (Request("b", 0.8, 0.5), files["b"]),
+              (Request("c", 1.0, 1.0, "1,2,3"), files["c"])]
+    with pytest.raises(loha.LohaError, match="broken.safetensors"):
+        active.update(model, wanted)  # the library default: refuse
+    assert same(weights(model), base)
+    assert active.update(model, wanted, keep_going=True)
+    assert set(active.failed) == {"broken", "c"}
+    assert "not a readable safetensors file" in active.failed["broken"] and "3 values" in active.failed["c"]
+    assert same(weights(model), _patched_state(base, (loha.load(files["b"]), 0.8, 0.5)))
+    text = not_applied_text(active.failed, {"broken": str(broken)})
+    assert text.startswith("broken: not a readable safetensors file") and str(tmp_path) not in text
+    assert not active.update(model, wanted, keep_going=True)  # nothing changed: nothing written, failures kept
+    assert set(active.failed) == {"broken", "c"}
+    active.clear(model)
+    assert same(weights(model), base) and active.failed == {}
+
+
+def test_a_file_replaced_on_disk_is_applied_anew(parts, files, tmp_path):
+    model = ldm_model(parts)
+    base = weights(model)
+    path = tmp_path / "swap.safetensors"
+    shutil.copy(files["b"], path)
+    active = ActiveSet()
+    assert active.update(model, [(Request("swap"), str(path))])
+    shutil.copy(files["c"], tmp_path / "new.safetensors")
+    os.replace(tmp_path / "new.safetensors", path)  # the same name, another file
+    assert active.update(model, [(Request("swap"), str(path))])
+    assert same(weights(model), _patched_state(base, (loha.load(files["c"]), 1.0, 1.0)))
+    active.clear(model)
+
+
+def test_cards_list_loha_files_and_unreadable_ones(parts, files, tmp_path):
+    own, lora = tmp_path / "LoHa", tmp_path / "Lora"
+    own.mkdir(), lora.mkdir()
+    shutil.copy(files["b"], own / "mine.safetensors")
+    shutil.copy(files["c"], lora / "loha-in-lora.safetensors")
+    tensors = {"lora_unet_conv_in.lora_up.weight": torch.ones(32, 2, 1, 1),
+               "lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 3, 3)}
+    save_file(tensors, lora / "plain-lora.safetensors")
+    (lora / "broken.safetensors").write_bytes(b"\x80\x04 pickled")
+    listed = card_files([str(own)], [str(lora)], NetworkFiles())
+    assert sorted(listed) == ["broken", "loha-in-lora", "mine"]  # the plain LoRA is the Lora page's
+    assert listed["mine"][1] is None and listed["loha-in-lora"][1] is None
+    assert "pickle" in listed["broken"][1]

@@ -7,7 +7,11 @@ environment (it runs with HF_HUB_OFFLINE=1). LOHA_WEBUI_DATA keeps the WebUI dat
 built. The WebUI listens on 127.0.0.1 only. With LOHA_NODE_MODULES (a node_modules
 holding playwright-core) and Chromium, the cards page and the tab are also checked in a
 headless browser, with screenshots in LOHA_WEBUI_SCREENSHOTS (default: the data folder).
-Each image is 64×64 with 2 steps; on 2 CPU cores the module takes about 10 minutes.
+With LOHA_LBW_DIR (a checkout of github hako-mikan/sd-webui-lora-block-weight, the owner of
+the block-weight notation) that extension is linked into the test WebUI's extensions, and
+`<loha:…:lbw=…>` is compared with `<lora:…:lbw=…>` for every preset and list length.
+Each image is 64×64 with 2 steps; on 2 CPU cores the module takes about 10 minutes
+(20 more with the block-weight extension).
 """
 
 from __future__ import annotations
@@ -21,10 +25,27 @@ import sys
 import numpy as np
 import pytest
 
-from webui_host import BUILTIN_COMPARISONS, PROMPT, check_card, check_loha_equals_builtin, check_previews, diff, prepare, serve, txt2img
+from webui_host import (BUILTIN_COMPARISONS, PROMPT, check_card, check_loha_equals_builtin, check_previews, diff,
+                        fetch, get, link_extension, prepare, serve, txt2img, txt2img_info)
+
+from loha.keys.blocks import PRESETS
 
 WEBUI = os.environ.get("LOHA_WEBUI_DIR")
 PYTHON = os.environ.get("LOHA_WEBUI_PYTHON")
+LBW = os.environ.get("LOHA_LBW_DIR")
+needs_lbw = pytest.mark.skipif(not LBW, reason="set LOHA_LBW_DIR to a checkout of the LoRA Block Weight extension")
+#: Lists of every length the extension reads, BASE and OUT11 ≠ 1 among them (the e2e networks touch the
+#: text encoder, IN00–IN03, OUT09–OUT11 and the blocks-free time embedding and conv_out).
+LBW_LISTS = {
+    "17": "0.5,1,0.3,1,1,1,1,1,1,1,1,1,1,1,0.6,1,0",
+    "17 BASE=0": ",".join(["0"] + ["1"] * 16),
+    "17 OUT11=0": ",".join(["1"] * 16 + ["0"]),
+    "26": ",".join(["0.25", "0.5", "1", "0", "0.7"] + ["1"] * 18 + ["0.4", "1", "2"]),
+    "12": ",".join(["0.5"] + ["1"] * 11),
+    "20": ",".join(["1.5", "0.2", "1", "-0.5", "0"] + ["1"] * 15),
+}
+#: A file that is not safetensors, beside good ones in the LoHa folder.
+BROKEN = "broken"
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
     not (WEBUI and PYTHON), reason="set LOHA_WEBUI_DIR and LOHA_WEBUI_PYTHON to test against a real WebUI")]
 
@@ -39,6 +60,9 @@ def _checkpoint(path: str) -> None:
 def webui(tmp_path_factory):
     data = os.environ.get("LOHA_WEBUI_DATA") or str(tmp_path_factory.mktemp("webui-data"))
     ckpt = prepare(data, _checkpoint)
+    link_extension(data, "sd-webui-lora-block-weight", LBW)
+    with open(os.path.join(data, "models", "LoHa", f"{BROKEN}.safetensors"), "wb") as f:
+        f.write(b"\x20\x00\x00\x00\x00\x00\x00\x00{this header is not JSON at all.}")
     with serve(WEBUI, PYTHON, data, ["--use-cpu", "all", "--no-half", "--ckpt", ckpt]) as server:
         yield server
 
@@ -124,3 +148,61 @@ def test_cards_page_and_tab_in_a_browser(webui, images):
 
 def test_previews_are_served_from_the_model_folders_only(webui, tmp_path):
     check_previews(webui, tmp_path)
+
+
+def test_a_file_replaced_on_disk_gives_the_new_files_image_at_once(webui, images):
+    """The same prompt text, another file under the name: the UNet and the text encoder's conditioning
+    (which the WebUI caches by prompt text) both follow the new file."""
+    lora, swap = os.path.join(webui["data"], "models", "Lora"), os.path.join(webui["data"], "models", "LoHa", "swap.safetensors")
+    shutil.copy(os.path.join(lora, "test.safetensors"), swap)
+    try:
+        first = txt2img(webui, f"{PROMPT} <loha:swap:0.8>")[0]
+        shutil.copy(os.path.join(lora, "tucker.safetensors"), swap + ".new")
+        os.replace(swap + ".new", swap)
+        second = txt2img(webui, f"{PROMPT} <loha:swap:0.8>")[0]
+    finally:
+        os.remove(swap)
+    print(f"swap: before vs test {diff(first, images['loha test'][0])}, after vs tucker "
+          f"{diff(second, images['loha tucker'][0])}, before vs after {diff(first, second)}")
+    assert diff(first, images["loha test"][0]) <= 1
+    assert diff(second, images["loha tucker"][0]) <= 1 and diff(first, second) > 1
+
+
+def test_a_broken_file_next_to_a_good_one_gives_the_good_ones_image_and_a_message(webui, images):
+    image, info = txt2img_info(webui, f"{PROMPT} <loha:{BROKEN}:1> <loha:nosuchfile:1> <loha:test:0.8>")
+    said = info["extra_generation_params"].get("LoHa not applied", "")
+    print(f"broken + missing + test vs test: max {diff(image, images['loha test'][0])}; the API says: {said}")
+    assert diff(image, images["loha test"][0]) <= 1
+    assert f"{BROKEN}: not a readable safetensors file" in said and "nosuchfile: no such file" in said
+    assert "LoHa not applied: " in info["infotexts"][0] and webui["data"] not in said
+    assert "test: " in info["extra_generation_params"]["LoHa hashes"] and BROKEN not in info["extra_generation_params"]["LoHa hashes"]
+
+
+def test_cards_list_what_the_page_is_for_and_mark_unreadable_files(webui):
+    card = json.loads(get(webui, f"/sd_extra_networks/get-single-card?page=loha&tabname=txt2img&name={BROKEN}"))["html"]
+    assert "Cannot be read" in card and "not a readable safetensors file" in card
+    for plain_lora in ("a", "converted"):  # the Lora page's files, not LoHa
+        status, body = fetch(webui, f"/sd_extra_networks/get-single-card?page=loha&tabname=txt2img&name={plain_lora}")
+        assert status != 200 or f'data-name="{plain_lora}"' not in body.decode(), plain_lora
+    assert "tucker" in json.loads(get(webui, "/sd_extra_networks/get-single-card?page=loha&tabname=txt2img&name=tucker"))["html"]
+
+
+@pytest.fixture(scope="module")
+def lbw_images(webui):
+    """`<lora:test:1:lbw=…>` (the extension) and `<loha:test:1:lbw=…>` (ours) for every preset and list."""
+    specs = {**{name: name for name in PRESETS}, **LBW_LISTS}
+    made = {"loha plain": txt2img(webui, f"{PROMPT} <loha:test:1>")}
+    for label, spec in specs.items():
+        for kind in ("lora", "loha"):
+            made[(kind, label)] = txt2img(webui, f"{PROMPT} <{kind}:test:1:lbw={spec}>")
+    return made
+
+
+@needs_lbw
+@pytest.mark.parametrize("label", [*PRESETS, *LBW_LISTS])
+def test_block_weights_equal_the_extensions(lbw_images, label):
+    ours, theirs = lbw_images[("loha", label)][0], lbw_images[("lora", label)][0]
+    print(f"lbw {label}: loha vs lora max {diff(ours, theirs)}, vs without block weights "
+          f"{diff(ours, lbw_images['loha plain'][0])}")
+    assert diff(ours, theirs) <= 1
+    assert diff(ours, lbw_images["loha plain"][0]) > 1  # the block weights did change the picture

@@ -126,6 +126,11 @@ def lycoris_network(parts: dict, seed: int = 0, dim: int = 4, alpha: float = 2.0
     torch.manual_seed(seed)
     with torch.no_grad():
         for module in net.unet_loras + net.text_encoder_loras:
+            if not hasattr(module, "hada_w2_a"):  # train_norm's norm modules start at zero too
+                module.w_norm.normal_(std=0.1)
+                if getattr(module, "b_norm", None) is not None:
+                    module.b_norm.normal_(std=0.1)
+                continue
             module.hada_w2_a.normal_(std=0.1)
             if module.wd:
                 module.dora_scale.mul_(1 + 0.1 * torch.randn_like(module.dora_scale))

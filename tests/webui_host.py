@@ -98,6 +98,12 @@ def serve(webui_dir: str, python: str, data: str, args: list[str], env: dict | N
 
 def txt2img(server, prompt: str) -> tuple[np.ndarray, str]:
     """The image (H, W, 3 ints) and infotext for `prompt`: 64×64, 2 Euler steps, seed 7."""
+    image, info = txt2img_info(server, prompt)
+    return image, info["infotexts"][0]
+
+
+def txt2img_info(server, prompt: str) -> tuple[np.ndarray, dict]:
+    """The image and the whole `info` object the API answers with."""
     body = {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": 7, "sampler_name": "Euler",
             "cfg_scale": 5}
     request = urllib.request.Request(server["url"] + "/sdapi/v1/txt2img", json.dumps(body).encode(),
@@ -106,7 +112,17 @@ def txt2img(server, prompt: str) -> tuple[np.ndarray, str]:
     from PIL import Image
 
     image = np.asarray(Image.open(io.BytesIO(base64.b64decode(reply["images"][0]))).convert("RGB"), dtype=int)
-    return image, json.loads(reply["info"])["infotexts"][0]
+    return image, json.loads(reply["info"])
+
+
+def link_extension(data: str, name: str, source: str | None) -> None:
+    """Put another extension (a checkout at `source`) into the test WebUI's extensions, or take it out."""
+    link = os.path.join(data, "extensions", name)
+    if os.path.lexists(link):
+        os.remove(link)
+    if source:
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.symlink(os.path.abspath(source), link)
 
 
 def diff(a: np.ndarray, b: np.ndarray) -> int:

@@ -65,6 +65,9 @@ def _merge(args) -> int:
     for label, names in result.unmatched.items():
         print(f"loha: warning: {label}: {len(names)} names match nothing and were skipped: "
               + ", ".join(names), file=err)
+    for label, keys in result.unknown_keys.items():
+        print(f"loha: warning: {label}: {len(keys)} keys are of no known kind and were not merged: "
+              + ", ".join(keys), file=err)
     if result.dropped:
         print(f"loha: note: non-tensor entries not written: {', '.join(result.dropped)}", file=err)
     for record in result.merged:
@@ -421,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except LohaError as exc:
         print(error_line(exc), file=sys.stderr)
+        return 1
+    except OSError as exc:  # the disk or the folder, not the input (a full disk, a read-only folder)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"loha: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("loha: interrupted", file=sys.stderr)

@@ -14,7 +14,7 @@ import os
 import torch
 
 from ..errors import FormatError
-from .safetensors_io import Reader, torch_dtype
+from .safetensors_io import Reader, open_regular, torch_dtype
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -46,6 +46,7 @@ class _PickleCheckpoint:
     streamed = False
 
     def __init__(self, path: str):
+        os.close(open_regular(path))  # a FIFO or device would block torch.load forever
         try:
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -18,20 +18,22 @@ import torch
 
 from ..errors import FormatError
 from ..families import component_of, family_of_network
-from .safetensors_io import FLOAT_DTYPES, dtype_name, open_mapped
+from .safetensors_io import FLOAT_DTYPES, Reader, dtype_name
 # suffix -> kind; a module's kind is the kind of its factor suffixes.
 _KIND_OF_SUFFIX = {
     **dict.fromkeys(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"), "loha"),
     **dict.fromkeys(("lora_up.weight", "lora_down.weight", "lora_mid.weight"), "lora"),
     **dict.fromkeys(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"), "lokr"),
     **dict.fromkeys(("diff", "diff_b"), "full"),
+    **dict.fromkeys(("w_norm", "b_norm"), "norm"),  # lycoris train_norm: norm layers' weight and bias
 }
 _SHARED_SUFFIXES = ("alpha", "dora_scale")
 _REQUIRED = {
     "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
     "lora": ("lora_up.weight", "lora_down.weight"),
     "lokr": (),
-    "full": (),
+    "full": ("diff",),
+    "norm": ("w_norm",),
 }
 # Longest first, so "lora_up.weight" wins over a shorter match.
 _SUFFIXES = sorted((*_KIND_OF_SUFFIX, *_SHARED_SUFFIXES), key=len, reverse=True)
@@ -76,7 +78,23 @@ class Module:
             return s["lora_up.weight"][0]
         if self.kind == "full":
             return s["diff"][0]
+        if self.kind == "norm":
+            return s["w_norm"][0]
+        if self.kind == "lokr":
+            return self._lokr_shapes()[0][0] * self._lokr_shapes()[1][0]
         raise NotImplementedError(self.kind)
+
+    def _lokr_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(rows, columns) of LoKr's w1 and of w2 flattened to two axes, from the factor shapes."""
+        s = self.shapes
+        w1 = s["lokr_w1"] if "lokr_w1" in s else (s["lokr_w1_a"][0], s["lokr_w1_b"][1])
+        if "lokr_t2" in s:
+            w2 = (s["lokr_w2_a"][1], s["lokr_w2_b"][1] * math.prod(s["lokr_t2"][2:]))
+        elif "lokr_w2" in s:
+            w2 = (s["lokr_w2"][0], math.prod(s["lokr_w2"][1:]))
+        else:
+            w2 = (s["lokr_w2_a"][0], math.prod(s["lokr_w2_b"][1:]))
+        return (w1[0], math.prod(w1[1:])), w2
 
     @property
     def delta_numel(self) -> int:
@@ -92,22 +110,22 @@ class Module:
             return up[0] * down[1] * k
         if self.kind == "full":
             return math.prod(s["diff"])
+        if self.kind == "norm":
+            return s["w_norm"][0]
         if self.kind == "lokr":
-            w1 = s.get("lokr_w1") or (s["lokr_w1_a"][0], s["lokr_w1_b"][1])
-            w2 = s.get("lokr_w2") or (s["lokr_w2_a"][0], math.prod(s["lokr_w2_b"][1:]))
-            if "lokr_t2" in s:
-                w2 = (s["lokr_w2_a"][1], s["lokr_w2_b"][1] * math.prod(s["lokr_t2"][2:]))
+            w1, w2 = self._lokr_shapes()
             return math.prod(w1) * math.prod(w2)
         raise NotImplementedError(self.kind)
 
 
 class _Source:
-    """Where tensors come from: an open safetensors file or an in-memory dict."""
+    """Where tensors come from: a safetensors file (its checked header, tensors read on
+    request, nothing kept open or mapped between reads) or an in-memory dict."""
 
     def __init__(self, path: str | None = None, tensors: Mapping[str, torch.Tensor] | None = None):
         self.path = path
         self._tensors = tensors
-        self._file = open_mapped(path) if tensors is None else None
+        self._file = Reader(path, keep_open=False) if tensors is None else None
 
     def keys(self) -> list[str]:
         return list(self._tensors.keys() if self._tensors is not None else self._file.keys())
@@ -115,7 +133,7 @@ class _Source:
     def shape(self, key: str) -> tuple[int, ...]:
         if self._tensors is not None:
             return tuple(self._tensors[key].shape)
-        return tuple(self._file.get_slice(key).get_shape())
+        return self._file.entries[key].shape
 
     def dtype(self, key: str) -> str:
         if self._tensors is not None:
@@ -124,17 +142,23 @@ class _Source:
                 return dtype_name(dtype)
             except FormatError:
                 return str(dtype)
-        return self._file.get_slice(key).get_dtype()
+        return self._file.entries[key].dtype
+
+    def get_many(self, keys) -> list[torch.Tensor]:
+        """Tensors for `keys`, read from the file in one opening (a file changed on disk since
+        it was loaded is refused, naming it)."""
+        if self._tensors is not None:
+            return [self._tensors[key] for key in keys]
+        with self._file.opened():
+            return [self._file.read(key) for key in keys]
 
     def get(self, key: str) -> torch.Tensor:
-        if self._tensors is not None:
-            return self._tensors[key]
-        return self._file.get_tensor(key)
+        return self.get_many([key])[0]
 
     def metadata(self) -> dict[str, str]:
         if self._tensors is not None:
             return {}
-        return dict(self._file.metadata() or {})
+        return dict(self._file.metadata)
 
 
 class Network:
@@ -169,7 +193,7 @@ class Network:
         return self._source.get(module.keys[suffix])
 
     def tensors(self, module: Module) -> dict[str, torch.Tensor]:
-        return {suffix: self._source.get(key) for suffix, key in module.keys.items()}
+        return dict(zip(module.keys, self._source.get_many(module.keys.values())))
 
     def dtypes(self) -> set[str]:
         return {self._source.dtype(k) for m in self.modules.values() for s, k in m.keys.items() if s != "alpha"}
@@ -201,8 +225,10 @@ class Network:
             module.kind = kinds.pop()
             _validate(self.label, module)
             self._check_dtypes(module)
-            if "alpha" in module.keys:
-                module.alpha = _read_alpha(self.label, module, self._source.get(module.keys["alpha"]))
+        with_alpha = [m for m in self.modules.values() if "alpha" in m.keys]
+        alphas = self._source.get_many([m.keys["alpha"] for m in with_alpha])  # one opening of the file
+        for module, alpha in zip(with_alpha, alphas):
+            module.alpha = _read_alpha(self.label, module, alpha)
 
 
 _ALPHA_DTYPES = FLOAT_DTYPES | {"I8", "I16", "I32", "I64", "U8"}
@@ -262,8 +288,21 @@ def _validate(label: str, m: Module) -> None:
             fail("needs lokr_w2 or lokr_w2_a and lokr_w2_b")
         if any(len(shape) < 2 for suffix, shape in s.items() if suffix.startswith("lokr_")):
             fail("LoKr factors must be at least 2-D")
-    elif m.kind == "full" and len(s.get("diff", ())) < 2:
-        fail("needs a diff of at least 2 dimensions")
+        if "lokr_t2" in s and not (len(s["lokr_t2"]) >= 3 and {"lokr_w2_a", "lokr_w2_b"} <= s.keys()
+                                   and s["lokr_t2"][:2] == (s["lokr_w2_a"][0], s["lokr_w2_b"][0])):
+            fail("Tucker core lokr_t2 does not fit lokr_w2_a (R, O) and lokr_w2_b (R, I)")
+        for i in ("1", "2"):
+            a, b = s.get(f"lokr_w{i}_a"), s.get(f"lokr_w{i}_b")
+            if a is not None and b is not None and "lokr_t2" not in s and a[1] != b[0]:
+                fail(f"lokr_w{i}_a columns {a[1]} != lokr_w{i}_b rows {b[0]}")
+    elif m.kind == "full":
+        if len(s["diff"]) < 2:
+            fail("needs a diff of at least 2 dimensions")
+        if "diff_b" in s and s["diff_b"] != s["diff"][:1]:
+            fail(f"diff_b must hold one value per output row, shape ({s['diff'][0]},)")
+    elif m.kind == "norm":
+        if len(s["w_norm"]) != 1 or s.get("b_norm", s["w_norm"]) != s["w_norm"]:
+            fail("w_norm (and b_norm) must be 1-D, one value per channel")
     if m.rank == 0:
         fail("has rank 0")
 
@@ -271,16 +310,20 @@ def _validate(label: str, m: Module) -> None:
 def load(path: str | os.PathLike) -> Network:
     """Open a network file lazily. Only safetensors: pickles are never loaded.
 
-    A folder is read as a PEFT LoHa adapter (see `loha.files.peft`).
+    A folder is read as a PEFT LoHa adapter, and so is a file of diffusers'
+    `save_lora_weights` names (see `loha.files.peft`).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         from .peft import load_folder
 
         return load_folder(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FormatError(f"{path}: no such file")
-    return Network(_Source(path), os.path.splitext(os.path.basename(path))[0])
+    network = Network(_Source(path), os.path.splitext(os.path.basename(path))[0])
+    from .peft import from_diffusers_file, is_diffusers_file
+
+    return from_diffusers_file(network) if is_diffusers_file(network) else network
 
 
 def from_tensors(tensors: Mapping[str, torch.Tensor], name: str = "network", metadata: dict[str, str] | None = None) -> Network:
@@ -288,9 +331,40 @@ def from_tensors(tensors: Mapping[str, torch.Tensor], name: str = "network", met
     return Network(_Source(tensors=tensors), name, metadata or {})
 
 
+#: Deepest nesting a JSON metadata value may have to be shown (kohya's are two levels deep);
+#: deeper values would exhaust the recursion of whatever prints or re-encodes them.
+MAX_JSON_DEPTH = 16
+
+
 def parse_json_metadata(metadata: Mapping[str, str], key: str):
-    """A JSON-valued metadata entry (ss_network_args, ss_tag_frequency), or None if absent/bad."""
+    """A JSON-valued metadata entry (ss_network_args, ss_tag_frequency), or None if absent,
+    not JSON, nested deeper than `MAX_JSON_DEPTH`, or holding NaN/Infinity."""
     try:
-        return json.loads(metadata[key])
-    except (KeyError, TypeError, ValueError):
+        value = json.loads(metadata[key], parse_constant=_no_constant, parse_float=_finite)
+    except (KeyError, TypeError, ValueError, RecursionError):
         return None
+    return value if _depth(value) <= MAX_JSON_DEPTH else None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+def _depth(value) -> int:
+    """Nesting depth of parsed JSON, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return deepest

@@ -19,8 +19,9 @@ passes it in), so every model Forge patches with LoRA (Flux included) takes LoHa
 
 from __future__ import annotations
 
+from ..errors import LohaError
 from ..keyed import PatchSet, plan_keyed
-from .webui import NetworkFiles
+from .webui import NetworkFiles, file_stamp
 
 #: The patch type name our patches carry in Forge's patch lists ("loha" is Forge's own).
 PATCH_TYPE = "loha_fused"
@@ -46,18 +47,24 @@ class ForgeActive:
         self.key_map = key_map  # (unet patcher, clip) -> Forge's own LoRA key map
         self.wanted: list = []  # (Request, path) pairs from the last activate
         self.unmatched: dict[str, list[str]] = {}
+        self.failed: dict[str, str] = {}  # request name -> why it was left out
+        self._key: tuple = ()
         self._base = None  # the built-in's (unet, clip) our patchers were cloned from
         self._ours = None  # (unet, clip) with our patches, as put into the engine
         self._plans: dict[tuple, PatchSet] = {}
         self._files = NetworkFiles()
 
-    def apply(self, sd_model) -> None:
-        """Make the engine's patchers the built-in's plus the wanted LoHa (or the built-in's alone).
+    def apply(self, sd_model) -> bool:
+        """Make the engine's patchers the built-in's plus the wanted LoHa (or the built-in's alone);
+        returns whether the set (requests, file versions) changed since the last call.
 
         Forge copies `forge_objects_after_applying_lora` into `forge_objects` before it
         samples, and the built-in rebuilds that object only when its own networks
         change; when it still holds our patchers, the built-in's are the ones we kept.
+        A LoHa that cannot be applied is left out, its reason in `failed`.
         """
+        key = tuple((request, path, file_stamp(path)) for request, path in self.wanted)
+        changed, self._key = key != self._key, key
         after = sd_model.forge_objects_after_applying_lora
         current = (after.unet, after.clip)
         ours_still_there = self._ours is not None and all(a is b for a, b in zip(current, self._ours))
@@ -69,18 +76,23 @@ class ForgeActive:
         self._base, self._ours = base, (ours if self.wanted else None)
         after.unet, after.clip = ours
         sd_model.forge_objects.unet, sd_model.forge_objects.clip = ours
+        return changed
 
     def clear(self, sd_model) -> None:
         """No LoHa: the engine gets the built-in's patchers back."""
-        self.wanted = []
+        self.wanted, self.failed = [], {}
         self.apply(sd_model)
 
     def _patched(self, base_unet, base_clip):
         unet, clip = base_unet.clone(), base_clip.clone()
         parts = {"model": unet.model, "clip": clip.patcher.model}
-        self.unmatched = {}
+        self.unmatched, self.failed = {}, {}
         for request, path in self.wanted:
-            planned = self._plan(request, path, parts, lambda: self.key_map(unet, clip))
+            try:
+                planned = self._plan(request, path, parts, lambda: self.key_map(unet, clip))
+            except LohaError as exc:
+                self.failed[request.name] = str(exc)
+                continue
             self.unmatched[planned.network.label] = planned.unmatched
             tag = f"{path}#loha:{request.lbw or ''}"
             for target, part, strength in ((unet, "model", request.unet), (clip, "clip", request.te)):

@@ -63,13 +63,17 @@ def load_loha(pipe, network, strength: float = 1.0, te_strength: float | None = 
     net = network if isinstance(network, Network) else load(network)
     name = adapter_name or net.name
     use = Use(net, strength, te_strength, dict(blocks or {}))
-    _, unmatched = plan_modules(ModelView(pipe).names, [use])  # check before touching the weights
+    view = ModelView(pipe)
+    _, unmatched = plan_modules(view.names, [use], shape_of=view.shape_of)  # check before touching the weights
     if unmatched:
         names = unmatched[net.label]
         message = f"{net.label}: {len(names)} names match no weight of the pipeline: {', '.join(names)}"
         if strict:
             raise UnmatchedError(message, names)
         warnings.warn(message, stacklevel=2)
+    if net.unknown_keys:
+        warnings.warn(f"{net.label}: {len(net.unknown_keys)} keys are of no known kind and were not applied: "
+                      + ", ".join(net.unknown_keys), stacklevel=2)
     state = _state(pipe)
     previous = state.uses.get(name)
     state.uses[name] = use

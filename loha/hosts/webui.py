@@ -26,7 +26,7 @@ from ..families import FAMILY_NAMES
 from ..files.network import Network, load
 from ..keys import bias_key
 from ..keys.blocks import parse as parse_blocks
-from ..patch import ModelView, PatchHandle, Use
+from ..patch import ModelView, PatchHandle, Use, check_strength
 from ..summary import summarize
 
 #: File types listed as networks (the WebUI's Lora folder also holds .pt/.ckpt files).
@@ -50,9 +50,10 @@ class Request:
 
 def _strength(value, what: str, name: str) -> float:
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise LohaError(f"<loha:{name}:…>: {what} must be a number, got {value!r}") from None
+    return check_strength(number, f"<loha:{name}:…>: {what}")
 
 
 def parse_request(positional: list, named: Mapping[str, str], default: float = 1.0) -> Request:
@@ -201,6 +202,15 @@ def _restore_builtin_backup(module: torch.nn.Module) -> None:
         (module.out_proj if attention else module).bias.copy_(bias)
 
 
+def file_stamp(path: str) -> tuple | None:
+    """What changes when a file is rewritten or replaced (mtime, size, inode); None if it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 class NetworkFiles:
     """Networks read once per file and read again when the file changes on disk."""
 
@@ -208,12 +218,49 @@ class NetworkFiles:
         self._networks: dict[tuple, Network] = {}
 
     def get(self, path: str) -> Network:
-        stamp = (path, os.path.getmtime(path))
+        stamp = (path, file_stamp(path))
         network = self._networks.get(stamp)
         if network is None:
             self._networks = {k: v for k, v in self._networks.items() if k[0] != path}
-            network = self._networks[stamp] = load(path)
+            network = load(path)
+            self._networks[stamp] = network
         return network
+
+    def read(self, path: str) -> tuple[Network | None, str | None]:
+        """(network, None), or (None, why it cannot be read)."""
+        try:
+            return self.get(path), None
+        except LohaError as exc:
+            return None, str(exc)
+
+
+def card_files(own_folders, lora_folders, networks: NetworkFiles) -> dict[str, tuple[str, str | None]]:
+    """Name -> (path, why it cannot be read or None) of the files the LoHa cards page lists.
+
+    Everything in the page's own folders; from the Lora folder, which the built-in Lora
+    page lists too, only files that hold LoHa modules, and files that cannot be read
+    (so the user sees why a name fails).
+    """
+    own = list_networks(own_folders)
+    listed = {name: (path, networks.read(path)[1]) for name, path in own.items()}
+    for name, path in list_networks(lora_folders).items():
+        if name in listed:
+            continue
+        network, error = networks.read(path)
+        if error is not None or any(m.kind == "loha" for m in network.modules.values()):
+            listed[name] = (path, error)
+    return dict(sorted(listed.items()))
+
+
+def not_applied_text(problems: dict[str, str], paths: dict[str, str]) -> str:
+    """One line naming each LoHa not applied and why, files named as in the prompt (no folders)."""
+    shown = []
+    for name, why in problems.items():
+        path = paths.get(name)
+        if path:
+            why = why.removeprefix(f"{path}: ").replace(path, name)
+        shown.append(f"{name}: {why}")
+    return "; ".join(shown)
 
 
 @dataclass
@@ -223,23 +270,40 @@ class ActiveSet:
     handle: PatchHandle | None = None
     key: tuple = ()
     unmatched: dict[str, list[str]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # request name -> why it was not applied
     _files: "NetworkFiles" = field(default_factory=lambda: NetworkFiles())
     _views: dict[int, ModelView] = field(default_factory=dict)
 
-    def update(self, model: torch.nn.Module, wanted: list[tuple[Request, str]]) -> bool:
-        """Make `wanted` ((request, path) pairs) the active set; False when it already was."""
-        key = (id(model), *((r, path, os.path.getmtime(path)) for r, path in wanted))
-        if key == self.key or (not wanted and self.handle is None):
+    def update(self, model: torch.nn.Module, wanted: list[tuple[Request, str]], keep_going: bool = False) -> bool:
+        """Make `wanted` ((request, path) pairs) the active set; False when it already was.
+
+        A file changed on disk counts as a change. With `keep_going`, a LoHa that cannot be
+        applied (unreadable, another family, bad block weights, …) is left out and its
+        reason kept in `failed`, and the others are applied; without it, it raises.
+        """
+        key = (id(model), *((r, path, file_stamp(path)) for r, path in wanted))
+        if key == self.key or (not wanted and self.handle is None and not self.failed):
             return False
         self.clear(model)
         if not wanted:
             return True
         view = self._view(model)
-        uses = [self._use(request, path, view.names.family) for request, path in wanted]
+        uses, names = [], {}
+        for request, path in wanted:
+            try:
+                use = self._use(request, path, view.names.family)
+            except LohaError as exc:
+                if not keep_going:
+                    raise
+                self.failed[request.name] = str(exc)
+                continue
+            uses.append(use)
+            names[use.network.label] = request.name
         touched = {t.key for u in uses for name in u.network.modules if (t := view.names.lookup(name))}
         release_builtin(model, touched | {bias_key(k) for k in touched})
         with torch.no_grad(), _no_autocast(model):
-            self.handle = PatchHandle(view, uses)
+            self.handle = PatchHandle(view, uses, skip_failed=keep_going)
+        self.failed.update({names[label]: why for label, why in self.handle.failed.items()})
         self.key, self.unmatched = key, self.handle.unmatched
         return True
 
@@ -250,11 +314,11 @@ class ActiveSet:
                 keys = self.handle.patched_keys
                 release_builtin(model, keys)
             self.handle.restore()
-        self.handle, self.key, self.unmatched = None, (), {}
+        self.handle, self.key, self.unmatched, self.failed = None, (), {}, {}
 
     def forget(self) -> None:
         """Drop the state without writing: the host loaded new weights over the patched ones."""
-        self.handle, self.key, self.unmatched = None, (), {}
+        self.handle, self.key, self.unmatched, self.failed = None, (), {}, {}
         self._views.clear()
 
     def _view(self, model: torch.nn.Module) -> ModelView:

@@ -22,6 +22,10 @@ Families add what paths alone cannot say:
   diffusers weights (`loha.keys.layouts`, `Target.pieces`);
 * OpenCLIP text encoders fuse q/k/v (`loha.keys.text`).
 
+Beside the weights networks factor (`NameMap.targets`), norm layers and CLIP text
+projections are extra targets (`NameMap.extra_targets`): only dense changes reach them
+(lycoris ``train_norm``'s ``w_norm``/``b_norm``; OneTrainer's ``text_projection``).
+
 Two entry points: :func:`map_state_dict` for state dicts (checkpoints on disk, ComfyUI
 and Forge models, a diffusion model's own file) and :func:`map_modules` for modules
 keyed by pipeline attribute (diffusers/transformers models, any ``nn.Module``).
@@ -40,8 +44,9 @@ from ..families import (COMFY_DENOISER_PREFIX, DENOISER_PREFIXES, FAMILIES, KNOW
                         TEXT_MODEL_LEVEL, UNET_PREFIX, UNET_STATE_PREFIXES, family_of_names, sd_family,
                         text_prefixes)
 from . import layouts
-from .text import COMFY_TEXT_PREFIX, T5_PATH, TEXT_PATH, shape_of, state_text_weights, weight_path
-from .unet import unet_places
+from .text import (COMFY_TEXT_PREFIX, T5_PATH, TEXT_PATH, TEXT_PROJECTION, shape_of, state_text_projections,
+                   state_text_weights, weight_path)
+from .unet import DIFFUSERS_ALIASES, unet_places
 
 __all__ = ["Target", "NameMap", "map_state_dict", "map_modules", "bias_key"]
 
@@ -66,6 +71,7 @@ class Target:
     shape: tuple[int, ...]  # the shape ΔW must have (the slice's when rows is set)
     block: str  # block id for per-block strengths (SD, see loha.keys.unet), else ""
     pieces: tuple[Target, ...] = ()
+    transposed: bool = False  # the tensor is stored input-major (OpenCLIP's text_projection)
 
 
 def pieces_target(component: str, path: str, pieces: Iterable[Target]) -> Target:
@@ -84,20 +90,26 @@ class NameMap:
 
     A spelling two weights share (an odd model whose paths differ only in "." against
     "_") belongs to neither: `lookup` gives None and `ambiguous` names both keys.
+    `targets` are the Linear/Conv weights networks factor; `extra_targets` (norm layers,
+    text projections) are looked up the same way, but no trainer or converter plans for them.
     """
 
-    def __init__(self, family: str | None, entries: Iterable[tuple[Target, list[str]]]):
+    def __init__(self, family: str | None, entries: Iterable[tuple[Target, list[str]]],
+                 extras: Iterable[tuple[Target, list[str]]] = ()):
         self.family = family
         self.targets: list[Target] = []
+        self.extra_targets: list[Target] = []
         self._names: dict[Target, list[str]] = {}
         self._by_name: dict[str, Target] = {}
         self._ambiguous: dict[str, list[str]] = {}
         for target, names in entries:
             self._add(target, names)
+        for target, names in extras:
+            self._add(target, names, extra=True)
 
-    def _add(self, target: Target, names: Iterable[str]) -> list[str]:
+    def _add(self, target: Target, names: Iterable[str], extra: bool = False) -> list[str]:
         if target not in self._names:
-            self.targets.append(target)
+            (self.extra_targets if extra else self.targets).append(target)
             self._names[target] = []
         added = []
         for name in names:
@@ -158,13 +170,15 @@ def map_state_dict(shapes: Mapping, *, family: str | None = None) -> NameMap:
     ``family`` skips detection.
     """
     denoiser = _weights(shapes, UNET_STATE_PREFIXES)
+    norms = _weights(shapes, UNET_STATE_PREFIXES, dims=1)
     text: dict[str, _Encoder] = {}
     for component, kind, *weight in state_text_weights(shapes):
         encoder = text.setdefault(component, _Encoder(component, kind, TEXT_ATTRIBUTES[component], [], True))
         encoder.weights.append(tuple(weight))
     if not denoiser and not text:
-        denoiser = _weights(shapes, ("",))
-    return _build([("", denoiser)] if denoiser else [], list(text.values()), family)
+        denoiser, norms = _weights(shapes, ("",)), _weights(shapes, ("",), dims=1)
+    return _build([("", denoiser, norms)] if denoiser else [], list(text.values()), family,
+                  list(state_text_projections(shapes)))
 
 
 def map_modules(modules: Mapping, *, family: str | None = None) -> NameMap:
@@ -179,7 +193,7 @@ def map_modules(modules: Mapping, *, family: str | None = None) -> NameMap:
     encoders may have a ``text_model.`` level (transformers 4, and
     ``CLIPTextModelWithProjection``) or not (``CLIPTextModel`` on transformers 5).
     """
-    denoisers, text = [], []
+    denoisers, text, projections = [], [], []
     for attr, model in modules.items():
         component = PART_COMPONENTS.get(attr)
         if component is None or model is None:
@@ -187,10 +201,16 @@ def map_modules(modules: Mapping, *, family: str | None = None) -> NameMap:
         weights = {path: (f"{attr}.{path}.weight", shape) for path, module in model.named_modules()
                    if (shape := _patchable_shape(module)) is not None}
         if component == "unet":
-            denoisers.append((attr, weights))
-        else:
-            text.append(_module_encoder(component, attr, weights))
-    return _build(denoisers, text, family)
+            norms = {path: (f"{attr}.{path}.weight", shape) for path, module in model.named_modules()
+                     if (shape := _norm_shape(module)) is not None}
+            denoisers.append((attr, weights, norms))
+            continue
+        encoder = _module_encoder(component, attr, weights)
+        text.append(encoder)
+        if encoder.kind == "clip" and TEXT_PROJECTION in weights:
+            key, shape = weights[TEXT_PROJECTION]
+            projections.append((component, key, False, shape))
+    return _build(denoisers, text, family, projections)
 
 
 # --------------------------------------------------------------------------- reading models
@@ -204,14 +224,23 @@ def _patchable_shape(module: torch.nn.Module) -> tuple[int, ...] | None:
     return tuple(weight.shape) if weight is not None and weight.dim() >= 2 else None
 
 
-def _weights(shapes: Mapping, prefixes: Iterable[str]) -> dict[str, tuple[str, tuple]]:
-    """{module path: (key, shape)} of the weights (2-D and up) under one of `prefixes`."""
+def _norm_shape(module: torch.nn.Module) -> tuple[int, ...] | None:
+    """Weight shape of a GroupNorm/LayerNorm with a learned scale, None for anything else."""
+    if not isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+        return None
+    weight = getattr(module, "weight", None)
+    return tuple(weight.shape) if weight is not None and weight.dim() == 1 else None
+
+
+def _weights(shapes: Mapping, prefixes: Iterable[str], dims: int = 2) -> dict[str, tuple[str, tuple]]:
+    """{module path: (key, shape)} of the weights under one of `prefixes`: 2-D and up, or (`dims`=1)
+    the 1-D ones, which in a diffusion model are its norm layers'."""
     found = {}
     for key in shapes:
         path = weight_path(key, prefixes)
         if path is not None:
             shape = shape_of(shapes[key])
-            if len(shape) >= 2:
+            if (len(shape) >= 2) if dims == 2 else len(shape) == dims:
                 found[path] = (key, shape)
     return found
 
@@ -242,27 +271,40 @@ def _module_encoder(component: str, attr: str, weights: Mapping[str, tuple]) -> 
 # --------------------------------------------------------------------------- building the map
 
 
-def _build(denoisers: list[tuple[str, dict]], text: list[_Encoder], family: str | None) -> NameMap:
+def _build(denoisers: list[tuple[str, dict, dict]], text: list[_Encoder], family: str | None,
+           projections: list = ()) -> NameMap:
     """Targets and spellings for a model's diffusion-model weights and text-encoder weights.
 
-    ``denoisers`` holds (pipeline attribute or "" for a state dict, {path: (key, shape)}).
+    ``denoisers`` holds (pipeline attribute or "" for a state dict, {path: (key, shape)} of
+    its weights, the same of its norm layers); ``projections`` (component, key, transposed,
+    stored shape) of CLIP text projections. Norms and projections become extra targets.
     """
     if family is not None and family not in KNOWN_FAMILIES:
         raise LohaError(f"unknown model family {family!r} (known: {', '.join(KNOWN_FAMILIES)})")
     entries: list[tuple[Target, list[str]]] = []
+    extras: list[tuple[Target, list[str]]] = []
     detected = None
-    for attr, weights in denoisers:
-        found, part_entries = _denoiser_entries(attr, weights, family)
+    for attr, weights, norms in denoisers:
+        found, part_entries, part_extras = _denoiser_entries(attr, weights, norms, family)
         detected = detected or found
         entries += part_entries
+        extras += part_extras
     if family is None:
         family = detected or _text_family(text)
     single = family in ("sd1", "sd2") if family in FAMILIES else len(text) == 1
+    block = "BASE" if family in FAMILIES else ""
     for encoder in text:
         for path, key, rows, shape in encoder.weights:
-            target = Target(encoder.component, path, key, rows, shape, "BASE" if family in FAMILIES else "")
+            target = Target(encoder.component, path, key, rows, shape, block)
             entries.append((target, _text_names(encoder, path, key, single)))
-    return NameMap(family, entries)
+    clips = {encoder.component: encoder for encoder in text if encoder.kind == "clip"}
+    for component, key, transposed, shape in projections:
+        encoder = clips.get(component)
+        if encoder is not None:
+            shape = (shape[1], shape[0]) if transposed else shape
+            target = Target(component, TEXT_PROJECTION, key, None, shape, block, transposed=transposed)
+            extras.append((target, _text_names(encoder, TEXT_PROJECTION, key, single)))
+    return NameMap(family, entries, extras)
 
 
 def _text_family(text: list[_Encoder]) -> str | None:
@@ -277,22 +319,27 @@ def _text_widths(text: list[_Encoder]) -> dict[str, int]:
             for path, _, _, shape in encoder.weights if path.endswith("self_attn.q_proj")}
 
 
-def _denoiser_entries(attr: str, weights: dict, family: str | None):
-    """(detected family, entries) of one diffusion model: SD UNet, fused layout, or plain paths."""
+def _denoiser_entries(attr: str, weights: dict, norms: dict, family: str | None):
+    """(detected family, entries, extra entries of its norms) of one diffusion model: SD UNet,
+    fused layout, or plain paths."""
     paths = list(weights)
     sd_side = next((side for side, starts in _SD_UNET_STARTS.items() if any(p.startswith(starts) for p in paths)), None)
     if sd_side is not None and family not in LAYOUT_FAMILIES:
         detected = family or sd_family(_context_dim(weights), {})
-        return detected, _sd_unet_entries(attr or "unet", weights, sd_side == "ldm", family or detected)
+        place_of = unet_places(weights, from_ldm=sd_side == "ldm")
+        entries = _sd_unet_entries(attr or "unet", weights, place_of, family or detected)
+        return detected, entries, _sd_unet_entries(attr or "unet", norms, place_of, family or detected)
+    plain_norms = [(_plain(path, key, shape), _denoiser_names(attr or "transformer", path, path, path))
+                   for path, (key, shape) in norms.items()]
     shapes = {path: shape for path, (_, shape) in weights.items()}
     for side in ("checkpoint", "diffusers"):
         layout = layouts.find_layout(paths, side) if family not in LAYOUT_FAMILIES else (
             next(lay for lay in layouts.LAYOUTS if lay.family == family))
         placed = layouts.place(layout, shapes, side) if layout is not None else []
         if placed:
-            return layout.family, _layout_entries(attr or "transformer", weights, placed, side)
+            return layout.family, _layout_entries(attr or "transformer", weights, placed, side), plain_norms
     return family_of_names(paths), [(_plain(path, key, shape), _denoiser_names(attr or "transformer", path, path, path))
-                                    for path, (key, shape) in weights.items()]
+                                    for path, (key, shape) in weights.items()], plain_norms
 
 
 def _plain(path: str, key: str, shape: tuple, rows=None, block: str = "") -> Target:
@@ -306,9 +353,8 @@ def _context_dim(weights: Mapping) -> int | None:
     return None
 
 
-def _sd_unet_entries(attr: str, weights: dict, from_ldm: bool, family: str | None) -> list:
-    """SD UNet weights under their diffusers and LDM paths, with block ids."""
-    place_of = unet_places(weights, from_ldm=from_ldm)
+def _sd_unet_entries(attr: str, weights: dict, place_of, family: str | None) -> list:
+    """SD UNet weights under their diffusers and LDM paths (`place_of` translates), with block ids."""
     ldm_first = KOHYA_UNET_LAYOUT.get(family) == "ldm"
     entries = []
     for path, (key, shape) in weights.items():
@@ -318,8 +364,18 @@ def _sd_unet_entries(attr: str, weights: dict, from_ldm: bool, family: str | Non
             continue
         kohya = place.ldm if ldm_first else place.diffusers
         names = _denoiser_names(attr, kohya, place.diffusers, place.ldm) + _processor_names(attr, place.diffusers)
-        entries.append((_plain(place.diffusers, key, shape, block=place.block), names))
+        entries.append((_plain(place.diffusers, key, shape, block=place.block), names + _alias_names(place.diffusers)))
     return entries
+
+
+def _alias_names(path: str) -> list[str]:
+    """kohya/LyCORIS spellings under another diffusers name of the path's first part
+    (SDXL's ``add_embedding`` as ``class_embedding``, which ComfyUI accepts)."""
+    first, _, rest = path.partition(".")
+    if first not in DIFFUSERS_ALIASES:
+        return []
+    alias = _under(f"{DIFFUSERS_ALIASES[first]}.{rest}")
+    return [UNET_PREFIX + alias, LYCORIS_PREFIX + alias]
 
 
 def _processor_names(attr: str, path: str) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from ..errors import LohaError
 from ..families import CHECKPOINT_PARTS, PIPELINE_COMPONENTS, TEXT_MODEL_LEVEL
 
 #: HF CLIP layer modules whose q/k/v thirds OpenCLIP fuses into ``attn.in_proj_*``, in order.
@@ -28,12 +29,15 @@ OPENCLIP_MODULES = {
 }
 #: Patchable text-encoder modules (HF CLIP names, relative to an encoder layer) and
 #: where each lives in an OpenCLIP layer: (parameter, index of the q/k/v third of the
-#: fused in-projection or None).  Embeddings, norms and ``text_projection`` (stored
-#: transposed by OpenCLIP, targeted by no trainer) are not patched.
+#: fused in-projection or None).  Embeddings and norms are not patched; the text
+#: projection is found apart (`state_text_projections`).
 TEXT_PARTS = {
     **{part: ("attn.in_proj_weight", third) for third, part in enumerate(OPENCLIP_QKV)},
     **{part: (OPENCLIP_MODULES[part] + ".weight", None) for part in ("self_attn.out_proj", "mlp.fc1", "mlp.fc2")},
 }
+#: The text projection (``CLIPTextModelWithProjection.text_projection``; OneTrainer trains it).
+#: OpenCLIP keeps it as a bare parameter beside ``transformer.``, stored input-major.
+TEXT_PROJECTION = "text_projection"
 #: An HF CLIP path (without ``text_model.``) of a patchable module.
 TEXT_PATH = re.compile(r"encoder\.layers\.(\d+)\.(" + "|".join(re.escape(p) for p in TEXT_PARTS) + r")")
 _OPENCLIP_PARAM = re.compile(r"resblocks\.(\d+)\.(.+)")
@@ -97,6 +101,29 @@ def weight_path(key: str, prefixes: Iterable[str]) -> str | None:
     return None
 
 
+def _weight_shape(key: str, value) -> tuple[int, ...]:
+    """The shape of a text-encoder weight, refusing what cannot be one (a hostile checkpoint)."""
+    shape = shape_of(value)
+    if len(shape) != 2:
+        raise LohaError(f"'{key}' has shape {shape}; a text-encoder weight has two axes")
+    return shape
+
+
+def state_text_projections(shapes: Mapping):
+    """(component, key, transposed, stored shape) of every CLIP text projection a state dict holds."""
+    for prefix, component, layout in TEXT_STATE_SOURCES:
+        if layout == "hf":
+            key = f"{prefix}{TEXT_PROJECTION}.weight"
+            transposed = False
+        elif layout == "openclip":  # the projection sits beside the resblocks, a bare parameter
+            key = prefix.removesuffix("transformer.") + TEXT_PROJECTION
+            transposed = True
+        else:
+            continue
+        if key in shapes:
+            yield component, key, transposed, _weight_shape(key, shapes[key])
+
+
 def state_text_weights(shapes: Mapping) -> list[tuple]:
     """(component, kind, HF path, key, rows, shape) of every patchable text-encoder weight of a
     state dict; kind is "clip" or "t5". A T5 comes after the CLIP encoders (te3 in SD3, te2 in Flux)."""
@@ -116,7 +143,7 @@ def _t5_text_weights(prefix: str, keys: list[str], shapes: Mapping):
     for key in keys:
         path = weight_path(key, (prefix,))
         if path is not None and T5_PATH.fullmatch(path):
-            yield path, key, None, shape_of(shapes[key])
+            yield path, key, None, _weight_shape(key, shapes[key])
 
 
 def _hf_text_weights(prefix: str, keys: list[str], shapes: Mapping):
@@ -124,7 +151,7 @@ def _hf_text_weights(prefix: str, keys: list[str], shapes: Mapping):
     for key in keys:
         path = weight_path(key, (prefix + TEXT_MODEL_LEVEL, prefix))
         if path is not None and TEXT_PATH.fullmatch(path):
-            yield path, key, None, shape_of(shapes[key])
+            yield path, key, None, _weight_shape(key, shapes[key])
 
 
 def _openclip_text_weights(prefix: str, keys: list[str], shapes: Mapping):
@@ -140,7 +167,9 @@ def _openclip_text_weights(prefix: str, keys: list[str], shapes: Mapping):
         parts = [(part, third) for part, (p, third) in TEXT_PARTS.items() if p == param]
         if not parts:
             continue
-        shape = shape_of(shapes[key])
+        shape = _weight_shape(key, shapes[key])
+        if param == "attn.in_proj_weight" and shape[0] % 3:
+            raise LohaError(f"'{key}' has shape {shape}; a fused q/k/v weight has a multiple of 3 rows")
         for part, third in parts:
             path = f"encoder.layers.{layer}.{part}"
             if third is None:

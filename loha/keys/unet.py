@@ -5,23 +5,29 @@ paths; checkpoints and ComfyUI hold LDM paths, diffusers pipelines diffusers pat
 The levels, res blocks per level and attention presence are read off the paths
 themselves, so any UNet built like SD's (other widths, depths, level counts) maps.
 
-Block ids (for per-block strengths) follow the LDM UNet, whatever the layout:
+Block ids (for per-block strengths) follow the LDM UNet, whatever the layout, and mean
+what the WebUI "LoRA Block Weight" extension means by them (its `ratiodealer` picks a
+block by the LDM name; a layer no block name picks keeps the full strength):
 
 =========================================  ===========================================
 weights                                    block
 =========================================  ===========================================
 text encoders                              ``BASE``
-``time_embed`` / ``time_embedding``,       ``BASE`` (they condition every block)
-``label_emb`` / ``add_embedding`` (SDXL)
 ``conv_in`` (``input_blocks.0.0``)         ``IN00``
 ``input_blocks.N`` (resnets, attentions,   ``IN{N:02d}``
 downsamplers)
 ``middle_block``                           ``MID``
 ``output_blocks.N`` (resnets, attentions,  ``OUT{N:02d}``
 upsamplers)
-``conv_out`` (``out.2``)                   the last output block: ``OUT11`` for
-                                           SD1.x/SD2.x, ``OUT08`` for SDXL
+``time_embed`` / ``time_embedding``,       none (`NO_BLOCK`): block weights leave
+``label_emb`` / ``add_embedding`` /        them at the network's UNet strength
+``class_embedding`` (SDXL), ``conv_out``
+and ``conv_norm_out`` (``out.2``/``out.0``)
 =========================================  ===========================================
+
+SDXL's ``label_emb`` is ``add_embedding`` in diffusers; ComfyUI also accepts
+``class_embedding`` for it (as diffusers names it in class-conditioned UNets), so
+files may use either (`DIFFUSERS_ALIASES`).
 """
 
 from __future__ import annotations
@@ -45,20 +51,28 @@ RESNET_NORMS = {"norm1": "in_layers.0", "norm2": "out_layers.0"}
 _RESNET_RENAMES = {**RESNET_PARTS, **RESNET_NORMS}
 _RESNET_RENAMES_FROM_LDM = {ldm: diffusers for diffusers, ldm in _RESNET_RENAMES.items()}
 
+#: The block id of layers no block weight applies to (the embeddings, conv_out).
+NO_BLOCK = ""
 #: UNet modules outside the level structure: (diffusers path, LDM path, block).
 FIXED_UNET_PAIRS = (
     ("conv_in", "input_blocks.0.0", "IN00"),
-    ("time_embedding.linear_1", "time_embed.0", "BASE"),
-    ("time_embedding.linear_2", "time_embed.2", "BASE"),
-    ("add_embedding.linear_1", "label_emb.0.0", "BASE"),
-    ("add_embedding.linear_2", "label_emb.0.2", "BASE"),
+    ("time_embedding.linear_1", "time_embed.0", NO_BLOCK),
+    ("time_embedding.linear_2", "time_embed.2", NO_BLOCK),
+    ("add_embedding.linear_1", "label_emb.0.0", NO_BLOCK),
+    ("add_embedding.linear_2", "label_emb.0.2", NO_BLOCK),
 )
+#: Other diffusers spellings of a module path's first part that files use (ComfyUI accepts them).
+DIFFUSERS_ALIASES = {"add_embedding": "class_embedding"}
 #: The mid block: (diffusers path, LDM path, is a resnet).
 MID_UNET_PAIRS = (
     ("mid_block.resnets.0", "middle_block.0", True),
     ("mid_block.attentions.0", "middle_block.1", False),
     ("mid_block.resnets.1", "middle_block.2", True),
 )
+#: More blocks, levels or layers per level than any UNet has: a path numbering beyond it is refused
+#: (the layout is read into lists as long as the largest number, so an absurd one would allocate
+#: without bound).
+MAX_INDEX = 1000
 _DIFFUSERS_LEVEL = re.compile(
     r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\."
 )
@@ -98,6 +112,13 @@ class _Pair:
     resnet: bool
 
 
+def _index(text: str, path: str) -> int:
+    number = int(text)
+    if number > MAX_INDEX:
+        raise LohaError(f"UNet path '{path[:200]}' numbers a block {number}; no UNet has more than {MAX_INDEX}")
+    return number
+
+
 def _layout_from_diffusers(paths: Iterable[str]) -> _UnetLayout:
     """Levels, res blocks per level and attention presence from diffusers paths."""
     seen: dict[tuple[str, int], dict[str, int]] = {}
@@ -105,8 +126,8 @@ def _layout_from_diffusers(paths: Iterable[str]) -> _UnetLayout:
         match = _DIFFUSERS_LEVEL.match(path)
         if match:
             side, level, kind, index = match.groups()
-            kinds = seen.setdefault((side, int(level)), {})
-            kinds[kind] = max(kinds.get(kind, 0), int(index) + 1)
+            kinds = seen.setdefault((side, _index(level, path)), {})
+            kinds[kind] = max(kinds.get(kind, 0), _index(index, path) + 1)
 
     def levels(side: str) -> tuple[_Level, ...]:
         count = 1 + max((level for s, level in seen if s == side), default=-1)
@@ -135,7 +156,7 @@ def _layout_from_ldm(paths: Iterable[str]) -> _UnetLayout:
         match = _LDM_LEVEL.match(path)
         if match:
             side, block, child, part = match.groups()
-            children.setdefault((side, int(block)), {}).setdefault(child, set()).add(part)
+            children.setdefault((side, _index(block, path)), {}).setdefault(child, set()).add(part)
 
     def blocks(side: str, first: int) -> list[dict[str, set[str]]]:
         count = 1 + max((block for s, block in children if s == side), default=first - 1)
@@ -190,9 +211,8 @@ def _unet_pairs(layout: _UnetLayout) -> list[_Pair]:
                 up = f"{ldm}.{2 if spec.attention else 1}.conv"
                 pairs.append(_Pair(f"up_blocks.{level}.upsamplers.0.conv", up, block, False))
             index += 1
-    last = f"OUT{max(index - 1, 0):02d}"
-    pairs.append(_Pair("conv_norm_out", "out.0", last, False))  # a norm: checkpoints only
-    pairs.append(_Pair("conv_out", "out.2", last, False))
+    pairs.append(_Pair("conv_norm_out", "out.0", NO_BLOCK, False))
+    pairs.append(_Pair("conv_out", "out.2", NO_BLOCK, False))
     return pairs
 
 

@@ -210,8 +210,13 @@ def diffusers_parts(state: Mapping, family: str | None = None, device="cpu",
         if not names:
             continue
         shapes = {name: tuple(state[key].shape) for name, key in names.items()}
-        config = _config(attr, part, shapes, family, overrides, hints)
-        parts[attr] = _load_part(state, attr, part, names, config, device)
+        try:
+            config = _config(attr, part, shapes, family, overrides, hints)
+            parts[attr] = _load_part(state, attr, part, names, config, device)
+        except (KeyError, IndexError, StopIteration, ValueError, TypeError, ZeroDivisionError, RuntimeError) as exc:
+            # the tensors a well-formed part has, missing or of absurd shapes (a broken or hostile file)
+            raise LohaError(f"checkpoint part '{attr}' is not a {family} part loha can read: {type(exc).__name__} "
+                            f"{str(exc)[:200]}") from None
     if not parts:
         prefixes = sorted({part.prefix for part in checkpoint_parts(family).values()})
         raise LohaError(f"no {family} model parts in the state dict (expected keys under {', '.join(prefixes)})")

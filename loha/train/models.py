@@ -336,9 +336,12 @@ def from_state(state, meta: dict, name: str, tokenizer: str | None = None, vae: 
     from ..families import family_of_checkpoint
     from ..models.from_ldm import diffusers_parts, prediction_type
 
-    family = family_of_checkpoint(state)
-    configs = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
-    parts = diffusers_parts(state, family, device=device, overrides=configs)
+    configs = _stored_configs(label, meta)
+    try:
+        family = family_of_checkpoint(state)
+        parts = diffusers_parts(state, family, device=device, overrides=configs)
+    except LohaError as exc:
+        raise LohaError(f"{label}: {exc}") from None
     if vae is not None:
         parts["vae"] = from_diffusers_vae(vae)
     if "vae" not in parts:
@@ -347,6 +350,19 @@ def from_state(state, meta: dict, name: str, tokenizer: str | None = None, vae: 
     family = map_modules(parts).family
     return _assemble(parts, parts["vae"], _tokenizers(label, meta, tokenizer, parts, family), family, name,
                      prediction or prediction_type(state, family), configs=configs)
+
+
+def _stored_configs(path: str, meta: dict) -> dict | None:
+    """The part configs `save_base_checkpoint` stores beside the weights ({part: {key: value}}), checked."""
+    if CONFIG_KEY not in meta:
+        return None
+    try:
+        configs = json.loads(meta[CONFIG_KEY])
+    except (ValueError, RecursionError):
+        configs = None
+    if not (isinstance(configs, dict) and all(isinstance(v, dict) for v in configs.values())):
+        raise LohaError(f"{path}: metadata '{CONFIG_KEY}' is not an object of part configs")
+    return configs
 
 
 def from_diffusers_vae(folder: str):

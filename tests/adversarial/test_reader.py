@@ -83,10 +83,10 @@ def test_header_length_beyond_file(tmp_path, parts):
 
 def test_enormous_claimed_header_is_refused_unread(tmp_path, parts, monkeypatch):
     path = raw_file(tmp_path / "huge.safetensors", b"{}", claimed=2**62)
-    opened = []
-    monkeypatch.setattr("loha.files.safetensors_io.safe_open", lambda *a, **k: opened.append(a))
+    parsed = []
+    monkeypatch.setattr("loha.files.safetensors_io.Reader._parse", lambda *a, **k: parsed.append(a))
     refused(path, parts, r"header claims", loha.FormatError)
-    assert opened == []  # refused before safetensors was asked to parse anything
+    assert parsed == []  # refused before the header parser was asked to read anything
 
 
 def test_header_just_over_the_limit(tmp_path, parts):
@@ -195,3 +195,13 @@ def test_one_bad_module_can_be_skipped(tmp_path, parts, good):
     assert not torch.equal(parts["unet"].conv_in.weight, before["unet.conv_in.weight"])
     handle.restore()
     assert unchanged(before, parts)
+
+
+@pytest.mark.parametrize("length", [640, 896, 1152, 1408])
+def test_a_header_length_that_starts_like_a_pickle_is_still_read(tmp_path, length):
+    """0x80 0x02–0x05 is how pickles start, and how those lengths are written (found by the fuzzer)."""
+    body = json.dumps({"__metadata__": {"pad": ""}, "x.weird": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}})
+    body = body.replace('"pad": ""', '"pad": "' + "p" * (length - len(body)) + '"')
+    path = raw_file(tmp_path / "lucky.safetensors", body.encode(), b"\0" * 4)
+    assert open(path, "rb").read(2) in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+    assert loha.load(path).unknown_keys == ["x.weird"] and loha.load(path).metadata["pad"].startswith("p")
