@@ -1,9 +1,12 @@
 """Apply networks to a live model at strengths, atomically, and restore exactly.
 
 `apply()` plans everything before it touches a weight (names, shapes, factors read
-from the files), so a bad file changes nothing. It keeps a bitwise copy of every
-weight it changes and restores by copying back, never by subtracting. Changing
-strengths re-applies from the cached factors without reading the files again.
+from the files), so a bad file changes nothing. Restoring never subtracts: a CPU
+parameter gets its patched weight in new memory and its original tensor back on
+restore (one read and one write per patch, nothing to copy back); any other tensor
+(GPU weights, state dicts, views a host holds) is copied to a CPU backup and patched
+in place. Changing strengths, or the set of networks (`reapply`), recomputes from
+the originals kept, in the memory already taken, without reading the files again.
 """
 
 from __future__ import annotations
@@ -89,22 +92,38 @@ class ModelView:
             self.names: NameMap = map_modules(self._modules, family=family)
         else:
             self.names = map_state_dict(self._tensors, family=family)
+        self._root = model if isinstance(model, torch.nn.Module) and self._modules is None else None
         self._params: dict[str, torch.nn.Parameter | None] = {}  # resolved module attributes
 
     def tensor(self, key: str) -> torch.Tensor | None:
         """The live tensor under `key` (writes to it change the model), or None."""
-        if self._modules is None:
+        if self._modules is None and self._root is None:
             return self._tensors.get(key)
-        if key not in self._params:
-            part, _, path = key.partition(".")
-            module_path, _, attr = path.rpartition(".")
-            try:
-                self._params[key] = getattr(self._modules[part].get_submodule(module_path), attr)
-            except (KeyError, AttributeError):
-                self._params[key] = None
-        param = self._params[key]
+        param = self.parameter(key)
         # .data at each call: hosts move models between devices by swapping a parameter's data
         return None if param is None else param.data
+
+    def parameter(self, key: str) -> torch.nn.Parameter | None:
+        """The parameter object under `key` (its .data may be replaced), or None for state dicts."""
+        if key not in self._params:
+            found = self.module_of(key)
+            self._params[key] = None if found is None else getattr(found[0], found[1], None)
+        return self._params[key]
+
+    def module_of(self, key: str) -> tuple[torch.nn.Module, str] | None:
+        """The module that owns the tensor under `key` and its attribute name, or None."""
+        if self._root is not None:
+            module, path = self._root, key
+        elif self._modules is not None:
+            part, _, path = key.partition(".")
+            module = self._modules.get(part)
+        else:
+            return None
+        module_path, _, attr = path.rpartition(".")
+        try:
+            return module.get_submodule(module_path), attr
+        except AttributeError:
+            return None
 
 
 def _is_known_part(module: torch.nn.Module) -> bool:
@@ -174,33 +193,44 @@ def by_tensor(items: list[PlannedModule]) -> dict[str, list[PlannedModule]]:
     return grouped
 
 
-def apply_to_tensor(weight: torch.Tensor, items: list[PlannedModule], batch: list | None = None) -> None:
+def apply_to_tensor(weight: torch.Tensor, items: list[PlannedModule], batch: list | None = None,
+                    source: torch.Tensor | None = None) -> None:
     """Add the ΔW of `items` (all targeting `weight`, maybe row slices of it) in place.
 
-    A region changed by one plain LoHa goes to the fused kernels (into `batch` when the
-    caller gathers many layers for one grouped call); a region changed by several
-    networks, or by DoRA, is accumulated in fp32 and rounded once.
+    With `source` (same shape), `weight` becomes source + ΔW instead (patching into new
+    memory). A region changed by one plain LoHa goes to the fused kernels (into `batch`
+    when the caller gathers many layers for one grouped call); a region changed by
+    several networks, or by DoRA, goes to `kernels.apply_steps_` (fp32, rounded once,
+    tile by tile).
     """
     regions: dict[tuple | None, list[PlannedModule]] = defaultdict(list)
     for item in items:
         regions[item.target.rows].append(item)
+    if source is not None and set(regions) != {None}:  # rows left alone must be copied too
+        weight.copy_(source)
+        source = None
     own_batch = batch is None
     batch = [] if own_batch else batch
     for rows, group in regions.items():
         region = weight if rows is None else weight[rows[0] : rows[1]]
         region = region.view(group[0].target.shape)
-        simple = len(group) == 1 and group[0].dora_scale is None
-        if simple and group[0].kind == "hadamard":
+        from_ = None if source is None else source.view(region.shape)
+        if len(group) == 1 and group[0].dora_scale is None and group[0].kind == "hadamard":
             it = group[0]
-            batch.append(kernels.HadamardItem(region, *it.factors, it.scale * it.use.strength(it.target)))
+            batch.append(kernels.HadamardItem(region, *it.factors, it.scale * it.use.strength(it.target), from_))
             continue
-        work = region if region.dtype == torch.float32 and simple else region.to(torch.float32, copy=True)
-        for it in group:
-            _apply_item(work, it)
-        if work is not region:
-            region.copy_(work)
+        kernels.apply_steps_(region, [kernel_step(it, region) for it in group], from_)
     if own_batch:
         kernels.add_hadamard_many_(batch)
+
+
+_KERNEL_KIND = {"hadamard": kernels.HADAMARD, "lowrank": kernels.MATMUL, "dense": kernels.DENSE}
+
+
+def kernel_step(item: PlannedModule, region: torch.Tensor) -> kernels.Step:
+    """One planned module as the kernels' `Step` for `region` (its weight or row slice)."""
+    return kernels.step(_KERNEL_KIND[item.kind], item.factors, item.scale, item.use.strength(item.target),
+                        region, item.dora_scale)
 
 
 def apply_to_bias(bias: torch.Tensor, items: list[PlannedModule]) -> None:
@@ -220,17 +250,21 @@ class PatchHandle:
         self.uses = uses
         self.skipped: dict[str, list[str]] = {}
         self._items, self.unmatched = plan_modules(view.names, uses, skip_bad, self.skipped)
-        self._backups: dict[str, torch.Tensor] = {}
+        self._backups: dict[str, torch.Tensor] = {}  # key -> CPU copy (patched in place)
+        self._swapped: dict[str, tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = {}
+        # ^ key -> (parameter, its original tensor, the patched tensor it holds instead)
         self._apply()
 
     @property
     def patched_keys(self) -> list[str]:
-        return list(self._backups)
+        return [*self._swapped, *self._backups]
 
     def restore(self) -> None:
-        """Copy every original weight back, bit for bit, and let the backups go."""
+        """Put every original weight back, bit for bit, and let the copies go."""
         self._copy_back()
         self._backups.clear()
+        for key in list(self._swapped):
+            self._unswap(key)
 
     def _copy_back(self) -> None:
         with torch.no_grad():
@@ -245,19 +279,36 @@ class PatchHandle:
         self._copy_back()  # the backups stay: re-applying needs no second copy
         self._apply()
 
+    def reapply(self, networks, skip_bad: bool = False) -> None:
+        """Apply `networks` (as `apply` takes them) instead of the current ones.
+
+        Weights changed before and now are recomputed from the originals kept, in the
+        memory they already use; the others are restored, new ones backed up. Planning
+        comes first: a bad file leaves the current networks applied.
+        """
+        uses = as_uses(networks)
+        skipped: dict[str, list[str]] = {}
+        items, unmatched = plan_modules(self._view.names, uses, skip_bad, skipped)
+        self._copy_back()
+        self.uses, self._items, self.unmatched, self.skipped = uses, items, unmatched, skipped
+        self._apply()
+
     def _apply(self) -> None:
-        """Back up every tensor about to change, then write; a failure restores them all."""
+        """Keep every tensor about to change, then write; a failure restores them all."""
         grouped = by_tensor(self._items)
+        biased = {bias_key(k) for k, items in grouped.items() if any(i.bias is not None for i in items)}
         try:
             with torch.no_grad():
-                for key, items in grouped.items():
-                    self._backup(key)
-                    if any(i.bias is not None for i in items):
-                        self._backup(bias_key(key))
+                for key in [k for k in self._swapped if k not in grouped]:
+                    self._unswap(key)  # changed before, not now
+                for key in [k for k in self._backups if k not in grouped and k not in biased]:
+                    del self._backups[key]  # copied back already
                 batch: list = []
                 for key, items in grouped.items():
-                    apply_to_tensor(self._view.tensor(key), items, batch)
-                    if any(i.bias is not None for i in items):
+                    weight, source = self._writable(key)
+                    apply_to_tensor(weight, items, batch, source)
+                    if bias_key(key) in biased:
+                        self._backup(bias_key(key))
                         apply_to_bias(self._view.tensor(bias_key(key)), items)
                 kernels.add_hadamard_many_(batch)
         except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -268,33 +319,39 @@ class PatchHandle:
             self.restore()
             raise
 
+    def _writable(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tensor to write, tensor to read it from or None for in place); keeps the original.
+
+        A contiguous CPU parameter is given new memory (or the memory it got before) and
+        read from its original tensor, which is kept; anything else is backed up and
+        written in place.
+        """
+        if key in self._swapped:
+            param, original, patched = self._swapped[key]
+            if param.data is patched:
+                return patched, original
+            self._unswap(key)  # the host replaced it since: patch what it holds now
+        param = self._view.parameter(key)
+        tensor = self._view.tensor(key)
+        if key not in self._backups and param is not None and tensor.device.type == "cpu" and tensor.is_contiguous():
+            patched = torch.empty_like(tensor)
+            self._swapped[key] = (param, tensor, patched)
+            param.data = patched
+            return patched, tensor
+        self._backup(key)
+        return tensor, None
+
+    def _unswap(self, key: str) -> None:
+        param, original, patched = self._swapped.pop(key)
+        if param.data is patched:
+            param.data = original
+        else:  # the host moved or cast the weight since: copy into what it holds now
+            with torch.no_grad():
+                param.data.copy_(original)
+
     def _backup(self, key: str) -> None:
         if key not in self._backups:
             self._backups[key] = self._view.tensor(key).detach().to("cpu", copy=True)
-
-
-def _apply_item(work: torch.Tensor, it: PlannedModule) -> None:
-    """Add one module's ΔW into an fp32 working copy of its weight region."""
-    strength = it.use.strength(it.target)
-    if it.dora_scale is not None:
-        delta = _dense(it) * it.scale
-        work.copy_(D.dora_merge(work, delta, it.dora_scale, strength))
-    elif it.kind == "hadamard":
-        kernels.add_hadamard_(work, *it.factors, it.scale * strength)
-    elif it.kind == "lowrank":
-        kernels.add_lowrank_(work, *it.factors, it.scale * strength)
-    else:
-        kernels.add_dense_(work, it.factors[0], it.scale * strength)
-
-
-def _dense(it: PlannedModule) -> torch.Tensor:
-    """ΔW of an item as an fp32 (O, K) tensor (DoRA needs the whole of it)."""
-    if it.kind == "hadamard":
-        return D.hadamard_delta(*it.factors)
-    if it.kind == "lowrank":
-        a, b = it.factors
-        return a.float() @ b.float()
-    return it.factors[0].float().reshape(it.target.shape[0], -1)
 
 
 def _prepare(net: Network, module: Module, target: Target, use: Use) -> PlannedModule:

@@ -31,10 +31,11 @@ HADAMARD_ONEDNN = "hadamard-onednn"  # tensors (a1, b1ᵀ, a2, b2ᵀ): oneDNN, p
 HADAMARD_NATIVE = "hadamard-native"  # tensors (a1, b1, a2, b2): the optional C tile (CPU)
 MATMUL = "matmul"  # tensors (u, v): u @ v (LoRA, or the Khatri–Rao form of a LoHa)
 DENSE = "dense"  # tensors (delta,): delta itself, (O, K)
+ROWS_FN = "rows-fn"  # tensors (fn,): fn(rows, r0, r1, scratch) changes fp32 rows r0:r1 in place
 
 
 class HadamardItem(NamedTuple):
-    """One layer of a grouped call: weight += scale·(a1@b1)⊙(a2@b2)."""
+    """One layer of a grouped call: weight = (source or weight) + scale·(a1@b1)⊙(a2@b2)."""
 
     weight: torch.Tensor  # viewed (O, K); may be a row slice of a bigger tensor
     a1: torch.Tensor  # (O, R1)
@@ -42,6 +43,7 @@ class HadamardItem(NamedTuple):
     a2: torch.Tensor  # (O, R2)
     b2: torch.Tensor  # (R2, K)
     scale: float
+    source: torch.Tensor | None = None  # read instead of weight (the result goes to new memory)
 
 
 class Job(NamedTuple):
@@ -51,6 +53,7 @@ class Job(NamedTuple):
     kind: str
     tensors: tuple
     scale: float
+    source: torch.Tensor | None = None  # (O, K), any float dtype: each tile starts from its rows
 
 
 class _Scratch(threading.local):
@@ -71,6 +74,13 @@ class _Scratch(threading.local):
 
 
 _scratch = _Scratch()
+
+
+def scratch(n: int, device) -> torch.Tensor:
+    """This thread's fp32 scratch on `device`, at least `n` elements (CPU: kept and reused)."""
+    if torch.device(device).type != "cpu":
+        return torch.empty(n, dtype=_F32, device=device)
+    return _scratch.get(n, torch.device(device))
 
 
 _linear = None
@@ -105,6 +115,8 @@ def run_rows(job: Job, r0: int, r1: int, scratch: torch.Tensor | None = None) ->
     m = n * k
     if m == 0:
         return
+    if job.source is not None:  # out of place: the tile starts from the source's rows (in cache)
+        w.copy_(job.source[r0:r1])
     if job.kind == HADAMARD_NATIVE:  # one pass over W, no scratch
         a1, b1, a2, b2 = job.tensors
         native.hadamard_rows(w, a1[r0:r1], b1, a2[r0:r1], b2, job.scale)
@@ -131,6 +143,8 @@ def run_rows(job: Job, r0: int, r1: int, scratch: torch.Tensor | None = None) ->
     elif job.kind == MATMUL:
         u, v = job.tensors
         acc.addmm_(u[r0:r1], v, alpha=s)
+    elif job.kind == ROWS_FN:
+        job.tensors[0](acc, r0, r1, scratch)
     else:
         d = job.tensors[0][r0:r1]
         if d.dtype != _F32:

@@ -134,7 +134,7 @@ def add_hadamard_many_(
         precision = "ieee" if _interpreting() else tuning.TRITON_PRECISION
     groups: dict = defaultdict(list)
     keep = []  # factor copies must outlive the launch
-    for w, a1, b1, a2, b2, s in items:
+    for w, a1, b1, a2, b2, s, *_ in items:
         if s == 0 or w.numel() == 0:
             continue
         if w.dtype not in _TL_DTYPE:
