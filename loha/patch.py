@@ -219,7 +219,7 @@ def apply_to_tensor(weight: torch.Tensor, items: list[PlannedModule], batch: lis
             it = group[0]
             batch.append(kernels.HadamardItem(region, *it.factors, it.scale * it.use.strength(it.target), from_))
             continue
-        kernels.apply_steps_(region, [kernel_step(it, region) for it in group], from_)
+        kernels.apply_steps_(region, [kernel_step(it, region.device) for it in group], from_)
     if own_batch:
         kernels.add_hadamard_many_(batch)
 
@@ -227,10 +227,10 @@ def apply_to_tensor(weight: torch.Tensor, items: list[PlannedModule], batch: lis
 _KERNEL_KIND = {"hadamard": kernels.HADAMARD, "lowrank": kernels.MATMUL, "dense": kernels.DENSE}
 
 
-def kernel_step(item: PlannedModule, region: torch.Tensor) -> kernels.Step:
-    """One planned module as the kernels' `Step` for `region` (its weight or row slice)."""
+def kernel_step(item: PlannedModule, device) -> kernels.Step:
+    """One planned module as the kernels' `Step`, its factors fp32 on `device`."""
     return kernels.step(_KERNEL_KIND[item.kind], item.factors, item.scale, item.use.strength(item.target),
-                        region, item.dora_scale)
+                        item.target.shape, device, item.dora_scale)
 
 
 def apply_to_bias(bias: torch.Tensor, items: list[PlannedModule]) -> None:

@@ -201,21 +201,20 @@ def add_hadamard_(weight, a1, b1, a2, b2, scale: float) -> None:
     add_hadamard_many_([(weight, a1, b1, a2, b2, scale)])
 
 
-def step(kind: str, tensors, scale: float, strength: float, weight: torch.Tensor,
+def step(kind: str, tensors, scale: float, strength: float, shape: tuple, device,
          dora_scale: torch.Tensor | None = None) -> Step:
-    """A `Step` for `weight` (O, …): factors fp32 on its device, the DoRA axis from the shapes.
+    """A `Step` for a weight of `shape` on `device`: fp32 factors there, the DoRA axis from the shapes.
 
     kind: HADAMARD (a1, b1, a2, b2 canonical), MATMUL (a, b) or DENSE (ΔW of O·K elements).
     """
-    dev = weight.device
-    o = weight.shape[0]
-    tensors = tuple(_f32(t, dev) for t in tensors)
+    o = shape[0]
+    tensors = tuple(_f32(t, device) for t in tensors)
     if kind == DENSE:
         tensors = (tensors[0].reshape(o, -1),)
     if dora_scale is None:
         return Step(kind, tensors, float(scale), float(strength))
-    axis = D.dora_axis(tuple(dora_scale.shape), tuple(weight.shape))
-    return Step(kind, tensors, float(scale), float(strength), _f32(dora_scale, dev).reshape(-1), axis)
+    axis = D.dora_axis(tuple(dora_scale.shape), tuple(shape))
+    return Step(kind, tensors, float(scale), float(strength), _f32(dora_scale, device).reshape(-1), axis)
 
 
 @torch.no_grad()
@@ -263,29 +262,3 @@ def add_dense_(weight, delta, scale: float) -> None:
     _run_jobs([Job(w, DENSE, (d,), float(scale))])
     if back is not None:
         back.copy_(target)
-
-
-@torch.no_grad()
-def hadamard_bypass(x: torch.Tensor, a1, b1, a2, b2, scale: float) -> torch.Tensor:
-    """x @ (scale·(a1@b1)⊙(a2@b2))ᵀ for a Linear layer's input x (..., K) -> (..., O).
-
-    Without forming ΔW when that is cheaper: through the exact rank-R1·R2 Khatri–Rao
-    form, x @ (b1∗b2)ᵀ @ (a1•a2)ᵀ — two thin GEMMs. Math in fp32, result in x's dtype.
-    """
-    dev = x.device
-    a1, b1, a2, b2 = (_f32(t, dev) for t in (a1, b1, a2, b2))
-    o, k = a1.shape[0], b1.shape[1]
-    if x.shape[-1] != k:
-        raise ValueError(f"input of shape {tuple(x.shape)} does not fit LoHa factors with K={k}")
-    xf = x.reshape(-1, k).to(_F32)
-    n = xf.shape[0]
-    rr = a1.shape[1] * a2.shape[1]
-    kr_cost = (n + 1) * rr * (k + o)
-    dense_cost = o * k * (a1.shape[1] + a2.shape[1] + n)
-    if kr_cost <= dense_cost:
-        y = (xf @ D.face_split(b1, b2).t()) @ D.khatri_rao(a1, a2).t()
-    else:
-        y = xf @ D.hadamard_delta(a1, b1, a2, b2).t()
-    if scale != 1:
-        y.mul_(scale)
-    return y.to(x.dtype).reshape(*x.shape[:-1], o)

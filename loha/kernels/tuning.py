@@ -68,6 +68,19 @@ CPU_ONEDNN_MKL_MIN_K = 16384
 CPU_NATIVE = True
 CPU_NATIVE_KR_MAX_RANK_PRODUCT = {torch.float32: 0, torch.float16: 0, torch.bfloat16: 0}
 
+# ---- bypass (kernels/bypass.py) ----------------------------------------------------
+
+# Building one element of W' = W + ΔW costs about as much time as this many multiply-adds
+# of the layer's own GEMM. A bypass builds W' and runs one product when its thin pairs
+# would cost more than that (R1·R2·(K+O) per position against this times O·K per call),
+# and beside a layer it cannot read, rebuilds ΔW in tiles when that beats the pairs.
+# Placeholder until measured: see bench/bypass.py --tune.
+BYPASS_BUILD_MACS_PER_ELEMENT = {"cpu": 24.0, "cuda": 64.0}
+
+# Elements of W' per row tile in a bypass forward: each tile is consumed by one GEMM or
+# convolution call, so tiles are larger than the patcher's (fewer, wider calls).
+BYPASS_TILE_ELEMS = 1 << 21
+
 # ---- CUDA ---------------------------------------------------------------------------
 
 # Not measured yet (see the module docstring). Triton handles every rank; the
@@ -85,6 +98,13 @@ TRITON_NUM_WARPS = 8
 # fp32 products on tensor cores via three TF32 passes (error ~1e-6 relative to ΔW,
 # far below one fp16/bf16 ulp and within the fp32 tolerance); "ieee" is exact FMA.
 TRITON_PRECISION = "tf32x3"
+
+# The fused bypass kernel (triton_bypass.py): a BLOCK_T × BLOCK_O tile of the output per
+# program, K in steps of BLOCK_K. Not timed (no GPU): the usual GEMM tile of Triton's
+# tutorials; `bench/bypass.py --tune --cuda` sweeps them.
+TRITON_BYPASS_BLOCK_T = 64
+TRITON_BYPASS_BLOCK_O = 64
+TRITON_BYPASS_BLOCK_K = 32
 
 # Elements per row tile for the pure-torch fallback on CUDA (no Triton).
 CUDA_TILE_ELEMS = 1 << 22  # 48 MiB of fp32 scratch per call
