@@ -11,7 +11,7 @@ The package's map is ARCHITECTURE.md beside it in the repository.
 
 from .errors import FormatError, LohaError, ShapeError, UnmatchedError
 from .files.network import Module, Network, from_tensors, load
-from .bypass import BypassHandle, bypass
+from .bypassing import BypassHandle, bypass
 from .patch import PatchHandle, Use, apply
 
 __all__ = [
