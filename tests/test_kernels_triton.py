@@ -72,3 +72,46 @@ def test_kernel_compiles_for_gpus():
                 pytest.skip(f"no CUDA toolchain in this triton: {e}")
             raise
         assert k.asm.get("cubin"), (w_ty, cc)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="needs the compiler, not the interpreter")
+def test_bypass_kernel_compiles_for_gpus():
+    """The fused bypass kernel lowered for sm_80/sm_90: merged in fp16/bf16 (tensor-core dots) and fp32, and added."""
+    import triton.language as tl
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        import triton
+    except ImportError as e:
+        pytest.skip(f"this triton cannot compile ahead of time: {e}")
+    from loha.kernels import triton_bypass as TB
+    from loha.kernels import tuning
+
+    fn = TB._linear_kernel
+    pointers = ("X", "W", "BIAS", "Y", "A1", "B1", "A2", "B2")
+    cases = [  # (x/W dtype, y dtype, HAS_W, precision, compute capability)
+        ("*fp16", "*fp16", True, "tf32x3", 90), ("*bf16", "*bf16", True, "tf32x3", 90),
+        ("*fp32", "*fp32", True, "ieee", 80), ("*fp16", "*fp32", False, "tf32x3", 90),
+    ]
+    for x_ty, y_ty, has_w, prec, cc in cases:
+        sig = {name: "*fp32" for name in pointers}
+        sig.update(X=x_ty, W=x_ty, BIAS=x_ty, Y=y_ty, scale="fp32", n_tokens="i32", n_out="i32", n_in="i32", r1n="i32", r2n="i32")
+        const = dict(
+            HAS_W=has_w, HAS_BIAS=has_w, ADD_Y=not has_w, W_TY={"*fp16": tl.float16, "*bf16": tl.bfloat16, "*fp32": tl.float32}[x_ty],
+            LOWP_DOT=True, RP1=16, RP2=32, BLOCK_T=tuning.TRITON_BYPASS_BLOCK_T, BLOCK_O=tuning.TRITON_BYPASS_BLOCK_O,
+            BLOCK_K=tuning.TRITON_BYPASS_BLOCK_K, PRECISION=prec,
+        )  # fmt: skip
+        src = ASTSource(
+            fn=fn,
+            signature={**sig, **{k: "constexpr" for k in const}},
+            constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
+        )
+        try:
+            k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": tuning.TRITON_NUM_WARPS, "enable_fp_fusion": True})
+        except Exception as e:
+            if "ptxas" in str(e) or "backend" in str(e).lower():
+                pytest.skip(f"no CUDA toolchain in this triton: {e}")
+            raise
+        assert k.asm.get("cubin"), (x_ty, cc)

@@ -105,6 +105,7 @@ def _launch(x, weight, bias, y, a1, b1, a2, b2, scale, add_y: bool, block_t=None
         RP1=padded_rank(r1), RP2=padded_rank(r2),
         BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_K=block_k, PRECISION=precision,
         num_warps=num_warps or tuning.TRITON_NUM_WARPS,
+        enable_fp_fusion=True,  # explicit: Triton 3.9 warns when unset
     )  # fmt: skip
     return y
 
