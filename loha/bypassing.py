@@ -99,6 +99,9 @@ class _Layer:
                     if any(step.axis == "in" for step in steps):
                         scales = self._dora_scales(module, steps_now, None, weight.device)
                         in_scales = {n: c for n, (c, step) in enumerate(zip(scales, steps)) if step.axis == "in"}
+                    shift = _bias_change(steps_now, weight.device)
+                    if shift is not None:
+                        bias = shift.to(weight.dtype) if bias is None else (bias.float() + shift).to(bias.dtype)
                     return K.forward_merged(x, weight, bias, steps, self.conv, in_scales)
         y = base(x)
         regions: dict = defaultdict(list)
@@ -126,6 +129,9 @@ class _Layer:
         region = K.chain_added(x, w0x(x, y), steps, scales, pairs, self.conv, shape, w0x)
         if bias is not None:
             region = _add_bias(region, bias, self.conv, 1)
+        shift = _bias_change(group, x.device)  # full-diff modules' diff_b: the bias they add
+        if shift is not None:
+            region = _add_bias(region, shift, self.conv, 1)
         if rows is None:
             return region.to(y.dtype)
         y = y.clone()
@@ -154,6 +160,16 @@ class _Layer:
                 scales = dora_scales(region, steps)
             cache["key"], cache["scales"] = key, [None if c is None else c.to(device) for c in scales]
         return cache["scales"]
+
+
+def _bias_change(steps_now, device) -> torch.Tensor | None:
+    """Σ s·diff_b of the full-diff modules among `steps_now` (what the patcher adds to the bias), fp32."""
+    shift = None
+    for _, _, item in steps_now:
+        if item.bias is not None:
+            part = item.bias.to(device=device, dtype=torch.float32) * float(item.use.strength(item.target))
+            shift = part if shift is None else shift + part
+    return shift
 
 
 def _channels(y: torch.Tensor, channels: slice, conv) -> torch.Tensor:

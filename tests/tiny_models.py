@@ -159,6 +159,9 @@ def make_mixed_file(parts: dict, path, seed: int = 0) -> str:
                        ("lora_te", tensors(algo="lokr")), ("conv_in", tensors(algo="full")),
                        ("time_embedding", tensors(dora_wd=True))):
         chosen.update({k: v for k, v in kind.items() if name in k})
+    generator = torch.Generator().manual_seed(seed)
+    for key in [k for k in chosen if k.endswith(".diff_b")]:  # lycoris-lora writes a zero bias change
+        chosen[key] = 0.05 * torch.randn(chosen[key].shape, generator=generator)
     save_file(chosen, str(path), {"ss_network_module": "lycoris.kohya"})
     return str(path)
 
