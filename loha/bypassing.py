@@ -19,6 +19,7 @@ gradients to the input, never to the weights or factors.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections import defaultdict
 from typing import Callable, Iterable
@@ -88,21 +89,14 @@ class _Layer:
 
     def _forward(self, module, base, x: torch.Tensor, steps_now) -> torch.Tensor:
         handle = self.entries[0].handle
-        if all(item.target.rows is None for _, _, item in steps_now):
-            read = handle.layer_weights(module, x)
+        steps = [entry.step(i, item, x.device) for entry, i, item in steps_now]
+        shape = steps_now[0][2].target.shape
+        groups = 1 if self.conv is None else self.conv.groups
+        whole = all(item.target.rows is None for _, _, item in steps_now)
+        if whole and K.prefer_merged(steps, K.tokens(x, self.conv), shape[0], math.prod(shape[1:]), groups, x.device):
+            read = handle.layer_weights(module, x)  # only now: a host's layer may cast or dequantize it
             if read is not None:
-                weight, bias = read
-                steps = [entry.step(i, item, weight.device) for entry, i, item in steps_now]
-                groups = 1 if self.conv is None else self.conv.groups
-                if K.prefer_merged(steps, K.tokens(x, self.conv), weight.shape[0], weight[0].numel(), groups, x.device):
-                    in_scales = None
-                    if any(step.axis == "in" for step in steps):
-                        scales = self._dora_scales(module, steps_now, None, weight.device)
-                        in_scales = {n: c for n, (c, step) in enumerate(zip(scales, steps)) if step.axis == "in"}
-                    shift = _bias_change(steps_now, weight.device)
-                    if shift is not None:
-                        bias = shift.to(weight.dtype) if bias is None else (bias.float() + shift).to(bias.dtype)
-                    return K.forward_merged(x, weight, bias, steps, self.conv, in_scales)
+                return self._merged(module, x, *read, steps_now)
         y = base(x)
         regions: dict = defaultdict(list)
         for entry, i, item in steps_now:
@@ -110,6 +104,18 @@ class _Layer:
         for rows, group in regions.items():
             y = self._added(module, base, x, y, rows, group)
         return y
+
+    def _merged(self, module, x, weight, bias, steps_now) -> torch.Tensor:
+        """(W + ΔW)·x + b, W' built in tiles from the weight the layer would use."""
+        steps = [entry.step(i, item, weight.device) for entry, i, item in steps_now]
+        in_scales = None
+        if any(step.axis == "in" for step in steps):
+            scales = self._dora_scales(module, steps_now, None, weight.device)
+            in_scales = {n: c for n, (c, step) in enumerate(zip(scales, steps)) if step.axis == "in"}
+        shift = _bias_change(steps_now, weight.device)
+        if shift is not None:
+            bias = shift.to(weight.dtype) if bias is None else (bias.float() + shift).to(bias.dtype)
+        return K.forward_merged(x, weight, bias, steps, self.conv, in_scales)
 
     def _added(self, module, base, x, y, rows, group) -> torch.Tensor:
         """y with the chain of `group` added to its output channels `rows` (None: all)."""
@@ -212,24 +218,25 @@ class _Entry:
 
 
 class BypassHandle:
-    """What `bypass()` returns: the same handle as `loha.apply`'s, its weights untouched."""
+    """What `bypass()` returns: the same handle as `loha.apply`'s, its weights untouched.
 
-    def __init__(self, view: ModelView, uses: list[Use], skip_bad: bool = False,
+    `layers` maps weight keys to their module and the planned items that change it
+    (`bypass()` and the hosts' adapters build it); the layers are changed at once.
+    """
+
+    def __init__(self, uses: list[Use], layers: dict[str, tuple[torch.nn.Module, list[PlannedModule]]],
+                 unmatched: dict | None = None, skipped: dict | None = None,
                  layer_weights: LayerWeights | None = None):
         self.uses = uses
-        self.skipped: dict[str, list[str]] = {}
+        self.unmatched = unmatched or {}
+        self.skipped = skipped or {}
         self.enabled = True
         self.layer_weights = layer_weights or torch_layer_weights
-        items, self.unmatched = plan_modules(view.names, uses, skip_bad, self.skipped)
-        by_key: dict[str, list[PlannedModule]] = defaultdict(list)
-        for item in items:
-            by_key[item.target.key].append(item)
-        modules = {key: _layer_module(view, key, group) for key, group in by_key.items()}  # checks all first
         self._layers: list[_Layer] = []
         self._entries: list[_Entry] = []
-        for key, group in by_key.items():
-            entry = _Entry(self, group)
-            layer = _install(modules[key], key)
+        for key, (module, items) in layers.items():
+            entry = _Entry(self, items)
+            layer = _install(module, key)
             layer.entries.append(entry)
             self._layers.append(layer)
             self._entries.append(entry)
@@ -260,9 +267,8 @@ class BypassHandle:
     restore = remove  # the name `PatchHandle` uses, so code can hold either
 
 
-def _layer_module(view: ModelView, key: str, items: list[PlannedModule]) -> torch.nn.Module:
-    """The Linear/Conv module whose weight is `key`, or a LohaError saying why it cannot be bypassed."""
-    found = view.module_of(key)
+def layer_module(found: tuple[torch.nn.Module, str] | None, key: str, items: list[PlannedModule]) -> torch.nn.Module:
+    """The Linear/Conv module owning `key` (`found`: it and the attribute), or a LohaError saying why not."""
     if found is None:
         raise LohaError(f"cannot bypass '{key}': the model is a state dict (bypass needs its modules; "
                         "loha.apply patches state dicts)")
@@ -316,4 +322,12 @@ def bypass(model, networks, skip_bad: bool = False, family: str | None = None,
     tells how a host's layers read their weight (see `LayerWeights`); without it, torch's
     own Linear/Conv layers are read directly and every other layer runs its own forward.
     """
-    return BypassHandle(ModelView(model, family), as_uses(networks), skip_bad, layer_weights)
+    view = ModelView(model, family)
+    uses = as_uses(networks)
+    skipped: dict[str, list[str]] = {}
+    items, unmatched = plan_modules(view.names, uses, skip_bad, skipped)
+    by_key: dict[str, list[PlannedModule]] = defaultdict(list)
+    for item in items:
+        by_key[item.target.key].append(item)
+    layers = {key: (layer_module(view.module_of(key), key, group), group) for key, group in by_key.items()}
+    return BypassHandle(uses, layers, unmatched, skipped, layer_weights)
