@@ -3,12 +3,14 @@
     python tests/comfy_assets.py OUT_DIR
 
 writes ``OUT_DIR/sd15-random.safetensors`` (an fp16 checkpoint in the LDM layout
-people download: UNet, CLIP-L text encoder, VAE; `random_checkpoint`)
-and ``OUT_DIR/loha-sd15.safetensors`` (a LoHa made by lycoris-lora for that
+people download: UNet, CLIP-L text encoder, VAE; `random_checkpoint`),
+``OUT_DIR/loha-sd15.safetensors`` (a LoHa made by lycoris-lora for that
 architecture, at a low rank, covering attention, feed-forward, resnets, samplers and
 the text encoder; lycoris-lora is given the layers on the meta device, since it only
-needs their shapes). Nothing is downloaded, and only one tensor of the checkpoint is
-in memory at a time.
+needs their shapes) and ``OUT_DIR/loha-sd15-dora.safetensors`` (the same with DoRA,
+output axis; its magnitudes are drawn around the row norms of the checkpoint's random
+weights, √(1/3), as lycoris-lora cannot measure meta weights). Nothing is downloaded,
+and only one tensor of the checkpoint is in memory at a time.
 
 lycoris-lora on transformers 5 names text-encoder modules without ``text_model_``;
 files in the wild (made under transformers 4) have it, and ComfyUI's built-in loader
@@ -25,8 +27,9 @@ import torch
 
 CHECKPOINT = "sd15-random.safetensors"
 LOHA = "loha-sd15.safetensors"
+LOHA_DORA = "loha-sd15-dora.safetensors"
 #: Bump when the files' content changes (cached copies are rebuilt).
-VERSION = "2"
+VERSION = "3"
 METADATA = {
     "ss_network_module": "lycoris.kohya", "ss_base_model_version": "sd_v1", "ss_network_dim": "4",
     "ss_network_alpha": "2.0", "ss_network_args": '{"algo": "loha", "conv_dim": "4", "conv_alpha": "2.0"}',
@@ -52,6 +55,14 @@ def build(out_dir: str, seed: int = 0) -> None:
     tensors = {_wild_text_name(k): v.detach().to(torch.float16).contiguous()
                for k, v in network.state_dict().items()}
     _atomic(os.path.join(out_dir, LOHA), lambda path: save(tensors, path, METADATA))
+    network = lycoris_network(parts, seed=seed, dim=4, alpha=2.0, conv_dim=4, conv_alpha=2.0, dora_wd=True)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, value in network.state_dict().items():
+        if key.endswith(".dora_scale"):  # on the meta device: drawn around the random weights' row norms
+            value = 3 ** -0.5 * (1 + 0.1 * torch.randn(value.shape, generator=generator))
+        tensors[_wild_text_name(key)] = value.detach().to(torch.float16).contiguous()
+    _atomic(os.path.join(out_dir, LOHA_DORA), lambda path: save(tensors, path, METADATA))
 
 
 def _atomic(path: str, write) -> None:
@@ -65,10 +76,11 @@ def _wild_text_name(key: str) -> str:
 
 
 def ensure(out_dir: str) -> dict[str, str]:
-    """Paths of the two files in `out_dir`, built there (in a child process) if missing."""
+    """Paths of the files in `out_dir` (checkpoint, loha, loha_dora), built there (in a child process) if missing."""
     import subprocess
 
-    paths = {"checkpoint": os.path.join(out_dir, CHECKPOINT), "loha": os.path.join(out_dir, LOHA)}
+    paths = {"checkpoint": os.path.join(out_dir, CHECKPOINT), "loha": os.path.join(out_dir, LOHA),
+             "loha_dora": os.path.join(out_dir, LOHA_DORA)}
     stamp = os.path.join(out_dir, "VERSION")
     current = os.path.isfile(stamp) and open(stamp).read() == VERSION
     if not (current and all(os.path.isfile(p) for p in paths.values())):

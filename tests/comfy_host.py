@@ -56,14 +56,17 @@ def free_port() -> int:
 class Comfy:
     """One ComfyUI server process with its own base directory under `root`."""
 
-    def __init__(self, root: str, checkpoints: dict[str, str], loras: dict[str, str], extra_args=()):
+    def __init__(self, root: str, checkpoints: dict[str, str], loras: dict[str, str], extra_args=(),
+                 diffusion_models: dict[str, str] | None = None):
         self.root = root
         self.base = os.path.join(root, "comfy")
-        for folder in ("custom_nodes", "models/checkpoints", "models/loras", "output", "input", "user", "temp"):
+        for folder in ("custom_nodes", "models/checkpoints", "models/diffusion_models", "models/loras", "output",
+                       "input", "user", "temp"):
             os.makedirs(os.path.join(self.base, folder), exist_ok=True)
         _link(REPO, os.path.join(self.base, "custom_nodes", "loha"))
-        for name, path in checkpoints.items():  # big: linked (read by ComfyUI's loader only)
-            _link(path, os.path.join(self.base, "models", "checkpoints", name))
+        for folder, files in (("checkpoints", checkpoints), ("diffusion_models", diffusion_models or {})):
+            for name, path in files.items():  # big: linked (read by ComfyUI's loaders only)
+                _link(path, os.path.join(self.base, "models", folder, name))
         for name, path in loras.items():  # copied: our routes serve nothing outside the folder
             target = os.path.join(self.base, "models", "loras", name)
             os.makedirs(os.path.dirname(target), exist_ok=True)

@@ -94,19 +94,20 @@ def unloaded_names(log: str) -> list[str]:
 
 
 def test_patch_time_inside_comfyui(assets, tmp_path):
-    """Runs first, in a ComfyUI process of its own, before the server holds a model."""
+    """Runs first, in a ComfyUI process of its own, before the server holds a model: a LoHa, and one with DoRA."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_patch_time.py")
-    done = subprocess.run([H.comfyui_python(), script, H.comfyui_dir(), assets["checkpoint"], assets["loha"], "2"],
-                          cwd=H.comfyui_dir(), capture_output=True, text=True, timeout=H.RUN_TIMEOUT)
-    assert done.returncode == 0, done.stderr[-4000:]
-    times = json.loads(done.stdout.strip().splitlines()[-1])
-    (tmp_path / "patch-time.json").write_text(json.dumps(times, indent=1))
-    builtin, ours = times["LoraLoader"], times["LohaLoader"]
-    print(f"\npatch time inside ComfyUI ({times['threads']} threads, best of 2, {ours['keys']} weights): "
-          f"LoraLoader {builtin['patch_s']:.1f} s (ΔW {builtin['calculate_s']:.1f} s, node {builtin['node_s']:.1f} s), "
-          f"LoHa Loader {ours['patch_s']:.1f} s (ΔW {ours['calculate_s']:.1f} s, node {ours['node_s']:.1f} s)")
-    assert ours["keys"] == builtin["keys"]
-    assert ours["calculate_s"] < builtin["calculate_s"]
+    for label, lora in (("LoHa", assets["loha"]), ("DoRA LoHa", assets["loha_dora"])):
+        done = subprocess.run([H.comfyui_python(), script, H.comfyui_dir(), assets["checkpoint"], lora, "2"],
+                              cwd=H.comfyui_dir(), capture_output=True, text=True, timeout=H.RUN_TIMEOUT)
+        assert done.returncode == 0, done.stderr[-4000:]
+        times = json.loads(done.stdout.strip().splitlines()[-1])
+        (tmp_path / f"patch-time-{label.replace(' ', '-')}.json").write_text(json.dumps(times, indent=1))
+        builtin, ours = times["LoraLoader"], times["LohaLoader"]
+        print(f"\n{label}: patch time inside ComfyUI ({times['threads']} threads, best of 2, {ours['keys']} weights): "
+              f"LoraLoader {builtin['patch_s']:.1f} s (ΔW {builtin['calculate_s']:.1f} s, node {builtin['node_s']:.1f} s), "
+              f"LoHa Loader {ours['patch_s']:.1f} s (ΔW {ours['calculate_s']:.1f} s, node {ours['node_s']:.1f} s)")
+        assert ours["keys"] == builtin["keys"]
+        assert ours["calculate_s"] < builtin["calculate_s"], label
 
 
 def test_same_image_as_lora_loader_and_base_returns(comfy, images, tmp_path):

@@ -1,0 +1,94 @@
+"""LoHa Loader (bypass) inside a real ComfyUI, on fp16 and fp8 UNets.
+
+Needs LOHA_COMFYUI_DIR (and LOHA_COMFYUI_PYTHON); skipped without them. The server runs
+with ``--fp16-unet`` (the checkpoint's UNet kept in fp16; on the CPU ComfyUI computes
+in fp32 from it), and the same file is also loaded by "Load Diffusion Model" with
+``weight_dtype fp8_e4m3fn``. On each, the bypass node must give the image Load LoRA
+gives at the same strengths (max pixel difference ≤ 2: Load LoRA rounds W+ΔW to the
+weight's dtype, stochastically; bypass adds ΔW·x in fp32), the stack's bypass switch
+the same image, and a graph sampling the base model and its bypassed clone side by
+side must give the base image for the base: clones of one model stay apart.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import comfy_assets
+import comfy_host as H
+from test_comfy_host import CHECKPOINT, LOHA, STRENGTHS, diff, loader, render, save_strip, unloaded_names
+
+pytestmark = pytest.mark.e2e
+
+UNET = "sd15-random-unet.safetensors"  # the checkpoint again, read by Load Diffusion Model
+
+
+@pytest.fixture(scope="module")
+def assets(request):
+    H.comfyui_dir()
+    return comfy_assets.ensure(str(request.config.cache.mkdir("loha-comfy-assets")))
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory, assets):
+    server = H.Comfy(str(tmp_path_factory.mktemp("comfyui-bypass")), {CHECKPOINT: assets["checkpoint"]},
+                     {LOHA: assets["loha"]}, extra_args=("--fp16-unet",), diffusion_models={UNET: assets["checkpoint"]})
+    yield server
+    server.stop()
+
+
+def graph_on(unet_dtype: str, node: dict | None) -> dict:
+    """image_graph with its model from the checkpoint (fp16) or from Load Diffusion Model (fp8)."""
+    graph = H.image_graph(CHECKPOINT, node)
+    if unet_dtype != "fp16":
+        graph["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": UNET, "weight_dtype": unet_dtype}}
+        target = graph["loader"] if node is not None else graph["sample"]
+        target["inputs"]["model"] = ["unet", 0]
+    return graph
+
+
+def stack(bypass: bool) -> dict:
+    inputs = {"model": H.CKPT_MODEL, "clip": H.CKPT_CLIP, "bypass": bypass}
+    for i in range(1, 5):
+        inputs.update({f"lora_{i}": LOHA if i == 1 else "None", f"strength_model_{i}": STRENGTHS[0],
+                       f"strength_clip_{i}": STRENGTHS[1]})
+    return {"class_type": "LohaStack", "inputs": inputs}
+
+
+@pytest.mark.parametrize("unet_dtype", ["fp16", "fp8_e4m3fn"])
+def test_bypass_gives_load_loras_image(comfy, unet_dtype, tmp_path):
+    ours = render(comfy, graph_on(unet_dtype, loader("LohaLoaderBypass")))
+    after = render(comfy, graph_on(unet_dtype, None))  # the same loaded model, the bypass ejected
+    builtin = render(comfy, graph_on(unet_dtype, loader("LoraLoader")))
+    comfy.free()  # forget cached outputs and models: the base below is computed afresh
+    base = render(comfy, graph_on(unet_dtype, None))
+    save_strip(tmp_path / f"{unet_dtype}-base-lora_loader-bypass-base_after.png",
+               [("base", base), ("LoraLoader", builtin), ("LoHa Loader (bypass)", ours), ("base after", after)])
+    print(f"{unet_dtype}: max |bypass - LoraLoader| = {diff(ours, builtin)}, "
+          f"mean |bypass - base| = {np.abs(ours.astype(int) - base.astype(int)).mean():.1f}")
+    assert np.abs(ours.astype(int) - base.astype(int)).mean() > 5, "the LoHa must visibly change the image"
+    assert diff(ours, builtin) <= 2
+    assert np.array_equal(after, base), "the base model must run without the LoHa once the bypass is gone"
+    if unet_dtype == "fp16":
+        assert np.array_equal(render(comfy, graph_on("fp16", stack(bypass=True))), ours)
+    assert unloaded_names(comfy.log()) == []
+
+
+def test_base_and_bypassed_clone_sampled_in_one_graph(comfy):
+    """Both share one loaded model: ComfyUI ejects the bypass whenever it loads the base clone."""
+    alone_base = render(comfy, graph_on("fp16", None))
+    alone_ours = render(comfy, graph_on("fp16", loader("LohaLoaderBypass")))
+    comfy.free()  # nothing cached: every node of the graph below runs
+    graph = graph_on("fp16", loader("LohaLoaderBypass"))
+    for prompt in ("pos", "neg"):
+        graph[f"{prompt}_base"] = {**graph[prompt], "inputs": {**graph[prompt]["inputs"], "clip": H.CKPT_CLIP}}
+    graph["sample_base"] = {**graph["sample"], "inputs": {**graph["sample"]["inputs"], "model": H.CKPT_MODEL,
+                                                          "positive": ["pos_base", 0], "negative": ["neg_base", 0]}}
+    graph["decode_base"] = {**graph["decode"], "inputs": {**graph["decode"]["inputs"], "samples": ["sample_base", 0]}}
+    graph["save_base"] = {**graph["save"], "inputs": {**graph["save"]["inputs"], "images": ["decode_base", 0],
+                                                      "filename_prefix": "loha_test_base"}}
+    entry = comfy.run(graph)
+    images = {node: comfy.images({"outputs": {node: entry["outputs"][node]}})[0] for node in ("save", "save_base")}
+    assert np.array_equal(images["save_base"], alone_base)
+    assert np.array_equal(images["save"], alone_ours)
