@@ -156,6 +156,11 @@ def plan_modules(names: NameMap, uses: list[Use], skip_bad: bool = False,
     A bad module (wrong shape, NaN, …) raises; with `skip_bad` it is left out instead, with
     a warning, and its error message recorded in `skipped` under the network's label.
     """
+    with kernels.tiled.one_thread():  # many small tensors: see one_thread
+        return _plan(names, uses, skip_bad, skipped)
+
+
+def _plan(names: NameMap, uses: list[Use], skip_bad: bool, skipped: dict | None):
     items, unmatched = [], {}
     for use in uses:
         net = use.network
@@ -176,7 +181,7 @@ def plan_modules(names: NameMap, uses: list[Use], skip_bad: bool = False,
             except LohaError as exc:
                 if not skip_bad:
                     raise
-                warnings.warn(f"skipping a bad module: {exc}", stacklevel=3)
+                warnings.warn(f"skipping a bad module: {exc}", stacklevel=4)
                 if skipped is not None:
                     skipped.setdefault(net.label, []).append(str(exc))
         if missing:
@@ -328,7 +333,7 @@ class PatchHandle:
         """
         if key in self._swapped:
             param, original, patched = self._swapped[key]
-            if param.data is patched:
+            if _holds(param, patched):
                 return patched, original
             self._unswap(key)  # the host replaced it since: patch what it holds now
         param = self._view.parameter(key)
@@ -343,7 +348,7 @@ class PatchHandle:
 
     def _unswap(self, key: str) -> None:
         param, original, patched = self._swapped.pop(key)
-        if param.data is patched:
+        if _holds(param, patched):
             param.data = original
         else:  # the host moved or cast the weight since: copy into what it holds now
             with torch.no_grad():
@@ -352,6 +357,13 @@ class PatchHandle:
     def _backup(self, key: str) -> None:
         if key not in self._backups:
             self._backups[key] = self._view.tensor(key).detach().to("cpu", copy=True)
+
+
+def _holds(param: torch.nn.Parameter, tensor: torch.Tensor) -> bool:
+    """Whether the parameter's data is still `tensor` (`param.data` is a new wrapper at each access)."""
+    data = param.data
+    return (data.data_ptr() == tensor.data_ptr() and data.dtype == tensor.dtype and data.shape == tensor.shape
+            and data.device == tensor.device)
 
 
 def _prepare(net: Network, module: Module, target: Target, use: Use) -> PlannedModule:

@@ -84,7 +84,11 @@ def evaluate_rows(w: torch.Tensor, steps, r0: int, r1: int, scratch: torch.Tenso
         if step.dora is None:
             add_plain_rows(w, step, r0, r1, d, spare)
             continue
-        merged = delta_rows(step, r0, r1, d, spare).add_(w)  # W + ΔW
+        if step.kind == MATMUL or (step.kind == HADAMARD and w.device.type == "cpu" and native.supports(_F32)):
+            merged = d.copy_(w)  # W + ΔW in one pass over the tile
+            add_plain_rows(merged, step._replace(strength=1.0), r0, r1, spare, spare)
+        else:
+            merged = delta_rows(step, r0, r1, d, spare).add_(w)  # W + ΔW
         if step.axis == "out":
             factor = step.dora[r0:r1] / (torch.linalg.vector_norm(merged, dim=1) + _EPS)
             if record is not None and i in record:
