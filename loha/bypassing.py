@@ -122,7 +122,7 @@ class _Layer:
         steps = [entry.step(i, item, x.device) for entry, i, item in group]
         shape = group[0][2].target.shape
         t = K.tokens(x, self.conv)
-        pairs = [entry.pair(i, step, t, self.conv, shape) for (entry, i, _), step in zip(group, steps)]
+        pairs = [_Entry.pair(step, t, self.conv, shape) for step in steps]
         scales = self._dora_scales(module, group, rows, x.device)
         channels = slice(None) if rows is None else slice(*rows)
         bias = getattr(module, "bias", None) if any(s is not None for s in scales) else None
@@ -194,7 +194,6 @@ class _Entry:
         self.handle = handle
         self.items = items
         self._steps: dict = {}  # (item index, device) -> Step
-        self._pairs: dict = {}  # (item index, device) -> Pair
         self.dora_cache: dict = {}
 
     def step(self, i: int, item: PlannedModule, device):
@@ -205,16 +204,18 @@ class _Entry:
             prepared = self._steps[key] = kernel_step(item, device)
         return prepared._replace(strength=float(item.use.strength(item.target)))
 
-    def pair(self, i: int, step, t: int, conv, shape) -> K.Pair | None:
-        """The step's thin pair where that is its cheaper form for `t` positions, else None."""
-        o, k = shape[0], torch.Size(shape[1:]).numel()
+    @staticmethod
+    def pair(step, t: int, conv, shape) -> K.Pair | None:
+        """The step's thin pair where that is its cheaper form for `t` positions, else None.
+
+        Made at each call, not kept: R1·R2·(O+K) elements, 8× the factors at rank 16, and
+        building them costs 1/t of using them.
+        """
+        o, k = shape[0], math.prod(shape[1:])
         device = step.tensors[0].device
         if K.choose_added(step, t, o, k, 1 if conv is None else conv.groups, device) != K.KHATRI_RAO:
             return None
-        key = (i, device)
-        if key not in self._pairs:
-            self._pairs[key] = K.pair_of(step)
-        return self._pairs[key]
+        return K.pair_of(step)
 
 
 class BypassHandle:

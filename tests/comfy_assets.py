@@ -7,9 +7,10 @@ people download: UNet, CLIP-L text encoder, VAE; `random_checkpoint`),
 ``OUT_DIR/loha-sd15.safetensors`` (a LoHa made by lycoris-lora for that
 architecture, at a low rank, covering attention, feed-forward, resnets, samplers and
 the text encoder; lycoris-lora is given the layers on the meta device, since it only
-needs their shapes) and ``OUT_DIR/loha-sd15-dora.safetensors`` (the same with DoRA,
-output axis; its magnitudes are drawn around the row norms of the checkpoint's random
-weights, √(1/3), as lycoris-lora cannot measure meta weights). Nothing is downloaded,
+needs their shapes) and ``OUT_DIR/loha-sd15-dora.safetensors`` (the same modules with
+DoRA, output axis, in LyCORIS's layout; lycoris-lora measures magnitudes from weights it
+does not have here, so they are drawn around the row norms of the checkpoint's random
+weights, √(1/3)). Nothing is downloaded,
 and only one tensor of the checkpoint is in memory at a time.
 
 lycoris-lora on transformers 5 names text-encoder modules without ``text_model_``;
@@ -55,13 +56,13 @@ def build(out_dir: str, seed: int = 0) -> None:
     tensors = {_wild_text_name(k): v.detach().to(torch.float16).contiguous()
                for k, v in network.state_dict().items()}
     _atomic(os.path.join(out_dir, LOHA), lambda path: save(tensors, path, METADATA))
-    network = lycoris_network(parts, seed=seed, dim=4, alpha=2.0, conv_dim=4, conv_alpha=2.0, dora_wd=True)
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for key, value in network.state_dict().items():
-        if key.endswith(".dora_scale"):  # on the meta device: drawn around the random weights' row norms
-            value = 3 ** -0.5 * (1 + 0.1 * torch.randn(value.shape, generator=generator))
-        tensors[_wild_text_name(key)] = value.detach().to(torch.float16).contiguous()
+    generator = torch.Generator().manual_seed(seed + 1)  # the same modules, other factors, and DoRA magnitudes
+    network = lycoris_network(parts, seed=seed + 1, dim=4, alpha=2.0, conv_dim=4, conv_alpha=2.0)
+    tensors = {_wild_text_name(k): v.detach().to(torch.float16).contiguous() for k, v in network.state_dict().items()}
+    for module in network.unet_loras + network.text_encoder_loras:  # LyCORIS's output-axis layout: (O, 1, …)
+        weight = module.org_module[0].weight
+        scale = 3 ** -0.5 * (1 + 0.1 * torch.randn(weight.shape[0], *[1] * (weight.dim() - 1), generator=generator))
+        tensors[_wild_text_name(f"{module.lora_name}.dora_scale")] = scale.to(torch.float16)
     _atomic(os.path.join(out_dir, LOHA_DORA), lambda path: save(tensors, path, METADATA))
 
 
