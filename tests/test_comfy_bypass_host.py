@@ -5,9 +5,16 @@ with ``--fp16-unet`` (the checkpoint's UNet kept in fp16; on the CPU ComfyUI com
 in fp32 from it), and the same file is also loaded by "Load Diffusion Model" with
 ``weight_dtype fp8_e4m3fn``. On each, the bypass node must give the image Load LoRA
 gives at the same strengths (max pixel difference ≤ 2: Load LoRA rounds W+ΔW to the
-weight's dtype, stochastically; bypass adds ΔW·x in fp32), the stack's bypass switch
-the same image, and a graph sampling the base model and its bypassed clone side by
-side must give the base image for the base: clones of one model stay apart.
+weight's dtype, stochastically; bypass adds ΔW·x in fp32).
+
+On fp8 that rounding is the whole difference: Load LoRA writes W+ΔW back into fp8 (3
+mantissa bits: ΔW survives only as stochastic one-ulp flips), which bypass exists to
+avoid. So on fp8 Load LoRA is given the same fp8 weight values held in fp16 (a file of
+them, `comfy_assets`), which it patches without requantizing; the two bases must agree
+exactly. Load LoRA's requantized fp8 image is printed beside it. The stack's bypass
+switch must give the bypass node's image, and a graph sampling the base model and its
+bypassed clone side by side must give the base image for the base: clones of one model
+stay apart.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from test_comfy_host import CHECKPOINT, LOHA, STRENGTHS, diff, loader, render, s
 pytestmark = pytest.mark.e2e
 
 UNET = "sd15-random-unet.safetensors"  # the checkpoint again, read by Load Diffusion Model
+FP8_VALUES = "sd15-random-fp8-values.safetensors"  # its UNet's fp8 values, in fp16
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +41,17 @@ def assets(request):
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory, assets):
     server = H.Comfy(str(tmp_path_factory.mktemp("comfyui-bypass")), {CHECKPOINT: assets["checkpoint"]},
-                     {LOHA: assets["loha"]}, extra_args=("--fp16-unet",), diffusion_models={UNET: assets["checkpoint"]})
+                     {LOHA: assets["loha"]}, extra_args=("--fp16-unet",),
+                     diffusion_models={UNET: assets["checkpoint"], FP8_VALUES: assets["fp8_values"]})
     yield server
     server.stop()
 
 
-def graph_on(unet_dtype: str, node: dict | None) -> dict:
-    """image_graph with its model from the checkpoint (fp16) or from Load Diffusion Model (fp8)."""
+def graph_on(unet_dtype: str, node: dict | None, unet: str = UNET) -> dict:
+    """image_graph with its model from the checkpoint (fp16) or from Load Diffusion Model (`unet_dtype`)."""
     graph = H.image_graph(CHECKPOINT, node)
     if unet_dtype != "fp16":
-        graph["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": UNET, "weight_dtype": unet_dtype}}
+        graph["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": unet_dtype}}
         target = graph["loader"] if node is not None else graph["sample"]
         target["inputs"]["model"] = ["unet", 0]
     return graph
@@ -63,8 +72,16 @@ def test_bypass_gives_load_loras_image(comfy, unet_dtype, tmp_path):
     builtin = render(comfy, graph_on(unet_dtype, loader("LoraLoader")))
     comfy.free()  # forget cached outputs and models: the base below is computed afresh
     base = render(comfy, graph_on(unet_dtype, None))
-    save_strip(tmp_path / f"{unet_dtype}-base-lora_loader-bypass-base_after.png",
-               [("base", base), ("LoraLoader", builtin), ("LoHa Loader (bypass)", ours), ("base after", after)])
+    labelled = [("base", base), ("LoraLoader", builtin), ("LoHa Loader (bypass)", ours), ("base after", after)]
+    if unet_dtype != "fp16":  # Load LoRA on the same fp8 values, unrounded: the reference
+        requantized = builtin
+        builtin = render(comfy, graph_on("default", loader("LoraLoader"), FP8_VALUES))
+        same_base = render(comfy, graph_on("default", None, FP8_VALUES))
+        assert np.array_equal(same_base, base), "the fp8 values in fp16 must be the fp8 model"
+        labelled.insert(2, ("LoraLoader, fp8 values in fp16", builtin))
+        print(f"{unet_dtype}: max |bypass - LoraLoader requantizing to fp8| = {diff(ours, requantized)}, mean "
+              f"{np.abs(ours.astype(int) - requantized.astype(int)).mean():.2f}")
+    save_strip(tmp_path / f"{unet_dtype}-{'-'.join(label.replace(' ', '_') for label, _ in labelled)}.png", labelled)
     print(f"{unet_dtype}: max |bypass - LoraLoader| = {diff(ours, builtin)}, "
           f"mean |bypass - base| = {np.abs(ours.astype(int) - base.astype(int)).mean():.1f}")
     assert np.abs(ours.astype(int) - base.astype(int)).mean() > 5, "the LoHa must visibly change the image"
