@@ -218,12 +218,7 @@ def tune(args) -> None:
     from loha import kernels
     from loha.kernels import bypass as B
 
-    def timed(fn):  # noqa: F811 - this thread's CPU time
-        start = time.thread_time()
-        fn()
-        return time.thread_time() - start
-
-    torch.set_num_threads(1)
+    timed = _one_thread_timer()
     g = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, 1 thread (its CPU time); load average {_load()}")
     ratios = []
@@ -250,12 +245,7 @@ def tune_tiles(args) -> None:
     from loha.kernels import bypass as B
     from loha.kernels import tuning
 
-    def timed(fn):  # noqa: F811 - this thread's CPU time
-        start = time.thread_time()
-        fn()
-        return time.thread_time() - start
-
-    torch.set_num_threads(1)
+    timed = _one_thread_timer()
     g = torch.Generator().manual_seed(0)
     sizes = (19, 21, 23, 25)
     print(f"one thread, ms: plain layer / tiles of {', '.join(f'2^{s}' for s in sizes)}")
@@ -272,6 +262,18 @@ def tune_tiles(args) -> None:
                 res.setdefault(size, []).append(timed(lambda: B.forward_merged(x, w, None, [step])))
         line = ", ".join(f"{median(v) * 1e3:.1f}" for key, v in res.items() if key != "plain")
         print(f"  {o}×{k} at {t} tokens: {median(res['plain']) * 1e3:.1f} / {line}")
+
+
+def _one_thread_timer():
+    """torch on one thread, and a timer of this thread's CPU time (steadier on a shared machine)."""
+    torch.set_num_threads(1)
+
+    def timed(fn):
+        start = time.thread_time()
+        fn()
+        return time.thread_time() - start
+
+    return timed
 
 
 def _load() -> str:

@@ -22,9 +22,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import comfy_assets
 import comfy_host as H
-from test_comfy_host import CHECKPOINT, LOHA, STRENGTHS, diff, loader, render, save_strip, unloaded_names
+from comfy_host import CHECKPOINT, LOHA, STRENGTHS, diff, loader, render, save_strip, unloaded_names
 
 pytestmark = pytest.mark.e2e
 
@@ -34,8 +33,7 @@ FP8_VALUES = "sd15-random-fp8-values.safetensors"  # its UNet's fp8 values, in f
 
 @pytest.fixture(scope="module")
 def assets(request):
-    H.comfyui_dir()
-    return comfy_assets.ensure(str(request.config.cache.mkdir("loha-comfy-assets")))
+    return H.assets(request)
 
 
 @pytest.fixture(scope="module")

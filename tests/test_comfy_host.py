@@ -25,20 +25,17 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-import comfy_assets
 import comfy_host as H
 
 pytestmark = pytest.mark.e2e
 
-CHECKPOINT = "sd15-random.safetensors"
-LOHA = "loha-sd15.safetensors"
-STRENGTHS = (0.8, 0.6)
+CHECKPOINT, LOHA, STRENGTHS = H.CHECKPOINT, H.LOHA, H.STRENGTHS
+loader, render, diff, save_strip, unloaded_names = H.loader, H.render, H.diff, H.save_strip, H.unloaded_names
 
 
 @pytest.fixture(scope="module")
 def assets(request):
-    H.comfyui_dir()
-    return comfy_assets.ensure(str(request.config.cache.mkdir("loha-comfy-assets")))
+    return H.assets(request)
 
 
 @pytest.fixture(scope="module")
@@ -60,37 +57,6 @@ def images(comfy):
             return self[label]
 
     return Images()
-
-
-def loader(cls=None, strengths=STRENGTHS, blocks=None, name=LOHA):
-    node = {"class_type": cls or "LohaLoader",
-            "inputs": {"model": H.CKPT_MODEL, "clip": H.CKPT_CLIP, "lora_name": name,
-                       "strength_model": strengths[0], "strength_clip": strengths[1]}}
-    if blocks is not None:
-        node["inputs"]["blocks"] = blocks
-    return node
-
-
-def render(comfy, graph, extra_nodes=None):
-    if extra_nodes:
-        graph.update(extra_nodes)
-    return comfy.images(comfy.run(graph))[0]
-
-
-def diff(a, b) -> int:
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
-
-
-def save_strip(path, labelled):
-    from PIL import Image
-
-    strip = np.concatenate([image for _, image in labelled], axis=1)
-    Image.fromarray(strip).resize((strip.shape[1] * 4, strip.shape[0] * 4), Image.NEAREST).save(path)
-    print(f"\n{path}: " + " | ".join(label for label, _ in labelled))
-
-
-def unloaded_names(log: str) -> list[str]:
-    return [line for line in log.splitlines() if "lora key not loaded" in line or "match no weight" in line]
 
 
 def test_patch_time_inside_comfyui(assets, tmp_path):

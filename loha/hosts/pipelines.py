@@ -128,20 +128,19 @@ def unload_loha(pipe, adapter_name: str | None = None) -> None:
 
 def disable_loha(pipe) -> None:
     """The base model until `enable_loha`: instant in bypass mode, else the weights are restored."""
-    state = _state(pipe)
-    state.enabled = False
-    if isinstance(state.handle, BypassHandle):
-        state.handle.enabled = False
-    else:
-        _reapply(pipe, state)
+    _set_enabled(pipe, False)
 
 
 def enable_loha(pipe) -> None:
     """The loaded networks again after `disable_loha`."""
+    _set_enabled(pipe, True)
+
+
+def _set_enabled(pipe, enabled: bool) -> None:
     state = _state(pipe)
-    state.enabled = True
+    state.enabled = enabled
     if isinstance(state.handle, BypassHandle):
-        state.handle.enabled = True
+        state.handle.enabled = enabled
     else:
         _reapply(pipe, state)
 
