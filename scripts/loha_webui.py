@@ -14,7 +14,7 @@ import re
 from modules import extra_networks, hashes, paths, script_callbacks, scripts, shared, ui_extra_networks
 
 from loha import LohaError
-from loha.hosts.forge import ForgeActive, is_forge, register_calculator
+from loha.hosts.forge import PATCH_TYPE, ForgeActive, is_forge, weight_calculator
 from loha.hosts.safepaths import real_file_inside
 from loha.hosts.webui import ActiveSet, card_metadata, list_networks, parse_request, preferred_weight
 
@@ -235,8 +235,10 @@ shared.options_templates.update(shared.options_section(("extra_networks", "Extra
     "loha_add_hashes_to_infotext": shared.OptionInfo(True, "Add LoHa hashes to infotext"),
 }))
 
-try:
-    register_calculator()
+try:  # Forge: its weight merging hands our patches to our kernels
+    from backend.patcher import lora as forge_lora
+
+    forge_lora.extra_weight_calculators[PATCH_TYPE] = weight_calculator
 except ImportError:  # AUTOMATIC1111: no Forge backend, weights are patched in place
     pass
 script_callbacks.on_before_ui(before_ui)

@@ -80,3 +80,11 @@ def test_blocks_build_with_the_installed_gradio(folders, monkeypatch):
     dropdowns = {b.label: b for b in blocks.blocks.values() if isinstance(b, gr.Dropdown)}
     choices = [c[0] if isinstance(c, (tuple, list)) else c for c in dropdowns["Network"].choices]
     assert choices == ["style/fox.safetensors"]
+
+
+def test_a_same_named_folder_is_no_installed_package(tmp_path, monkeypatch):
+    """gradio keeps a `gradio/` folder in the temp folder: run from there, it must not pass for gradio."""
+    (tmp_path / "loha_absent_ui_package").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(ui, "UI_PACKAGES", ("loha_absent_ui_package", "pytest"))
+    assert ui.missing_packages() == ["loha_absent_ui_package"]

@@ -26,17 +26,17 @@ PROMPT = "a photo of a cat"
 def tokenizer():
     from transformers import CLIPTokenizer
 
-    folder = tempfile.mkdtemp(prefix="loha-test-tokenizer-")
     vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
     for letter in "abcdefghijklmnopqrstuvwxyz":
         vocab.setdefault(letter, len(vocab))
         vocab.setdefault(letter + "</w>", len(vocab))
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                         model_max_length=MAX_TOKENS, pad_token="!")
+    with tempfile.TemporaryDirectory(prefix="loha-test-tokenizer-") as folder:  # read once, at construction
+        with open(os.path.join(folder, "vocab.json"), "w") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(folder, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+        return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                             model_max_length=MAX_TOKENS, pad_token="!")
 
 
 def vae(seed: int = 0):

@@ -32,8 +32,12 @@ OPTION_HINTS = {"overwrite": "tick Overwrite"}
 
 
 def missing_packages() -> list[str]:
-    """The `ui` extra's packages that are not installed."""
-    return [name for name in UI_PACKAGES if importlib.util.find_spec(name) is None]
+    """The `ui` extra's packages that are not installed.
+
+    A folder of the same name in the working directory (gradio keeps one in the temp
+    folder) is found as a namespace package, with no origin: it is no installed package.
+    """
+    return [name for name in UI_PACKAGES if getattr(importlib.util.find_spec(name), "origin", None) is None]
 
 
 def error_text(exc: LohaError) -> str:

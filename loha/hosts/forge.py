@@ -26,11 +26,9 @@ def is_forge(sd_model) -> bool:
     return hasattr(sd_model, "forge_objects_after_applying_lora")
 
 
-def register_calculator() -> None:
-    """Let Forge's weight merging call our patches (idempotent)."""
-    from backend.patcher import lora
-
-    lora.extra_weight_calculators[PATCH_TYPE] = lambda weight, strength, patch: patch.add_into(weight, strength)
+def weight_calculator(weight, strength, patch):
+    """What Forge's weight merging calls for a patch of type `PATCH_TYPE` (the WebUI script registers it)."""
+    return patch.add_into(weight, strength)
 
 
 def _shapes(module) -> dict[str, tuple]:
