@@ -75,24 +75,29 @@ class _Layer:
 
     def __call__(self, *args, **kwargs):
         module = self.module()
-        base = self.previous or type(module).forward.__get__(module)
+        forward = self.previous or type(module).forward.__get__(module)
         steps_now = [(entry, i, item) for entry in self.entries if entry.handle.enabled
                      for i, item in enumerate(entry.items) if item.use.strength(item.target) != 0]
-        if not steps_now or not args or not isinstance(args[0], torch.Tensor) or len(args) > 1 or kwargs:
-            return base(*args, **kwargs)
-        x = args[0]
+        if not steps_now or not args or not isinstance(args[0], torch.Tensor):
+            return forward(*args, **kwargs)
+        x, rest = args[0], args[1:]
         unbatched = self.conv is not None and x.dim() == self.conv.dims + 1
+
+        def base(inputs):  # the layer's own forward, with whatever else it was called with
+            out = forward(inputs.squeeze(0) if unbatched else inputs, *rest, **kwargs)
+            return out.unsqueeze(0) if unbatched else out
+
         if unbatched:
             x = x.unsqueeze(0)
-        y = self._forward(module, base, x, steps_now)
+        y = self._forward(module, base, x, steps_now, readable=not (rest or kwargs))
         return y.squeeze(0) if unbatched else y
 
-    def _forward(self, module, base, x: torch.Tensor, steps_now) -> torch.Tensor:
+    def _forward(self, module, base, x: torch.Tensor, steps_now, readable: bool) -> torch.Tensor:
         handle = self.entries[0].handle
         steps = [entry.step(i, item, x.device) for entry, i, item in steps_now]
         shape = steps_now[0][2].target.shape
         groups = 1 if self.conv is None else self.conv.groups
-        whole = all(item.target.rows is None for _, _, item in steps_now)
+        whole = readable and all(item.target.rows is None for _, _, item in steps_now)
         if whole and K.prefer_merged(steps, K.tokens(x, self.conv), shape[0], math.prod(shape[1:]), groups, x.device):
             read = handle.layer_weights(module, x)  # only now: a host's layer may cast or dequantize it
             if read is not None:
@@ -155,7 +160,7 @@ class _Layer:
         stored = module.weight
         last = max(n for n, (_, _, item) in enumerate(group) if item.dora_scale is not None)
         strengths = tuple(float(item.use.strength(item.target)) for _, _, item in group[:last])
-        key = (id(stored), stored._version, device, strengths, rows)
+        key = (id(stored), stored._version, device, strengths, rows, tuple(id(item) for _, _, item in group))
         cache = group[0][0].dora_cache
         if cache.get("key") != key:
             read = self.entries[0].handle.layer_weights(module, None)

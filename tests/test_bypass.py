@@ -295,3 +295,30 @@ def test_refusals_change_nothing(tmp_path):
     with pytest.raises(LohaError, match="proj_out"):
         loha.bypass(parts, str(tmp_path / "bad.safetensors"))
     assert_as_before(before, parts)
+
+
+class ExtraArgumentLinear(torch.nn.Linear):
+    """A layer whose forward takes more than its input (as some packs' layers do)."""
+
+    def forward(self, x, note=None):
+        return super().forward(x)
+
+
+def test_layers_called_with_more_than_their_input_keep_the_network(tmp_path):
+    parts = T.sd1_parts()
+    path = T.make_loha_file(parts, tmp_path / "n.safetensors")
+    attention = parts["text_encoder"].get_submodule(
+        "text_model.encoder.layers.0.self_attn" if hasattr(parts["text_encoder"], "text_model") else "encoder.layers.0.self_attn")
+    plain = attention.q_proj
+    attention.q_proj = ExtraArgumentLinear(plain.in_features, plain.out_features)
+    attention.q_proj.load_state_dict(plain.state_dict())
+    x = torch.randn(3, plain.in_features)
+    handle = loha.apply(parts, (path, 0.9))
+    want = attention.q_proj(x)
+    handle.restore()
+    base = attention.q_proj(x)
+    handle = loha.bypass(parts, (path, 0.9))
+    assert (want - base).abs().max() > 1e-3
+    tol(attention.q_proj(x, note="kept"), want)
+    tol(attention.q_proj(x), want)
+    handle.remove()
