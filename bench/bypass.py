@@ -2,6 +2,7 @@
 
     python bench/bypass.py            # SD1.5-size UNet at a 64×64 latent and its text encoder
     python bench/bypass.py --quick    # fewer rounds
+    python bench/bypass.py --cpu-time # one thread, its CPU time (steadier on a shared machine)
     python bench/bypass.py --memory   # peak RSS of patch vs bypass, each in a fresh process
     python bench/bypass.py --tune     # the measurements behind the bypass numbers in tuning.py
     python bench/bypass.py --tune-tiles   # W' tile sizes against the plain layer
@@ -82,6 +83,7 @@ class Rebuild:
 def run(args) -> None:
     torch.manual_seed(0)
     reps = args.reps or (2 if args.quick else 3)
+    clock = _one_thread_timer() if args.cpu_time else timed
     t0 = time.perf_counter()
     unet = random_unet(SD15)
     te = random_text_encoder(PUBLISHED["sd1"]["text_encoder"])
@@ -91,8 +93,8 @@ def run(args) -> None:
     unet_in = inputs(unet, args.latent)
     ids = torch.randint(0, te.config.vocab_size, (1, 77), generator=torch.Generator().manual_seed(1))
     print(f"SD1.5 UNet + CLIP-L: {len(layers)} LoHa layers, latent {args.latent}×{args.latent} "
-          f"(built in {time.perf_counter() - t0:.0f} s); torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"load average {_load()}")
+          f"(built in {time.perf_counter() - t0:.0f} s); torch {torch.__version__}, {torch.get_num_threads()} threads"
+          f"{' (one thread CPU time)' if args.cpu_time else ''}; load average {_load()}")
 
     handle = loha.bypass(parts, network)
     assert not handle.unmatched, handle.unmatched
@@ -121,7 +123,7 @@ def run(args) -> None:
     def patched(part):
         patch = loha.apply(parts, network)
         try:
-            return timed(lambda: forward(part))
+            return clock(lambda: forward(part))
         finally:
             patch.restore()
 
@@ -140,7 +142,7 @@ def run(args) -> None:
         times = {m: [] for m in methods}
         for _ in range(reps):
             for name, fn in methods.items():
-                t = fn(part) if name == "patched" else timed(lambda fn=fn: fn(part))
+                t = fn(part) if name == "patched" else clock(lambda fn=fn: fn(part))
                 times[name].append(t)
         med = {m: median(ts) for m, ts in times.items()}
         b = med["base"]
@@ -288,6 +290,7 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="fewer rounds")
     p.add_argument("--reps", type=int, default=0, help="rounds (default 3, --quick 2)")
     p.add_argument("--latent", type=int, default=64, help="latent size (64: a 512×512 image)")
+    p.add_argument("--cpu-time", action="store_true", help="one thread, timed by its CPU time")
     p.add_argument("--memory", action="store_true", help="peak RSS of patch vs bypass instead")
     p.add_argument("--memory-child", choices=("base", "patch", "bypass"), help=argparse.SUPPRESS)
     p.add_argument("--tune", action="store_true", help="measure the dispatch ratio instead")
