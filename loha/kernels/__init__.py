@@ -7,7 +7,8 @@ Entry points (signatures are the contract the patcher and the merge rely on):
 - add_dense_(weight, delta, scale):             weight += scale·delta
 - apply_steps_(weight, steps, source=None):     several networks, DoRA among them (`steps.py`)
 - dora_scales(weight, steps):                   the per-channel DoRA factors a bypass needs
-- the bypass products, y = f(x) + ΔW·x or y = (W+ΔW)·x: `bypass.py`
+- hadamard_bypass(x, a1, b1, a2, b2, scale):    x @ (scale·ΔW)ᵀ, the cheaper form for x's token count
+- the bypass products, y = f(x) + ΔW·x or y = (W+ΔW)·x, for any layer: `bypass.py`
 
 `weight` is a contiguous tensor (fp16/bf16/fp32, CPU or CUDA; may be a row slice of a
 bigger tensor) whose first axis is O; it is viewed as O × K. Factors are a* (O, R),
@@ -31,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from .. import delta as D
-from . import native, tiled, tuning
+from . import bypass, native, tiled, tuning
 from .steps import Step, dora_scales
 from .steps import apply_steps_ as _apply_steps
 from .tiled import DENSE, HADAMARD, HADAMARD_NATIVE, HADAMARD_ONEDNN, MATMUL, HadamardItem, Job
@@ -48,6 +49,7 @@ __all__ = [
     "add_dense_",
     "apply_steps_",
     "dora_scales",
+    "hadamard_bypass",
     "Step",
     "step",
     "DENSE",
@@ -262,3 +264,19 @@ def add_dense_(weight, delta, scale: float) -> None:
     _run_jobs([Job(w, DENSE, (d,), float(scale))])
     if back is not None:
         back.copy_(target)
+
+
+@torch.no_grad()
+def hadamard_bypass(x: torch.Tensor, a1, b1, a2, b2, scale: float) -> torch.Tensor:
+    """x @ (scale·(a1@b1)⊙(a2@b2))ᵀ for a Linear layer's input x (..., K) -> (..., O), in x's dtype.
+
+    Never an O × K buffer: through the exact rank-R1·R2 Khatri–Rao pair, x·(b1∗b2)ᵀ·(a1•a2)ᵀ,
+    or through ΔW rebuilt in row tiles, whichever `bypass.choose_added` finds cheaper for
+    x's token count. fp32 math, one rounding.
+    """
+    o, k = a1.shape[0], b1.shape[-1]
+    if x.shape[-1] != k:
+        raise ValueError(f"input of shape {tuple(x.shape)} does not fit LoHa factors with K={k}")
+    st = step(HADAMARD, (a1, b1, a2, b2), scale, 1.0, (o, k), x.device)
+    form = bypass.choose_added(st, bypass.tokens(x, None), o, k, 1, x.device)
+    return bypass.delta_x(x, st, bypass.pair_of(st) if form == bypass.KHATRI_RAO else None).to(x.dtype)
