@@ -11,9 +11,10 @@ SDXL numbers, random weights; a LyCORIS LoHa over every targetable layer: linear
 
 Each repetition runs every method once, in turn (interleaved); the table shows medians.
 Ours is timed as the kernel alone, and as users meet it: the whole `loha.apply` +
-`restore` (planning, checks, keeping the originals, patching, putting them back), and a
-re-patch (`handle.reapply`: what a change of strengths or of networks costs while
-patched). A second table does the same for a DoRA LoHa of the same shape.
+`restore` (planning, checks, keeping the originals, patching, putting them back) as it
+runs again and again (the memory `restore` keeps is reused), the same cold (after
+`loha.release_memory()`: fresh memory, whose page faults cost more than the kernel), and
+a re-patch (`handle.reapply`: what a change of strengths or networks costs while patched). A second table does the same for a DoRA LoHa of the same shape.
 The anchors are short functions written here that do what each tool's merge does
 (their math and their copies), not their code:
 - ComfyUI: per module, back up the weight, an fp32 copy of it, two fp32 matmuls,
@@ -144,11 +145,13 @@ def ours_dora(layers):
         kernels.apply_steps_(w, [step])
 
 
-def whole_call(model, network):
-    """loha.apply + restore, as a user calls them."""
+def whole_call(model, network, cold: bool = False):
+    """loha.apply + restore, as a user calls them; `cold`: without the memory the last patch kept."""
 
     def call(layers):
-        loha.apply(model, network).restore()
+        if cold:
+            loha.release_memory()  # not timed: the next apply takes fresh memory from the OS
+        return timed(lambda: loha.apply(model, network).restore())
 
     return call
 
@@ -234,6 +237,7 @@ def run(args) -> None:
         "LoHa": (layers, {
             "ours": ours, "ours + backup copy": ours_with_backup,
             "ours, whole apply+restore": whole_call(model, network_of(layers)),
+            "  … cold (fresh memory)": whole_call(model, network_of(layers), cold=True),
             "ours, re-patch": repatch(model, network_of(layers)),
             "ComfyUI way": comfy_way, "WebUI way": webui_way, "LyCORIS merge_to": lycoris_merge,
         }),
@@ -274,7 +278,7 @@ def run(args) -> None:
             probes.append(probe_floor())  # the floor is measured in the same rounds
             for name, (rows, methods) in tables.items():
                 for method, fn in methods.items():
-                    if not method.startswith("ours") and rep >= anchor_reps:
+                    if not method.startswith(("ours", " ")) and rep >= anchor_reps:
                         continue
                     results[name][method].append(_time(fn, rows, sync))
         bw = median([p[0] for p in probes])

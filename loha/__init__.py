@@ -12,7 +12,7 @@ The package's map is ARCHITECTURE.md beside it in the repository.
 from .errors import FormatError, LohaError, ShapeError, UnmatchedError
 from .files.network import Module, Network, from_tensors, load
 from .bypassing import BypassHandle, bypass
-from .patch import PatchHandle, Use, apply
+from .patch import PatchHandle, Use, apply, release_memory
 
 __all__ = [
     "BypassHandle",
@@ -28,4 +28,5 @@ __all__ = [
     "bypass",
     "from_tensors",
     "load",
+    "release_memory",
 ]

@@ -2,11 +2,17 @@
 
 `apply()` plans everything before it touches a weight (names, shapes, factors read
 from the files), so a bad file changes nothing. Restoring never subtracts: a CPU
-parameter gets its patched weight in new memory and its original tensor back on
+parameter gets its patched weight in other memory and its original tensor back on
 restore (one read and one write per patch, nothing to copy back); any other tensor
 (GPU weights, state dicts, views a host holds) is copied to a CPU backup and patched
 in place. Changing strengths, or the set of networks (`reapply`), recomputes from
 the originals kept, in the memory already taken, without reading the files again.
+
+Fresh memory is slow to take (the OS maps and zeroes every page: about 0.4 s per GB
+on the reference machine, more than patching costs), so `restore` keeps the memory a
+parameter's patch used, and the next patch of that parameter reuses it: patching and
+restoring again, as the WebUI and strength changes do all the time, costs what the
+kernels cost. That memory goes with the model, or at once with `release_memory()`.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -339,7 +346,7 @@ class PatchHandle:
         param = self._view.parameter(key)
         tensor = self._view.tensor(key)
         if key not in self._backups and param is not None and tensor.device.type == "cpu" and tensor.is_contiguous():
-            patched = torch.empty_like(tensor)
+            patched = _take_spare(param, tensor)
             self._swapped[key] = (param, tensor, patched)
             param.data = patched
             return patched, tensor
@@ -353,10 +360,43 @@ class PatchHandle:
         else:  # the host moved or cast the weight since: copy into what it holds now
             with torch.no_grad():
                 param.data.copy_(original)
+        _keep_spare(param, patched)
 
     def _backup(self, key: str) -> None:
         if key not in self._backups:
             self._backups[key] = self._view.tensor(key).detach().to("cpu", copy=True)
+
+
+#: id(parameter) -> (weak reference to it, memory its last patch used); see the module docstring.
+_SPARE: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def release_memory(model=None) -> None:
+    """Let go of the memory `restore` kept for the next patch of the same weights: all of it,
+    or `model`'s (what `apply` takes, a state dict aside)."""
+    if model is None:
+        _SPARE.clear()
+        return
+    modules = model.values() if isinstance(model, Mapping) else [getattr(model, part, None) for part in PIPELINE_COMPONENTS] \
+        if not isinstance(model, torch.nn.Module) else [model]
+    for module in modules:
+        if isinstance(module, torch.nn.Module):
+            for param in module.parameters():
+                _SPARE.pop(id(param), None)
+
+
+def _keep_spare(param: torch.nn.Parameter, patched: torch.Tensor) -> None:
+    key = id(param)
+    _SPARE[key] = (weakref.ref(param, lambda _, key=key: _SPARE.pop(key, None)), patched)
+
+
+def _take_spare(param: torch.nn.Parameter, like: torch.Tensor) -> torch.Tensor:
+    """Memory for the patched `like`: what this parameter's last patch used, else new."""
+    ref, spare = _SPARE.pop(id(param), (None, None))
+    if ref is not None and ref() is param and spare.shape == like.shape and spare.dtype == like.dtype \
+            and spare.device == like.device and spare.is_contiguous():
+        return spare
+    return torch.empty_like(like)
 
 
 def _holds(param: torch.nn.Parameter, tensor: torch.Tensor) -> bool:

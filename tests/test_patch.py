@@ -187,3 +187,41 @@ def test_alpha_semantics():
     assert loha.delta.module_scale(None, 4) == 1.0
     assert loha.delta.module_scale(0.0, 4) == 0.0
     assert loha.delta.module_scale(2.0, 8) == 0.25
+
+
+def test_reapply_equals_a_fresh_patch_and_keeps_the_originals(tmp_path):
+    parts = T.sd1_parts()
+    a = T.make_loha_file(parts, tmp_path / "a.safetensors", seed=1)
+    b = T.make_loha_file(parts, tmp_path / "b.safetensors", seed=2, dora_wd=True)
+    before = state(parts)
+    conv_in = parts["unet"].conv_in.weight
+    original = conv_in.data
+    handle = loha.apply(parts, (a, 0.5))
+    handle.reapply([(b, 0.8, 0.3), (a, 1.0)])
+    changed = state(parts)
+    handle.restore()
+    assert_state_equal(before, parts)
+    assert conv_in.data.data_ptr() == original.data_ptr(), "restore puts the original tensor back"
+    fresh = T.sd1_parts()
+    loha.apply(fresh, [(b, 0.8, 0.3), (a, 1.0)])
+    assert_state_equal(changed, fresh)
+
+
+def test_restore_keeps_the_memory_for_the_next_patch_until_released(tmp_path):
+    """Re-patching takes no fresh memory (page faults cost more than the kernels); release_memory lets it go."""
+    parts = T.sd1_parts()
+    path = T.make_loha_file(parts, tmp_path / "n.safetensors")
+    weight = parts["unet"].conv_in.weight
+    handle = loha.apply(parts, path)
+    patched = weight.data.data_ptr()
+    handle.restore()
+    handle = loha.apply(parts, (path, 0.5))
+    assert weight.data.data_ptr() == patched
+    handle.restore()
+    loha.release_memory(parts)
+    handle = loha.apply(parts, path)
+    handle.restore()
+    loha.release_memory()
+    from loha import patch
+
+    assert patch._SPARE == {}

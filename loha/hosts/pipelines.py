@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from ..bypassing import BypassHandle, bypass as bypass_networks
 from ..errors import LohaError, UnmatchedError
 from ..files.network import Network, load
-from ..patch import ModelView, PatchHandle, Use, apply, plan_modules
+from ..patch import ModelView, PatchHandle, Use, apply, plan_modules, release_memory
 
 #: Attribute of the pipeline that holds its loaded networks.
 STATE_ATTR = "_loha_state"
@@ -119,11 +119,16 @@ def set_loha_strength(pipe, adapter_name: str | None = None, strength: float = 1
 
 
 def unload_loha(pipe, adapter_name: str | None = None) -> None:
-    """Remove one adapter (or all): the weights become exactly what the rest alone give."""
+    """Remove one adapter (or all): the weights become exactly what the rest alone give.
+
+    With none left, the memory the patches used is let go too (`loha.release_memory`).
+    """
     state = _state(pipe)
     for name in _names(state, adapter_name):
         del state.uses[name]
     _reapply(pipe, state)
+    if not state.uses:
+        release_memory(pipe)
 
 
 def disable_loha(pipe) -> None:
