@@ -14,10 +14,16 @@ them, `comfy_assets`), which it patches without requantizing; the two bases must
 exactly. Load LoRA's requantized fp8 image is printed beside it. The stack's bypass
 switch must give the bypass node's image, and a graph sampling the base model and its
 bypassed clone side by side must give the base image for the base: clones of one model
-stay apart.
+stay apart. On ComfyUI's low-VRAM path (each layer cast in its own forward, the built-in's
+patches as weight functions; `comfy_lowvram_bypass.py`, in a process of its own) the bypass
+must give what it gives fully loaded, and what the built-in gives there.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -107,3 +113,18 @@ def test_base_and_bypassed_clone_sampled_in_one_graph(comfy):
     images = {node: comfy.images({"outputs": {node: entry["outputs"][node]}})[0] for node in ("save", "save_base")}
     assert np.array_equal(images["save_base"], alone_base)
     assert np.array_equal(images["save"], alone_ours)
+
+
+def test_low_vram_path(assets):
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_lowvram_bypass.py")
+    done = subprocess.run([H.comfyui_python(), script, H.comfyui_dir(), assets["checkpoint"], assets["loha"]],
+                          cwd=H.comfyui_dir(), capture_output=True, text=True, timeout=H.RUN_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"\nlow-VRAM path: {result}")
+    scale = result["scale"]
+    assert result["layers_cast_in_forward"] > 100
+    assert result["lora_change"] > 1e-3 * scale, "the LoHa must change the output"
+    assert result["bypass_low_vs_full"] <= 1e-5 * scale
+    assert result["bypass_low_vs_builtin_low"] <= 1e-3 * result["lora_change"] + 1e-5 * scale
+    assert result["base_after_vs_base"] == 0
