@@ -151,7 +151,8 @@ def test_info_node_and_tooltips(comfy):
     info = comfy.get_json("/object_info")
     ours = {name: spec for name, spec in info.items() if spec["python_module"].startswith("custom_nodes.")
             and name.startswith("Loha") and name != "LohaTrain"}
-    assert set(ours) == {"LohaLoader", "LohaLoaderModelOnly", "LohaStack", "LohaBlockWeights", "LohaMergeSave", "LohaInfo"}
+    assert set(ours) == {"LohaLoader", "LohaLoaderModelOnly", "LohaLoaderBypass", "LohaStack", "LohaBlockWeights",
+                         "LohaMergeSave", "LohaInfo"}
     for name, spec in ours.items():
         assert spec["category"] == "loaders/loha", name
         for group in ("required", "optional"):
