@@ -4,6 +4,7 @@
     python bench/apply.py --quick    # fewer repetitions
     python bench/apply.py --sdxl     # SDXL-size UNet (fp16 weights unless --dtypes says otherwise)
     python bench/apply.py --tune     # the measurements behind loha/kernels/tuning.py
+    python bench/apply.py --family sd3.5-medium   # a diffusion transformer in its checkpoint layout
 
 Everything is built here from seeds (diffusers UNet2DConditionModel with the SD1.5 or
 SDXL numbers, random weights; a LyCORIS LoHa over every targetable layer: linear and
@@ -30,11 +31,21 @@ The anchors are short functions written here that do what each tool's merge does
   W0+ΔW scaled by dora_scale / norm) — what its LoHa adapter runs for a DoRA file.
 The floors: bytes of W read and written over the measured streaming bandwidth, and the
 matmul FLOPs 2·2·O·K·R over the measured fp32 square-matmul rate.
+
+`--family NAME` (a published transformer of `loha.models.configs.PUBLISHED_TRANSFORMERS`,
+bf16 weights unless --dtypes says otherwise) times the whole job as ComfyUI has it: the
+weights in the family's checkpoint layout (fused q/k/v and the like, as ComfyUI holds
+them), a LoHa as SimpleTuner writes it (``lycoris_`` + diffusers paths, chosen by
+lycoris-lora over the Attention/FeedForward modules and the blocks, rank 16), applied
+by `loha.apply` (planning, then our kernels on row slices of the fused weights) against
+the ComfyUI way on the same slices (per key: backup, fp32 copy, per patch the two fp32
+products on its rows, scale, cast, add; round once).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -198,6 +209,136 @@ def peft_merge(layers):
     for l in layers:
         l.peft.merged_adapters.clear()  # we restore nothing: each run merges afresh
         l.peft.merge()
+
+
+# ---- a diffusion transformer in its checkpoint layout ---------------------------------------------
+
+
+def family_state(name: str, dtype: torch.dtype, seed: int = 0) -> tuple[dict, dict]:
+    """Random weights of a published transformer in its checkpoint layout, and a SimpleTuner-style
+    LoHa for it (rank 16, alpha 16, every factor random so ΔW ≠ 0) as tensors."""
+    from loha.keys import layouts
+    from loha.models.structures import published_transformer
+
+    with torch.device("meta"):
+        model = published_transformer(name)["transformer"]
+    shapes = {path: tuple(m.weight.shape) for path, m in model.named_modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    layout = next((lay for side in ("diffusers",) if (lay := layouts.find_layout(shapes, side))), None)
+    checkpoint = dict(shapes)
+    for fused in layouts.place(layout, shapes, "diffusers") if layout else []:
+        for segment in fused.segments:
+            checkpoint.pop(segment.part, None)
+        checkpoint[fused.checkpoint] = (fused.rows, *shapes[fused.segments[0].part][1:])
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for path, shape in checkpoint.items():
+        w = torch.empty(shape, dtype=dtype)
+        state[f"diffusion_model.{path}.weight"] = w.copy_(torch.randn(shape, generator=gen) * 0.02)
+    tensors = {}
+    for path in _simpletuner_paths(model):
+        o, k = shapes[path][0], math.prod(shapes[path][1:])
+        name = "lycoris_" + path.replace(".", "_")
+        for i in "12":
+            tensors[f"{name}.hada_w{i}_a"] = torch.randn(o, 16, generator=gen) * 0.05
+            tensors[f"{name}.hada_w{i}_b"] = torch.randn(16, k, generator=gen) * 0.05
+        tensors[f"{name}.alpha"] = torch.tensor(16.0)
+    return state, tensors
+
+
+def _simpletuner_paths(model) -> list[str]:
+    """The module paths lycoris-lora wraps with SimpleTuner's preset (Attention, FeedForward, the blocks)."""
+    import logging
+
+    from lycoris import LycorisNetwork, create_lycoris
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    blocks = {type(block).__name__ for child in model.children() if isinstance(child, torch.nn.ModuleList)
+              for block in child}
+    LycorisNetwork.apply_preset({"target_module": ["Attention", "FeedForward", *blocks]})
+    net = create_lycoris(model, 1.0, 1, 1, algo="loha", warn_on_unmatched=False)
+    paths = {id(m): n for n, m in model.named_modules()}
+    return [paths[id(lora.org_module[0])] for lora in net.loras]
+
+
+def comfy_way_keyed(state: dict, items_by_key: dict) -> None:
+    """ComfyUI's patching per key: backup, fp32 copy, per patch its rows' two fp32 products,
+    scale, cast, add; the fp32 copy rounded back into the weight."""
+    for key, items in items_by_key.items():
+        w = state[key]
+        backup = w.to("cpu", copy=True)
+        temp = w.to(torch.float32, copy=True)
+        for it in items:
+            a1, b1, a2, b2 = (t.float() for t in it.factors)
+            rows = it.target.rows
+            region = temp if rows is None else temp.narrow(0, rows[0], rows[1] - rows[0])
+            region += (it.scale * ((a1 @ b1) * (a2 @ b2))).reshape(region.shape)
+        w.copy_(temp)
+        del backup
+
+
+def run_family(args) -> None:
+    import loha
+    from loha.patch import by_tensor, plan_modules
+
+    dtype = dict(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)[args.dtypes or "bf16"]
+    reps = args.reps or (2 if args.quick else 3)
+    t0 = time.perf_counter()
+    state, tensors = family_state(args.family, dtype)
+    network = loha.from_tensors(tensors, args.family)
+    params = sum(v.numel() for v in state.values())
+    view = loha.patch.ModelView(state)
+    items, unmatched = plan_modules(view.names, [loha.patch.Use(network)])
+    assert not unmatched, unmatched
+    grouped = by_tensor(items)
+    sliced = sum(1 for it in items if it.target.rows is not None)
+    print(f"{args.family} ({view.names.family}, checkpoint layout): {params / 1e9:.2f}B weights in {len(state)} tensors, "
+          f"{str(dtype)[6:]}; LoHa of {len(network.modules)} modules (rank 16), {sliced} of them on row slices of "
+          f"{sum(1 for g in grouped.values() if g[0].target.rows is not None)} fused weights; built in "
+          f"{time.perf_counter() - t0:.0f} s; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    del view, items
+    times: dict[str, list[float]] = {"ours: loha.apply (plan + apply)": [], "ours: kernels only": [],
+                                     "ComfyUI way": []}
+    checked = sorted(grouped, key=lambda k: -state[k].numel())[:16]  # compared after each round
+    for rep in range(reps):
+        handle = None
+
+        def ours_total():
+            nonlocal handle
+            handle = loha.apply(state, network)
+
+        times["ours: loha.apply (plan + apply)"].append(timed(ours_total))
+        handle.restore()  # frees its backups before ours are taken (memory)
+        del handle
+        backup = {k: state[k].clone() for k in grouped}
+        times["ours: kernels only"].append(timed(lambda: _apply_items(state, grouped)))
+        mine = {k: state[k].clone() for k in checked}
+        for key, value in backup.items():
+            state[key].copy_(value)
+        times["ComfyUI way"].append(timed(lambda: comfy_way_keyed(state, grouped)))
+        worst = max(float((state[k].float() - mine[k].float()).abs().max()) for k in checked)
+        step = max(float(torch.finfo(dtype).eps * state[k].float().abs().max()) for k in checked)
+        print(f"round {rep + 1}: largest difference ours vs ComfyUI way {worst:.3g} (one {str(dtype)[6:]} step at the "
+              f"largest weight: {step:.3g})")
+        for key, value in backup.items():
+            state[key].copy_(value)
+        del backup, mine
+    comfy = median(times["ComfyUI way"])
+    print(f"\n{'method':<34}{'seconds':>9}{'vs ComfyUI':>12}   runs")
+    for name, ts in times.items():
+        t = median(ts)
+        print(f"{name:<34}{t:>9.2f}{comfy / t:>11.1f}x   {' '.join(f'{x:.2f}' for x in ts)}")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s; load average {_load()}")
+
+
+def _apply_items(state: dict, grouped: dict) -> None:
+    from loha.patch import apply_to_tensor
+
+    batch: list = []
+    with torch.no_grad():
+        for key, items in grouped.items():
+            apply_to_tensor(state[key], items, batch)
+        kernels.add_hadamard_many_(batch)
 
 
 # ---- floors --------------------------------------------------------------------------------
@@ -505,8 +646,13 @@ def main(argv=None) -> None:
     p.add_argument("--cuda", action="store_true", help="run on CUDA")
     p.add_argument("--no-peft", action="store_true", help="skip PEFT")
     p.add_argument("--tune", action="store_true", help="measure the dispatch thresholds instead")
+    p.add_argument("--family", metavar="NAME", help="a published diffusion transformer in its checkpoint layout "
+                   "(flux-dev, sd3.5-large, sd3.5-medium, qwen-image), bf16 unless --dtypes says otherwise")
     args = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
+    if args.family:
+        run_family(args)
+        return
     if args.dtypes is None:
         args.dtypes = "fp16" if args.sdxl and not args.cuda else "fp32,fp16"
     if args.tune:

@@ -1,6 +1,7 @@
 """Merge benchmark: our streaming merge against load-everything and LyCORIS's merge.
 
     python bench/merge.py [--dim 16 --conv-dim 8] [--keep DIR]
+    python bench/merge.py --family sd3.5-medium     # a diffusion transformer's checkpoint
 
 Makes, in a temporary folder, an SD1.5-size checkpoint in LDM layout (the real SD1.5
 UNet, 860M parameters, CLIP-L text encoder, 123M, and VAE, 84M, with seeded random
@@ -22,6 +23,11 @@ and prints a table with ratios, and how far apart the outputs are. (LyCORIS ≥3
 alpha/rank twice when merging LoHa, so its output differs wherever alpha ≠ rank;
 only its time and memory are compared.) The target: peak RSS of ours at most a third
 of load-all's, time no worse.
+
+`--family NAME` (see bench/apply.py) makes the diffusion model of a published transformer
+instead, bf16, in its checkpoint layout (fused q/k/v: SimpleTuner's diffusers-named modules
+land on row slices), and a SimpleTuner-style LoHa for it (rank 16); LyCORIS's merge
+path is SD-only and is left out.
 """
 
 from __future__ import annotations
@@ -53,6 +59,23 @@ def make_checkpoint(path: str, seed: int) -> int:
     random_checkpoint(path, "sd1", seed=seed, dtype=torch.float16, vae=True,
                       metadata={"modelspec.title": "random SD1.5-size benchmark model"})
     return sum(math.prod(s) for s in checkpoint_shapes(path).values())
+
+
+def make_family(name: str, ckpt: str, net: str, seed: str) -> None:
+    """A published transformer's weights (bf16, checkpoint layout) and a SimpleTuner-style LoHa for it.
+
+    Run in a process of its own (`--task family-files`): Linux carries a process's peak RSS
+    over fork and exec, so a parent that held the model would inflate every measurement.
+    """
+    from apply import family_state
+
+    from loha.files.safetensors_io import save
+
+    state, tensors = family_state(name, torch.bfloat16, int(seed))
+    state = {f"model.{k}": v for k, v in state.items()}  # as the published files hold it
+    save(state, ckpt, {"modelspec.title": f"random {name}-size benchmark model"})
+    save({k: v.to(torch.bfloat16) if v.dim() else v for k, v in tensors.items()}, net,
+         {"ss_network_module": "lycoris.kohya"})
 
 
 def make_network(ckpt: str, path: str, dim: int, alpha: float, conv_dim: int, conv_alpha: float, seed: int) -> int:
@@ -93,29 +116,28 @@ def task_ours(ckpt: str, net: str, out: str) -> None:
 
 
 def task_load_all(ckpt: str, net: str, out: str) -> None:
-    """(a): everything in memory; per module the ComfyUI LoHa adapter's arithmetic."""
+    """(a): everything in memory; per module the ComfyUI LoHa adapter's arithmetic (on its rows
+    of a fused weight, as ComfyUI's offsets give them)."""
     from safetensors.torch import load_file, save_file
 
     from loha.files.network import load
     from loha.keys import map_state_dict
+    from loha.patch import Use, plan_modules
 
     sd = load_file(ckpt)
-    lyco = load_file(net)
-    names = map_state_dict(sd)  # the name matching is not what is measured
+    items, _ = plan_modules(map_state_dict(sd), [Use(load(net))])  # matching and reading: not measured apart
     with torch.no_grad():
-        for module in load(net).modules.values():
-            target = names.lookup(module.name)
-            weight = sd[target.key]
-            p = module.name + "."
-            w1a, w1b, w2a, w2b = (lyco[p + s] for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
-            alpha = float(lyco[p + "alpha"]) / w1b.shape[0]
-            temp = weight.to(torch.float32, copy=True)  # ModelPatcher: fp32 copy of the weight
+        for item in items:
+            weight, rows = sd[item.target.key], item.target.rows
+            region = weight if rows is None else weight[rows[0]:rows[1]]
+            w1a, w1b, w2a, w2b = item.factors
+            temp = region.to(torch.float32, copy=True)  # ModelPatcher: fp32 copy of the weight
             m1 = torch.mm(w1a.float(), w1b.float())
             m2 = torch.mm(w2a.float(), w2b.float())
-            lora_diff = (m1 * m2).reshape(weight.shape)
-            temp += (1.0 * alpha) * lora_diff
-            weight.copy_(temp.to(weight.dtype))
-    save_file(sd, out, metadata={"modelspec.title": "random SD1.5-size benchmark model"})
+            lora_diff = (m1 * m2).reshape(region.shape)
+            temp += (1.0 * item.scale) * lora_diff
+            region.copy_(temp.to(weight.dtype))
+    save_file(sd, out, metadata={"modelspec.title": "random benchmark model"})
 
 
 def task_lycoris(ckpt: str, net: str, out: str) -> None:
@@ -188,19 +210,34 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep the files (default: a temp folder)")
+    parser.add_argument("--family", metavar="NAME", help="a published transformer (bench/apply.py --family)")
     parser.add_argument("--task", help=argparse.SUPPRESS)
     parser.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.task:
-        TASKS[args.task](*args.paths)
+        {**TASKS, "family-files": make_family}[args.task](*args.paths)
         return
 
     folder = args.keep or tempfile.mkdtemp(prefix="loha-bench-merge-")
     os.makedirs(folder, exist_ok=True)
-    ckpt, net = os.path.join(folder, "sd15-random.safetensors"), os.path.join(folder, "full-loha.safetensors")
+    model = args.family or "sd15"
+    ckpt, net = os.path.join(folder, f"{model}-random.safetensors"), os.path.join(folder, f"{model}-loha.safetensors")
+    if args.family and "lycoris" in args.only:
+        args.only.remove("lycoris")
     try:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, files in {folder}")
         t = time.perf_counter()
+        if args.family and not os.path.exists(ckpt):
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--task", "family-files", args.family, ckpt,
+                            net, str(args.seed)], check=True)
+            from loha.files.checkpoint import checkpoint_shapes
+            from loha.files.network import load
+
+            params = sum(math.prod(s) for s in checkpoint_shapes(ckpt).values())
+            print(f"checkpoint: {args.family} diffusion model, {params / 1e9:.2f}B parameters, bf16, checkpoint "
+                  f"layout, {os.path.getsize(ckpt) / 1e9:.2f} GB; network: SimpleTuner-style LoHa of "
+                  f"{len(load(net).modules)} modules, rank 16, bf16, {os.path.getsize(net) / 1e6:.0f} MB "
+                  f"({time.perf_counter() - t:.0f} s)")
         if not os.path.exists(ckpt):
             params = make_checkpoint(ckpt, args.seed)
             print(f"checkpoint: SD1.5 UNet + CLIP-L + VAE, {params / 1e6:.0f}M parameters, fp16, LDM layout, "

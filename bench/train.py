@@ -13,7 +13,8 @@ peak resident memory from the first step on over the resident memory before it
 peak of torch.cuda.max_memory_allocated over the steps.
 
     python bench/train.py                       # demo model, 128 px, batch 2, rank 8
-    python bench/train.py --model sd15 --resolution 64 --batch 1   # SD1.5's UNet sizes
+    python bench/train.py --model sd15 --resolution 512 --batch 1   # SD1.5's UNet sizes
+    python bench/train.py --model sdxl --resolution 1024 --batch 1 --mixed-precision bf16 --gradient-checkpointing
 
 Timings on a shared machine swing with its load, so each contender runs `--rounds`
 times, alternating, and the fastest round's median counts.
@@ -60,7 +61,7 @@ class _PeakRss:
 
 def _saved_bytes(trainer) -> int:
     """Bytes of the tensors autograd saves for backward in one step (weights excluded)."""
-    persistent = {p.untyped_storage().data_ptr() for m in (trainer.base.unet, trainer.base.text_encoder)
+    persistent = {p.untyped_storage().data_ptr() for m in trainer.base.parts().values()
                   for p in list(m.parameters()) + list(m.buffers())}
     persistent |= {p.untyped_storage().data_ptr() for p in trainer.params}
     seen: dict[int, int] = {}
@@ -112,24 +113,37 @@ def _use_lycoris(trainer, args) -> int:
 
 
 def _reset_optimizer(trainer):
-    from loha.train.loop import lr_lambda
+    from loha.train.optim import make_optimizer, make_scheduler
 
     c = trainer.config
-    trainer.optimizer = torch.optim.AdamW(trainer.params, lr=c.learning_rate, weight_decay=c.weight_decay)
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer,
-                                                          lr_lambda(c.lr_scheduler, c.warmup_steps, c.steps))
+    trainer.optimizer = make_optimizer(c.optimizer, [{"params": trainer.params, "lr": c.learning_rate}],
+                                       c.weight_decay, c.optimizer_args)
+    trainer.scheduler = make_scheduler(c.lr_scheduler, trainer.optimizer, c.warmup_steps, trainer.total)
 
 
-def _base(name: str):
-    """The demo model, or the same with SD1.5's full-size UNet (seeded random weights)."""
-    from loha.train.models import demo_model
+def _base(name: str, dtype=torch.float32):
+    """The demo model; the same with SD1.5's full-size UNet; or SDXL's full-size UNet with
+    one-layer CLIP-L- and OpenCLIP-G-wide text encoders (2048-wide context, 1280 pooled) and the
+    demo's VAE (seeded random weights: the UNet is what a step's time and memory are about)."""
+    from loha.train.models import SDXLModel, demo_model
 
     base = demo_model(0)
     if name == "sd15":
         from _common import SD15, random_unet
 
-        base.unet = random_unet(SD15)
+        base.unet = random_unet(SD15, dtype)
         base.name = "random-sd15-unet"
+    elif name == "sdxl":
+        from _common import SDXL, random_unet
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        small = dict(vocab_size=1000, max_position_embeddings=77, num_hidden_layers=1, intermediate_size=1024)
+        torch.manual_seed(1)
+        te1 = CLIPTextModel(CLIPTextConfig(**small, hidden_size=768, num_attention_heads=12)).eval()
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**small, hidden_size=1280, num_attention_heads=20,
+                                                         projection_dim=1280)).eval()
+        base = SDXLModel(random_unet(SDXL, dtype), te1, base.vae, base.tokenizer, "sdxl", "random-sdxl-unet",
+                         text_encoder_2=te2, tokenizer_2=base.tokenizer)
     return base
 
 
@@ -144,7 +158,9 @@ def contender(args) -> dict:
                          resolution=args.resolution, batch_size=args.batch, steps=args.steps + args.warmup,
                          learning_rate=1e-3, seed=0, device=device, mixed_precision=args.mixed_precision,
                          gradient_checkpointing=args.gradient_checkpointing)
-    trainer = Trainer(config, base=_base(args.model))
+    # built in the dtype it trains in: SDXL's UNet is 10 GB in fp32
+    trainer = Trainer(config, base=_base(args.model, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        args.mixed_precision, torch.float32)))
     trainer._prepare()
     modules = sum(trainer.network.counts().values())
     if args.which == "lycoris":
@@ -175,7 +191,7 @@ def contender(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="demo", choices=("demo", "sd15"))
+    p.add_argument("--model", default="demo", choices=("demo", "sd15", "sdxl"))
     p.add_argument("--rounds", type=int, default=2, help="runs per contender, alternating (fastest counts)")
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--batch", type=int, default=2)

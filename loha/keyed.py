@@ -7,6 +7,12 @@ the original to unpatch. `plan_keyed` matches a network against the host's parts
 `add_into` runs `loha.patch.apply_to_tensor` (and so `loha.kernels`) on that copy.
 The hosts' own adapters (nodes/patches.py, the WebUI script on Forge) only wrap it.
 
+For a model loha has no layout for, the host's own key map is the knowledge: ComfyUI's
+``comfy.lora.model_lora_keys_unet``/``_clip`` (and Forge's copies of them) say, per file
+name, a key, a key and a row slice, or a key and a function on ΔW. `host_targets` turns
+such a map into targets, so every name the host's own LoRA loader accepts, ours accepts,
+and our kernels still do the math (on the slice).
+
 `KeyedBypass` applies the same plan in the forward pass instead (`loha.bypassing`): an
 object with inject(owner)/eject(owner), the shape of ComfyUI's patcher injections, that
 the host calls when it loads and unloads the model.
@@ -21,14 +27,15 @@ import torch
 
 from .bypassing import BypassHandle, LayerWeights, layer_module
 from .errors import LohaError
-from .families import component_of
+from .families import FAMILIES, component_of
 from .files.network import Network
-from .keys import bias_key, map_state_dict
+from .keys import NameMap, Target, bias_key, map_state_dict
 from .keys import blocks as block_weights
+from .keys.namemap import pieces_target
 from .patch import Use, apply_to_bias, apply_to_tensor, by_tensor, plan_modules
 
 #: Host model part -> the file components (families.component_of) it holds.
-PART_COMPONENTS = {"model": {"unet"}, "clip": {"te1", "te2"}}
+PART_COMPONENTS = {"model": {"unet"}, "clip": {"te1", "te2", "te3"}}
 
 
 class KeyedPatch:
@@ -58,24 +65,69 @@ class PatchSet:
     """What one network adds to each host part, and the names that matched nothing."""
 
     network: Network
-    family: str
+    family: str | None
     patches: dict[str, dict[str, KeyedPatch]] = field(default_factory=dict)  # part -> key -> patch
     unmatched: list[str] = field(default_factory=list)
 
 
+def host_targets(key_map: Mapping[str, object], shapes: Mapping[str, tuple], names: NameMap) -> dict[str, Target]:
+    """A host's key map ({file name: key | (key, offset) | (key, offset, function)}) as targets.
+
+    ``offset`` is ComfyUI's ``(dim, start, length)``; only row slices (dim 0) occur in
+    its maps. The only ``function`` its maps use swaps ΔW's two row halves (Flux's and
+    SD3's final modulation, diffusers' scale/shift against the checkpoint's shift/scale):
+    it becomes a target over the two halves. Where `names` already has a target for the
+    same rows, that one is used (so block ids stay); a new one takes the host's name as
+    its path. Names for tensors no LoHa can change (1-D: biases, norms) and forms not
+    described here are left out.
+    """
+    own = {_region(target): target for target in names.targets}
+    found = {}
+    for name, value in key_map.items():
+        key, offset, function = (value, None, None) if isinstance(value, str) else (*value, None, None)[:3]
+        shape = shapes.get(key)
+        if shape is None or len(shape) < 2 or (offset is not None and offset[0] != 0):
+            continue
+        start, stop = (0, shape[0]) if offset is None else (offset[1], offset[1] + offset[2])
+        region = [(key, None if (start, stop) == (0, shape[0]) else (start, stop))]
+        if function is not None:
+            if getattr(function, "__name__", "") != "swap_scale_shift" or (stop - start) % 2:
+                continue
+            half = (start + stop) // 2
+            region = [(key, (half, stop)), (key, (start, half))]
+        target = own.get(tuple(region))
+        if target is None:
+            component = "unet" if key.startswith("diffusion_model.") else "te1"
+            pieces = [Target(component, name, k, r, (r[1] - r[0] if r else shape[0], *shape[1:]), "")
+                      for k, r in region]
+            target = pieces_target(component, name, pieces)
+            own[tuple(region)] = target
+        found[name] = target
+    return found
+
+
+def _region(target: Target) -> tuple:
+    return tuple((piece.key, piece.rows) for piece in (target.pieces or (target,)))
+
+
 def plan_keyed(network: Network, parts: Mapping[str, Mapping[str, tuple]], blocks: str = "",
-               patch_type: type[KeyedPatch] = KeyedPatch) -> PatchSet:
+               patch_type: type[KeyedPatch] = KeyedPatch, key_map: Mapping[str, object] | None = None) -> PatchSet:
     """Match `network` against a host's parts and prepare one patch per changed tensor.
 
     `parts` maps "model" and/or "clip" to the shapes of that part's state dict
-    ({key: shape}). `blocks` is a block-weight preset or comma list (`loha.keys.blocks`). Names of
-    a part that is not given (text encoders for a model-only loader) are not counted
-    as unmatched. Raises `LohaError` for a file of another model family, and when
-    nothing at all matches.
+    ({key: shape}). `blocks` is a block-weight preset or comma list (`loha.keys.blocks`).
+    `key_map` is the host's own key map (`host_targets`): its names count where ours
+    have none. Names of a part that is not given (text encoders for a model-only loader)
+    are not counted as unmatched. Raises `LohaError` for a file of another SD family,
+    and when nothing at all matches.
     """
-    names = map_state_dict({key: shape for part in parts.values() for key, shape in part.items()})
-    if network.family not in (None, names.family):
+    shapes = {key: shape for part in parts.values() for key, shape in part.items()}
+    names = map_state_dict(shapes)
+    if key_map:
+        names.extend(host_targets(key_map, shapes, names))
+    if network.family in FAMILIES and names.family in FAMILIES and network.family != names.family:
         raise LohaError(f"{network.label}: the file is for {network.family} models, this model is {names.family}")
+    model = f"{names.family} model" if names.family else "model"
     use = Use(network, 1.0, 1.0, block_weights.parse(blocks, names.family))
     items, unmatched = plan_modules(names, [use])
     wanted = set().union(*(PART_COMPONENTS[part] for part in parts))
@@ -84,7 +136,7 @@ def plan_keyed(network: Network, parts: Mapping[str, Mapping[str, tuple]], block
     result.unmatched = [name for name in unmatched.get(network.label, []) if name in set(relevant)]
     if relevant and len(result.unmatched) == len(relevant):
         raise LohaError(
-            f"{network.label}: none of its {len(relevant)} modules matches this {names.family} model "
+            f"{network.label}: none of its {len(relevant)} modules matches this {model} "
             f"(the file looks like {network.family or 'an unknown family'}; first name: '{relevant[0]}')"
         )
     owner = {key: part for part, state in parts.items() for key in state}

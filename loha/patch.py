@@ -22,7 +22,7 @@ import os
 import warnings
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
 import torch
@@ -30,9 +30,10 @@ import torch
 from . import delta as D
 from . import kernels
 from .errors import FormatError, LohaError, ShapeError
-from .families import PIPELINE_COMPONENTS
+from .families import PART_COMPONENTS, UNET_STATE_PREFIXES
 from .files.network import Module, Network, load
 from .keys import NameMap, Target, bias_key, map_modules, map_state_dict
+from .keys.text import TEXT_STATE_SOURCES
 
 
 @dataclass
@@ -75,20 +76,24 @@ def _as_network(item) -> Network:
 class ModelView:
     """A model seen as a flat namespace of weight tensors plus its name map.
 
-    Accepts a state dict (LDM layout, as checkpoints and hosts hold it), a mapping of
-    modules ({"unet": ..., "text_encoder": ...}), a diffusers pipeline, a diffusers /
-    transformers model, or any torch module whose parameters use the LDM layout.
+    Accepts a state dict (checkpoint or host layout), a mapping of modules by pipeline
+    attribute ({"transformer": ..., "text_encoder": ...}), a diffusers pipeline (its
+    `unet`/`transformer`/`prior` and text encoders), a single model (a diffusers
+    UNet or transformer, a text encoder, any ``nn.Module``: its own module paths name
+    it), or a module whose parameters are a state dict of a known layout (the WebUI's
+    and ComfyUI's model objects).
     """
 
     def __init__(self, model, family: str | None = None):
-        if isinstance(model, Mapping) and all(isinstance(v, torch.nn.Module) for v in model.values()):
+        if isinstance(model, Mapping) and model and all(isinstance(v, torch.nn.Module) for v in model.values()):
             self._modules = dict(model)
         elif isinstance(model, Mapping):
             self._modules = None
             self._tensors = model
-        elif hasattr(model, "unet") and not isinstance(model, torch.nn.Module):
-            self._modules = {p: getattr(model, p) for p in PIPELINE_COMPONENTS if getattr(model, p, None) is not None}
-        elif isinstance(model, torch.nn.Module) and _is_known_part(model):
+        elif not isinstance(model, torch.nn.Module) and any(hasattr(model, attr) for attr in PART_COMPONENTS):
+            self._modules = {attr: part for attr in PART_COMPONENTS
+                             if isinstance(part := getattr(model, attr, None), torch.nn.Module)}
+        elif isinstance(model, torch.nn.Module) and not _holds_state_layout(model):
             self._modules = {_part_name(model): model}
         elif isinstance(model, torch.nn.Module):
             self._modules = None
@@ -133,12 +138,22 @@ class ModelView:
             return None
 
 
-def _is_known_part(module: torch.nn.Module) -> bool:
-    return type(module).__name__.startswith(("UNet2DConditionModel", "CLIPTextModel"))
+#: Where a module's parameters say it is a whole model in a state-dict layout (LDM, host).
+_STATE_PREFIXES = (*UNET_STATE_PREFIXES, *(prefix for prefix, _, _ in TEXT_STATE_SOURCES))
+
+
+def _holds_state_layout(module: torch.nn.Module) -> bool:
+    return any(name.startswith(_STATE_PREFIXES) for name, _ in module.named_parameters())
 
 
 def _part_name(module: torch.nn.Module) -> str:
-    return "unet" if type(module).__name__.startswith("UNet") else "text_encoder"
+    """The pipeline attribute a lone model stands in: its class says UNet, text encoder or transformer."""
+    name = type(module).__name__
+    if name.startswith("UNet"):
+        return "unet"
+    if "TextModel" in name or "EncoderModel" in name or name.startswith(("CLIP", "T5", "UMT5")):
+        return "text_encoder"
+    return "transformer"
 
 
 @dataclass
@@ -175,16 +190,21 @@ def _plan(names: NameMap, uses: list[Use], skip_bad: bool, skipped: dict | None)
         for module in net.modules.values():
             target = names.lookup(module.name)
             if target is None:
+                shared = names.ambiguous(module.name)
+                if shared:
+                    raise FormatError(f"{net.label}: module '{module.name}' could mean any of {', '.join(shared)} "
+                                      "(their paths differ only in '.' against '_')")
                 missing.append(module.name)
                 continue
-            if (target.key, target.rows) in seen:
-                raise FormatError(
-                    f"{net.label}: modules '{seen[(target.key, target.rows)]}' and '{module.name}' "
-                    f"both patch '{target.key}' (one module under two naming styles)"
-                )
-            seen[(target.key, target.rows)] = module.name
+            for piece in target.pieces or (target,):
+                if (piece.key, piece.rows) in seen:
+                    raise FormatError(
+                        f"{net.label}: modules '{seen[(piece.key, piece.rows)]}' and '{module.name}' "
+                        f"both patch '{piece.key}' (one module under two naming styles)"
+                    )
+                seen[(piece.key, piece.rows)] = module.name
             try:
-                items.append(_prepare(net, module, target, use))
+                items += split_rows(_prepare(net, module, target, use))
             except LohaError as exc:
                 if not skip_bad:
                     raise
@@ -194,6 +214,37 @@ def _plan(names: NameMap, uses: list[Use], skip_bad: bool, skipped: dict | None)
         if missing:
             unmatched[net.label] = missing
     return items, unmatched
+
+
+def split_rows(item: PlannedModule) -> list[PlannedModule]:
+    """A module planned for a target over several weights, as one item per piece.
+
+    Rows of ΔW depend only on rows of the output-side factors (``a``, the LoRA up, the
+    dense ΔW, an output-axis DoRA scale, ``diff_b``), so each piece gets those rows and
+    the rest as they are: exact. Input-axis DoRA normalises over every output row
+    together and cannot be split.
+    """
+    target = item.target
+    if not target.pieces:
+        return [item]
+    if item.dora_scale is not None and D.dora_axis(item.dora_scale.shape, target.shape) == "in":
+        raise ShapeError(f"{item.use.network.label}: module '{item.module.name}' has an input-axis dora_scale, "
+                         f"which cannot be split over the weights it spans ({target.key})")
+    pieces, start = [], 0
+    for piece in target.pieces:
+        rows = slice(start, start + piece.shape[0])
+        start = rows.stop
+        if item.kind == "hadamard":
+            a1, b1, a2, b2 = item.factors
+            factors = (a1[rows], b1, a2[rows], b2)
+        elif item.kind == "lowrank":
+            factors = (item.factors[0][rows], item.factors[1])
+        else:
+            factors = (item.factors[0].reshape(target.shape[0], -1)[rows],)
+        pieces.append(replace(item, target=piece, factors=factors,
+                              dora_scale=None if item.dora_scale is None else item.dora_scale[rows],
+                              bias=None if item.bias is None else item.bias[rows]))
+    return pieces
 
 
 def by_tensor(items: list[PlannedModule]) -> dict[str, list[PlannedModule]]:
@@ -246,11 +297,13 @@ def kernel_step(item: PlannedModule, device) -> kernels.Step:
 
 
 def apply_to_bias(bias: torch.Tensor, items: list[PlannedModule]) -> None:
-    """Add full-diff modules' `diff_b` into the bias next to their weight."""
+    """Add full-diff modules' `diff_b` into the bias next to their weight (its rows for a slice)."""
     total = bias.float()
     for it in items:
         if it.bias is not None:
-            total += it.bias.float().to(bias.device) * it.use.strength(it.target)
+            rows = it.target.rows
+            region = total if rows is None else total[rows[0] : rows[1]]
+            region += it.bias.float().to(bias.device).reshape(region.shape) * it.use.strength(it.target)
     bias.copy_(total)
 
 
@@ -488,6 +541,7 @@ def apply(model, networks, skip_bad: bool = False, family: str | None = None) ->
     or a list of these. Names that match nothing are listed on `handle.unmatched`. A bad
     module makes the whole patch fail and change nothing, unless `skip_bad` is set: then
     it is left out with a warning and listed on `handle.skipped`. `family` ("sd1", "sd2",
-    "sdxl") is detected from the model's shapes unless given.
+    "sdxl", "flux", "sd3") is detected from the model unless given; a model of no known
+    family is patched by its own module paths.
     """
     return PatchHandle(ModelView(model, family), as_uses(networks), skip_bad)

@@ -31,17 +31,31 @@ TRAINING_KEYS = {
     "resolution": "ss_resolution",
     "epochs": "ss_num_epochs",
     "steps": "ss_max_train_steps",
+    "steps_trained": "ss_steps",
     "images": "ss_num_train_images",
     "learning_rate": "ss_learning_rate",
     "unet_lr": "ss_unet_lr",
     "text_encoder_lr": "ss_text_encoder_lr",
     "started_at": "ss_training_started_at",
+    "finished_at": "ss_training_finished_at",
     "title": "modelspec.title",
     "architecture": "modelspec.architecture",
 }
+#: Training keys that hold Unix seconds (kohya writes them so), shown as local dates.
+DATE_KEYS = ("started_at", "finished_at")
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
-PART_ORDER = ("unet", "te1", "te2", "other")
+PART_ORDER = ("unet", "te1", "te2", "te3", "other")
 TOP_TAGS = 10
+
+
+def readable_date(value: str) -> str:
+    """Unix seconds as "YYYY-MM-DD HH:MM:SS" local time; anything else as it is."""
+    import time
+
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(value)))
+    except (ValueError, OverflowError, OSError):
+        return value
 
 
 def _shown(value: float | None) -> str:
@@ -80,6 +94,9 @@ def summarize(network: Network) -> dict:
     order = [p for p in PART_ORDER if p in by_part]
     meta = network.metadata
     training = {key: meta[src] for key, src in TRAINING_KEYS.items() if meta.get(src)}
+    for key in DATE_KEYS:
+        if key in training:
+            training[key] = readable_date(training[key])
     args = parse_json_metadata(meta, "ss_network_args")
     if isinstance(args, dict):
         training["network_args"] = args
@@ -138,6 +155,19 @@ def _size(n: int | None) -> str:
     return ""
 
 
+def _parts_phrase(by_part: dict[str, int]) -> str:
+    """"the diffusion model (20) and text encoders te1 (6), te2 (6)" for a module count per part."""
+    phrases = []
+    if "unet" in by_part:
+        phrases.append(f"the diffusion model ({by_part['unet']})")
+    encoders = [f"{part} ({n})" for part, n in by_part.items() if part.startswith("te")]
+    if encoders:
+        phrases.append(f"text encoder{'s' if len(encoders) > 1 else ''} {', '.join(encoders)}")
+    if "other" in by_part:
+        phrases.append(f"names of no known part ({by_part['other']})")
+    return " and ".join(phrases) or "no parts"
+
+
 def _listed(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} ({v})" for k, v in counts.items()) or "none"
 
@@ -151,7 +181,10 @@ def render(summary: dict, against_result: dict | None = None) -> str:
     def row(label: str, text: str) -> None:
         lines.append(f"  {label:<15} {text}")
 
-    row("family", f"{family} ({FAMILY_NAMES.get(family, family)})" if family else "unknown")
+    if family:
+        row("family", f"{family} ({FAMILY_NAMES.get(family, family)})")
+    else:
+        row("family", f"unknown: {s['module_count']} modules over {_parts_phrase(s['modules_by_part'])}")
     parts = ", ".join(
         f"{part} {n}" + ("" if set(s["kinds"][part]) == {"loha"} else
                          " [" + ", ".join(f"{k} {c}" for k, c in s["kinds"][part].items()) + "]")
@@ -179,7 +212,8 @@ def render(summary: dict, against_result: dict | None = None) -> str:
         row("unknown keys", f"{len(s['unknown_keys'])}: {shown}")
     if against_result is not None:
         a = against_result
-        lines.append(f"against {a['checkpoint']} ({a['family']}): {a['matched']} of {s['module_count']} names match")
+        lines.append(f"against {a['checkpoint']} ({a['family'] or 'family unknown'}): "
+                     f"{a['matched']} of {s['module_count']} names match")
         if a["unmatched"]:
             lines.append(f"  {len(a['unmatched'])} match nothing:")
             lines += [f"    {name}" for name in a["unmatched"]]

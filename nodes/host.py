@@ -32,6 +32,18 @@ def lora_roots() -> list[str]:
     return folder_paths.get_folder_paths(LORA_FOLDER)
 
 
+def lora_key_map(model, clip) -> dict:
+    """ComfyUI's own LoRA key map for a MODEL and/or CLIP (either may be None), as Load LoRA builds it."""
+    import comfy.lora
+
+    key_map: dict = {}
+    if model is not None:
+        comfy.lora.model_lora_keys_unet(model.model, key_map)
+    if clip is not None:
+        comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    return key_map
+
+
 def progress(total: int):
     """ComfyUI's progress bar for the running node (shown on the node and in the queue)."""
     import comfy.utils

@@ -56,15 +56,20 @@ def shapes_of(module) -> dict[str, tuple]:
     return {key: tuple(value.shape) for key, value in module.state_dict().items()}
 
 
-def planned(path: str, parts: dict[str, dict[str, tuple]], blocks: str) -> PatchSet:
-    """`plan_patches` for the file at `path`, reused while the file and the model's shapes stay."""
+def planned(path: str, parts: dict[str, dict[str, tuple]], blocks: str, kinds: tuple = (),
+            key_map=lambda: None) -> PatchSet:
+    """`plan_patches` for the file at `path`, reused while the file and the model stay.
+
+    `kinds` names the model classes (ComfyUI's key map depends on them and the shapes);
+    `key_map()` gives ComfyUI's key map, asked for only when a plan is made.
+    """
     stat = os.stat(path)
-    key = (path, stat.st_mtime_ns, stat.st_size, blocks,
+    key = (path, stat.st_mtime_ns, stat.st_size, blocks, kinds,
            tuple((part, tuple(shapes.items())) for part, shapes in sorted(parts.items())))
     if key in _plans:
         _plans.move_to_end(key)
     else:
-        _plans[key] = plan_patches(loha.load(path), parts, blocks)
+        _plans[key] = plan_patches(loha.load(path), parts, blocks, key_map())
         while len(_plans) > PLAN_CACHE_SIZE:
             _plans.popitem(last=False)
     return _plans[key]
@@ -73,17 +78,19 @@ def planned(path: str, parts: dict[str, dict[str, tuple]], blocks: str) -> Patch
 def apply_loha(model, clip, path: str, strength_model: float, strength_clip: float, blocks: str = "",
                bypass: bool = False):
     """Clones of `model`/`clip` (either may be None) with the network at `path` added (or bypassed)."""
-    parts = {}
+    parts, used = {}, {"model": None, "clip": None}
     if model is not None and strength_model != 0:
-        parts["model"] = shapes_of(model.model)
+        parts["model"], used["model"] = shapes_of(model.model), model
     if clip is not None and strength_clip != 0:
-        parts["clip"] = shapes_of(clip.patcher.model)
+        parts["clip"], used["clip"] = shapes_of(clip.patcher.model), clip
     if not parts:
         return model, clip
-    result = planned(path, parts, blocks)
+    kinds = tuple(type(part.model if name == "model" else part.patcher.model).__name__
+                  for name, part in used.items() if part is not None)
+    result = planned(path, parts, blocks, kinds, lambda: host.lora_key_map(used["model"], used["clip"]))
     if result.unmatched:
         LOG.warning("loha: %s: %d names match no weight of this %s model: %s", path,
-                    len(result.unmatched), result.family, ", ".join(result.unmatched))
+                    len(result.unmatched), result.family or "unknown", ", ".join(result.unmatched))
     strengths = {"model": strength_model, "clip": strength_clip}
     patched = {"model": model, "clip": clip}
     for part, patches in result.patches.items():

@@ -52,9 +52,14 @@ class LohaPatch(KeyedPatch, WeightAdapterBase):
         return self.add_into(weight, strength)
 
 
-def plan_patches(network: Network, parts: Mapping[str, Mapping[str, tuple]], blocks: str = "") -> PatchSet:
-    """`loha.keyed.plan_keyed` with ComfyUI's `LohaPatch`es (parts "model" and "clip")."""
-    return plan_keyed(network, parts, blocks, LohaPatch)
+def plan_patches(network: Network, parts: Mapping[str, Mapping[str, tuple]], blocks: str = "",
+                 key_map: Mapping[str, object] | None = None) -> PatchSet:
+    """`loha.keyed.plan_keyed` with ComfyUI's `LohaPatch`es (parts "model" and "clip").
+
+    `key_map` is ComfyUI's own (`comfy.lora.model_lora_keys_unet`/`_clip`): names it
+    knows and loha does not are taken from it, so every file Load LoRA loads loads here.
+    """
+    return plan_keyed(network, parts, blocks, LohaPatch, key_map)
 
 
 def comfy_layer_weights(module: torch.nn.Module, x: torch.Tensor | None):

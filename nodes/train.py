@@ -74,12 +74,28 @@ class ComfyBase:
     def tokenize(self, captions):
         raise LohaError("Train LoHa in ComfyUI keeps the text encoder frozen")
 
-    def encode_captions(self, captions: list[str], clip_skip: int = 1) -> torch.Tensor:
-        return torch.cat([self.clip.encode_from_tokens(self.clip.tokenize(c)) for c in captions])
+    @property
+    def sized(self) -> bool:
+        """Whether the model takes pooled text and size conditioning (SDXL's `y`)."""
+        return getattr(self.model, "adm_channels", 0) > 0 and hasattr(self.model, "encode_adm")
+
+    def encode_captions(self, captions: list[str], clip_skip: int = 1):
+        """The context of each caption; with SDXL also the pooled text, as (context, pooled)."""
+        if not self.sized:
+            return torch.cat([self.clip.encode_from_tokens(self.clip.tokenize(c)) for c in captions])
+        pairs = [self.clip.encode_from_tokens(self.clip.tokenize(c), return_pooled=True) for c in captions]
+        return torch.cat([c for c, _ in pairs]), torch.cat([p for _, p in pairs])
 
     def predict(self, noisy, timesteps, context):
         dtype = self.model.get_dtype()
-        return self.model.diffusion_model(noisy.to(dtype), timesteps, context=context.to(dtype))
+        extra = {}
+        if self.sized:  # SDXL: ComfyUI's own size embedding, (H, W, 0, 0, H, W) as the loop feeds diffusers
+            context, pooled = context
+            h, w = (side * self.vae_factor for side in noisy.shape[-2:])
+            y = self.model.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0,
+                                      target_width=w, target_height=h)
+            extra["y"] = y.to(noisy.device, dtype)
+        return self.model.diffusion_model(noisy.to(dtype), timesteps, context=context.to(dtype), **extra)
 
 
 def _outside_inference_mode(module: torch.nn.Module) -> None:
@@ -113,7 +129,7 @@ class TrainLoha:
         from loha.train.modules import PRESET_HELP
 
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model to train the LoHa for (SD1.x/SD2.x)."}),
+            "model": ("MODEL", {"tooltip": "The diffusion model to train the LoHa for (SD1.x/SD2.x/SDXL)."}),
             "clip": ("CLIP", {"tooltip": "Its text encoder; encodes each caption once (not trained)."}),
             "vae": ("VAE", {"tooltip": "Its VAE; encodes each image once."}),
             "folder": ("STRING", {"default": "", "tooltip": "Image folder: images with same-name .txt captions, "

@@ -49,7 +49,16 @@ class Files:
 
 files = Files()
 active = ActiveSet()
-forge_active = ForgeActive()
+
+
+def forge_key_map(unet, clip) -> dict:
+    """Forge's own LoRA key map for its UNet and CLIP patchers, as its built-in Lora builds it."""
+    from backend.patcher.lora import model_lora_keys_clip, model_lora_keys_unet
+
+    return {**model_lora_keys_unet(unet.model, {}), **model_lora_keys_clip(clip.cond_stage_model, {})}
+
+
+forge_active = ForgeActive(forge_key_map)
 
 
 def shorthash(name: str, path: str, compute: bool) -> str:
@@ -189,6 +198,11 @@ def before_ui():
     extra_networks.register_extra_network(ExtraNetworkLoha())
 
 
+def loaded_checkpoint() -> str | None:
+    info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+    return getattr(info, "filename", None)
+
+
 def on_ui_tabs():
     from loha.app.ui import Folders, build
 
@@ -196,6 +210,7 @@ def on_ui_tabs():
         checkpoints=[os.path.join(paths.models_path, "Stable-diffusion")],
         networks=network_folders(),
         output=os.path.join(paths.models_path, "Stable-diffusion"),
+        current_checkpoint=loaded_checkpoint,  # the Train tab starts on the model the WebUI has loaded
     )
     return [(build(folders), "LoHa", "loha")]
 

@@ -65,8 +65,9 @@ class Comfy:
                        "input", "user", "temp"):
             os.makedirs(os.path.join(self.base, folder), exist_ok=True)
         _link(REPO, os.path.join(self.base, "custom_nodes", "loha"))
-        for folder, files in (("checkpoints", checkpoints), ("diffusion_models", diffusion_models or {})):
-            for name, path in files.items():  # big: linked (read by ComfyUI's loaders only)
+        models = [("checkpoints", checkpoints), ("diffusion_models", diffusion_models or {})]
+        for folder, files in models:  # big: linked (read by ComfyUI's loaders only)
+            for name, path in files.items():
                 _link(path, os.path.join(self.base, "models", folder, name))
         for name, path in loras.items():  # copied: our routes serve nothing outside the folder
             target = os.path.join(self.base, "models", "loras", name)

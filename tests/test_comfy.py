@@ -425,3 +425,42 @@ def test_resolve_directly(folders):
         files.resolve("sub", roots)  # a folder is not a file
     with pytest.raises(files.Refused):
         files.resolve(os.path.join(outside, "secret.safetensors"), roots)
+
+
+def test_comfyui_key_map_covers_models_loha_has_no_layout_for():
+    """A model in a layout loha does not know (PixArt's, as ComfyUI holds it: fused q/k/v and
+    k/v) takes names from ComfyUI's key map: keys, (key, (dim, start, length)) row slices and
+    the swap of ΔW's halves; the patches add exactly what those say."""
+
+    def swap_scale_shift(weight):  # ComfyUI's function is known to the planner by this name
+        shift, scale = weight.chunk(2, dim=0)
+        return torch.cat([scale, shift])
+
+    h, g = 8, torch.Generator().manual_seed(0)
+    state = {"diffusion_model.blocks.0.attn.qkv.weight": torch.randn(3 * h, h, generator=g),
+             "diffusion_model.blocks.0.cross_attn.kv_linear.weight": torch.randn(2 * h, h, generator=g),
+             "diffusion_model.blocks.0.mlp.fc1.weight": torch.randn(4 * h, h, generator=g),
+             "diffusion_model.final_layer.adaLN_modulation.1.weight": torch.randn(2 * h, h, generator=g)}
+    key_map = {"transformer.transformer_blocks.0.attn1.to_k": ("diffusion_model.blocks.0.attn.qkv.weight", (0, h, h)),
+               "transformer.transformer_blocks.0.attn2.to_v": ("diffusion_model.blocks.0.cross_attn.kv_linear.weight",
+                                                               (0, h, h)),
+               "transformer.transformer_blocks.0.ff.net.0.proj": "diffusion_model.blocks.0.mlp.fc1.weight",
+               "transformer.norm_out.linear": ("diffusion_model.final_layer.adaLN_modulation.1.weight", None,
+                                               swap_scale_shift)}
+    tensors, expected = {}, {k: v.clone() for k, v in state.items()}
+    for name, value in key_map.items():
+        key, offset, function = (value, None, None) if isinstance(value, str) else (*value, None)[:3]
+        rows = state[key].shape[0] if offset is None else offset[2]
+        factors = [torch.randn(shape, generator=g) * 0.3 for shape in ((rows, 2), (2, h), (rows, 2), (2, h))]
+        tensors.update({f"{name}.hada_w{i}_{ab}": f for (i, ab), f in zip(("1a", "1b", "2a", "2b"), factors)})
+        delta = 0.5 * (factors[0] @ factors[1]) * (factors[2] @ factors[3])
+        target = expected[key] if offset is None else expected[key][offset[1]:offset[1] + offset[2]]
+        target += function(delta) if function else delta
+    net = loha.from_tensors(tensors, "pixart")
+    with pytest.raises(LohaError, match="none of its 4 modules matches this pixart model"):
+        plan_patches(net, split(state))
+    result = plan_patches(net, split(state), key_map=key_map)
+    assert result.unmatched == [] and set(result.patches["model"]) == set(state)
+    patch_like_comfyui(state, result.patches["model"], 0.5)
+    for key in state:
+        torch.testing.assert_close(state[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)

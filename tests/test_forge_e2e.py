@@ -7,7 +7,7 @@ checkpoint from `random_checkpoint`, networks from lycoris-lora). Forge runs on 
 (`--always-cpu`), on 127.0.0.1 only, offline.
 
 Forge patches through its own ModelPatchers, so the extension adds LoHa there as
-patches its weight merging hands to our kernels (`loha/forge.py`). Shown here: the
+patches its weight merging hands to our kernels (`loha/hosts/forge.py`). Shown here: the
 same images as Forge's built-in Lora reading the same LoHa, alone and mixed with a
 LoRA in either order; the built-in's network alone again, and the base again, bit
 for bit; infotext hashes; the card and the preview route.

@@ -247,58 +247,10 @@ def test_file_has_kohya_metadata(trained):
     assert {m.rank for m in net.modules.values()} == {2, 4}
 
 
-def assert_lycoris_patch_and_trainer_agree(path: str, base, spec: dict, lycoris_modules):
-    """lycoris-lora's create_network_from_weights takes every module of the file at `path`, and
-    its forward path, our loader (loha.patch) and the trainer's own forward (a `LohaNetwork`
-    of `spec` loading the file) give one model, changed by training in every part.
-    `lycoris_modules(parts)` gives (text encoders, UNet) as lycoris-lora is to see them.
-    Returns the lycoris network."""
-    import loha
-    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
-    from lycoris.utils.preset import read_preset
-    from safetensors.torch import load_file
-
-    from loha.train.modules import LohaNetwork, NetworkSpec
-    from tiny_models import _preset_file, run_parts
-
-    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
-    net = loha.load(path)
-    reference = run_parts(base.parts())
-
-    ours = copy.deepcopy(base.parts())
-    handle = loha.apply(ours, [(net, 1.0, 1.0)])
-    assert not handle.unmatched
-    patched = run_parts(ours)
-
-    theirs = copy.deepcopy(base.parts())
-    encoders, unet = lycoris_modules(theirs)
-    # lycoris-lora builds (and drops) a network with its class-wide preset first; its
-    # built-in "full" names time_embedding twice on diffusers UNets, so use ours.
-    LycorisNetworkKohya.apply_preset(read_preset(_preset_file()))
-    lyco = create_network_from_weights(1.0, path, None, encoders, unet, for_inference=True)[0]
-    assert len(lyco.unet_loras) + len(lyco.text_encoder_loras) == len(net.modules)
-    lyco.apply_to(encoders, unet, True, True)
-    lyco.load_weights(path)
-    by_lycoris = run_parts(theirs)
-
-    live = copy.deepcopy(base.parts())
-    network = LohaNetwork(live, NetworkSpec(**spec))
-    network.load_file_tensors(load_file(path))
-    network.attach()
-    by_trainer = run_parts(live)
-
-    for key in reference:
-        change = (patched[key] - reference[key]).abs().max()
-        assert change > 1e-4, f"training changed nothing in {key}"
-        torch.testing.assert_close(by_lycoris[key], patched[key], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(by_trainer[key], patched[key], rtol=1e-4, atol=1e-5)
-    return lyco
-
-
 def test_file_loads_in_lycoris_and_ours_with_the_same_delta(trained):
     """lycoris-lora's create_network_from_weights takes every module of our file, and its
     forward path, our loader (loha.patch) and the trainer's own forward give one model."""
-    from train_helpers import WithTextModel, tiny_base
+    from train_helpers import WithTextModel, assert_lycoris_patch_and_trainer_agree, tiny_base
 
     assert_lycoris_patch_and_trainer_agree(
         trained.path, tiny_base(), FULL_SPEC, lambda parts: (WithTextModel(parts["text_encoder"]), parts["unet"]))
@@ -483,7 +435,7 @@ def test_sdxl_file_loads_in_lycoris_and_ours_with_the_same_outputs(sdxl_trained,
     """As the SD1 test: lycoris-lora (on kohya's LDM-named UNet tree, both encoders as a
     list, so lora_te1_/lora_te2_), loha.patch and the trainer's forward give one model."""
     from loha.train.models import from_diffusers
-    from train_helpers import WithTextModel
+    from train_helpers import WithTextModel, assert_lycoris_patch_and_trainer_agree
 
     def lycoris_modules(parts):
         # transformers 5's CLIPTextModel lacks the text_model. level, its CLIPTextModelWithProjection has it

@@ -88,3 +88,88 @@ def test_a_same_named_folder_is_no_installed_package(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(ui, "UI_PACKAGES", ("loha_absent_ui_package", "pytest"))
     assert ui.missing_packages() == ["loha_absent_ui_package"]
+
+
+def test_checkpoints_and_networks_in_one_folder_are_told_apart(folders):
+    both = [folders.checkpoints[0], folders.networks[0]]
+    mixed = ui.Folders(checkpoints=both, networks=both, output=folders.output)
+    assert list(mixed.checkpoint_files()) == ["base.safetensors"]
+    assert list(mixed.network_files()) == ["style/fox.safetensors"]
+    assert mixed.default_model() == "demo"
+    path = folders.checkpoint_files()["base.safetensors"]
+    loaded = ui.Folders(checkpoints=both, current_checkpoint=lambda: path)  # the WebUI's loaded model
+    assert loaded.default_model() == "base.safetensors"
+
+
+def test_merge_reports_progress(folders):
+    calls = []
+    message = ui.merge_files(folders, "base.safetensors", "style/fox.safetensors", "progress", "keep",
+                             on_progress=lambda done, total: calls.append((done, total)))
+    assert message.startswith("Wrote") and len(calls) > 10
+    assert calls[-1][0] == calls[-1][1] and [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_dropdowns_that_need_a_choice_start_empty(folders):
+    gr = pytest.importorskip("gradio")
+    pytest.importorskip("diffusers")
+    blocks = ui.build(folders)
+    dropdowns = {b.label: b for b in blocks.blocks.values() if isinstance(b, gr.Dropdown)}
+    assert [dropdowns[k].value for k in ("Checkpoint", "Add a network", "Network", "Preset")] == [None] * 4
+    reports = [b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "loha-inspect-report"]
+    assert isinstance(reports[0], gr.Code)  # monospace
+
+
+def test_inspect_shows_steps_trained_and_readable_dates(tmp_path):
+    import time
+
+    from loha.summary import render, summarize
+    from safetensors.torch import save_file
+
+    started = 1_700_000_000.25
+    path = tmp_path / "net.safetensors"
+    save_file({"lora_unet_x.hada_w1_a": torch.zeros(4, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 4),
+               "lora_unet_x.hada_w2_a": torch.zeros(4, 2), "lora_unet_x.hada_w2_b": torch.zeros(2, 4)},
+              path, {"ss_steps": "42", "ss_training_started_at": repr(started),
+                     "ss_training_finished_at": repr(started + 3600)})
+    summary = summarize(loha.load(str(path)))
+    want = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+    assert summary["training"]["steps_trained"] == "42" and summary["training"]["started_at"] == want
+    assert "steps trained 42" in render(summary) and f"started at {want}" in render(summary)
+
+
+_GRADIO_341 = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import gradio as gr
+from loha.app import ui
+folders = ui.Folders(checkpoints=[sys.argv[2]], networks=[sys.argv[3]], output=sys.argv[2])
+blocks = ui.build(folders)
+dropdowns = {b.label: b for b in blocks.blocks.values() if isinstance(b, gr.Dropdown)}
+config = blocks.get_config_file()
+loads = [d for d in config["dependencies"] if d.get("trigger") == "load" and len(d["outputs"]) > 10]
+print(json.dumps({"version": gr.__version__, "tabs": [b.label for b in blocks.blocks.values() if isinstance(b, gr.Tab)],
+                  "empty": [dropdowns[k].value for k in ("Checkpoint", "Add a network", "Network", "Preset")],
+                  "model": dropdowns[ui_label].value if (ui_label := next(k for k in dropdowns if k.startswith("Base model"))) else None,
+                  "networks": dropdowns["Network"].choices, "gallery": any(isinstance(b, gr.Gallery) for b in blocks.blocks.values()),
+                  "code": any(isinstance(b, gr.Code) for b in blocks.blocks.values()), "loads": len(loads)}))
+"""
+
+
+def test_blocks_build_on_the_webui_s_gradio_3_41(folders):
+    """The WebUI 1.8 ships gradio 3.41: the same tabs build there (LOHA_WEBUI_PYTHON, its venv)."""
+    import json
+    import os
+    import subprocess
+
+    python = os.environ.get("LOHA_WEBUI_PYTHON")
+    if not python:
+        pytest.skip("set LOHA_WEBUI_PYTHON to the WebUI's Python (gradio 3.41) to build the tabs there")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([python, "-c", _GRADIO_341, root, folders.checkpoints[0], folders.networks[0]],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["version"].startswith("3.41") and got["tabs"] == ["Train", "Merge", "Inspect"]
+    assert got["empty"] == [None] * 4 and got["model"] == "demo" and got["gallery"] and got["code"]
+    assert [c[0] if isinstance(c, list) else c for c in got["networks"]] == ["style/fox.safetensors"]
+    assert got["loads"] == 1  # the Train tab's reattach on page load (progress, plot, gallery … and its fields)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import torch
 
 from tiny_models import clip_text, sd1_unet
@@ -63,3 +66,51 @@ def sdxl_folder(path, seed: int = 0) -> str:
     """The tiny SDXL pipeline saved as a diffusers model folder (what `--model` takes)."""
     tiny_sdxl_pipeline(seed).save_pretrained(str(path))
     return str(path)
+
+
+def assert_lycoris_patch_and_trainer_agree(path: str, base, spec: dict, lycoris_modules):
+    """lycoris-lora's create_network_from_weights takes every module of the file at `path`, and
+    its forward path, our loader (loha.patch) and the trainer's own forward (a `LohaNetwork`
+    of `spec` loading the file) give one model, changed by training in every part.
+    `lycoris_modules(parts)` gives (text encoders, UNet) as lycoris-lora is to see them.
+    Returns the lycoris network."""
+    import loha
+    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+    from lycoris.utils.preset import read_preset
+    from safetensors.torch import load_file
+
+    from loha.train.modules import LohaNetwork, NetworkSpec
+    from tiny_models import _preset_file, run_parts
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    net = loha.load(path)
+    reference = run_parts(base.parts())
+
+    ours = copy.deepcopy(base.parts())
+    handle = loha.apply(ours, [(net, 1.0, 1.0)])
+    assert not handle.unmatched
+    patched = run_parts(ours)
+
+    theirs = copy.deepcopy(base.parts())
+    encoders, unet = lycoris_modules(theirs)
+    # lycoris-lora builds (and drops) a network with its class-wide preset first; its
+    # built-in "full" names time_embedding twice on diffusers UNets, so use ours.
+    LycorisNetworkKohya.apply_preset(read_preset(_preset_file()))
+    lyco = create_network_from_weights(1.0, path, None, encoders, unet, for_inference=True)[0]
+    assert len(lyco.unet_loras) + len(lyco.text_encoder_loras) == len(net.modules)
+    lyco.apply_to(encoders, unet, True, True)
+    lyco.load_weights(path)
+    by_lycoris = run_parts(theirs)
+
+    live = copy.deepcopy(base.parts())
+    network = LohaNetwork(live, NetworkSpec(**spec))
+    network.load_file_tensors(load_file(path))
+    network.attach()
+    by_trainer = run_parts(live)
+
+    for key in reference:
+        change = (patched[key] - reference[key]).abs().max()
+        assert change > 1e-4, f"training changed nothing in {key}"
+        torch.testing.assert_close(by_lycoris[key], patched[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(by_trainer[key], patched[key], rtol=1e-4, atol=1e-5)
+    return lyco

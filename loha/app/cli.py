@@ -5,7 +5,7 @@
                          [--device cpu|cuda] [--allow-unmatched] [--force]
     python -m loha demo [--out FOLDER]
     python -m loha convert SRC[:UNET[:TE]] [...] -o OUT --to lycoris|peft|lora [--rank R] [--base BASE]
-    python -m loha train -o OUT [--model demo|DIFFUSERS_FOLDER|CHECKPOINT] [--data FOLDER] [...]
+    python -m loha train -o OUT [--model demo|DIFFUSERS_FOLDER|CHECKPOINT] [--data FOLDER] [--config FILE] [...]
     python -m loha ui [--checkpoints DIR] [--networks DIR] [--output DIR] [--port N]
 
 Errors print as ``loha: <message>`` on stderr, without a traceback, and exit 1 (with
@@ -25,7 +25,9 @@ from ..errors import LohaError
 from ..files.safetensors_io import DTYPE_NAMES
 
 #: Library arguments (`LohaError.option`) -> the flag that sets them here.
-OPTION_FLAGS = {"overwrite": "--force", "allow_unmatched": "--allow-unmatched", "tokenizer": "--tokenizer FOLDER"}
+OPTION_FLAGS = {"overwrite": "--force", "allow_unmatched": "--allow-unmatched", "tokenizer": "--tokenizer FOLDER",
+                "vae": "--vae FOLDER", "optimizer": "--optimizer", "config": "--config FILE",
+                "resume": "--resume"}
 
 
 # --------------------------------------------------------------------------- handlers
@@ -108,40 +110,95 @@ def _convert(args) -> int:
 
 
 def _train_config(args):
-    from ..train import SAMPLE_DATA, NetworkSpec, TrainConfig
+    """The run's TrainConfig: a --config file (or preset) first, the flags given over it."""
+    from ..train import SAMPLE_DATA
+    from ..train.optim import parse_arguments
+    from ..train.settings import build_config, read_config
 
-    spec = NetworkSpec(preset=args.preset, rank=args.rank, alpha=args.alpha, conv_rank=args.conv_rank,
-                       conv_alpha=args.conv_alpha, use_tucker=args.tucker, text_encoder=args.text_encoder)
-    return TrainConfig(
-        data=args.data or SAMPLE_DATA, output=args.out, model=args.model, tokenizer=args.tokenizer, vae=args.vae,
-        network=spec, resolution=args.resolution, bucket_step=args.bucket_step, batch_size=args.batch_size,
-        steps=args.steps, learning_rate=args.lr, text_encoder_lr=args.te_lr, lr_scheduler=args.scheduler,
-        warmup_steps=args.warmup, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-        gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
-        prediction_type=args.prediction, clip_skip=args.clip_skip, seed=args.seed, save_every=args.save_every,
-        sample_every=args.sample_every, sample_prompt=args.sample_prompt, save_dtype=args.save_dtype,
-        resume=args.resume, device=args.device)
+    import dataclasses
+
+    from ..train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = vars(args)
+    values = read_config(args.config) if given.get("config") else {}
+    network = dict(values.get("network", {}))
+    for key, value in given.items():
+        if key.startswith("net_"):
+            network[key[4:]] = value
+        elif key == "optimizer_args":
+            values[key] = {**values.get(key, {}), **parse_arguments(value)}
+        elif key in fields:  # the flags' dests are TrainConfig's field names (network ones: net_ + NetworkSpec's)
+            values[key] = value
+    if network:
+        values["network"] = network
+    values.setdefault("data", SAMPLE_DATA)
+    if "output" not in values:
+        raise LohaError("give the output file: -o OUT.safetensors (or output_dir/output_name in --config)")
+    return build_config(values)
 
 
 def _train(args) -> int:
     from ..train import Callbacks, train
+    from ..train.settings import write_config
 
-    every = max(1, args.log_every)
-
-    def progress(step, total, loss, lr):  # called on the main process only
-        if step % every == 0 or step == total:
-            print(f"step {step}/{total}  loss {loss:.4f}  lr {lr:.3g}", flush=True)
-
-    callbacks = Callbacks(progress=progress, log=lambda m: print(m, flush=True),
-                          saved=lambda step, path: print(f"saved {path} (step {step})", flush=True),
-                          sample=lambda step, images, path: print(f"samples {path}", flush=True))
-    result = train(_train_config(args), callbacks)
+    config = _train_config(args)
+    if getattr(args, "save_config", None):
+        print(f"wrote {write_config(config, args.save_config)}; train with: loha train --config {args.save_config}")
+        return 0
+    follow = _TrainProgress(max(1, getattr(args, "log_every", 10)))
+    callbacks = Callbacks(progress=follow.progress, timing=follow.timing, log=follow.write,
+                          saved=lambda step, path: follow.write(f"saved {path} (step {step})"),
+                          sample=lambda step, images, path: follow.write(f"samples {path}"))
+    try:
+        result = train(config, callbacks)
+    finally:
+        follow.close()
     if result.losses and result.main:
         n = max(1, len(result.losses) // 10)
         first, last = sum(result.losses[:n]) / n, sum(result.losses[-n:]) / n
-        print(f"done: {result.steps} steps in {result.seconds:.1f} s; mean loss first 10% {first:.4f}, "
-              f"last 10% {last:.4f}", flush=True)
+        ended = f"stopped at step {result.steps} of {result.total}" if result.stopped else f"done: {result.steps} steps"
+        print(f"{ended} in {result.seconds:.1f} s; mean loss first 10% {first:.4f}, last 10% {last:.4f} "
+              f"-> {result.path}", flush=True)
     return 0
+
+
+class _TrainProgress:
+    """A tqdm bar (steps, s/step, ETA, loss) on a terminal; elsewhere (a log file, a pipe, a
+    notebook cell) a line every `every` steps and at the end, with the same numbers."""
+
+    def __init__(self, every: int):
+        self.every, self.bar = every, None
+        self.terminal = sys.stderr.isatty()
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def progress(self, step, total, loss, lr) -> None:
+        pass  # timing() has the same step with its times
+
+    def timing(self, info) -> None:
+        from tqdm import tqdm
+
+        if self.terminal:
+            if self.bar is None:
+                self.bar = tqdm(total=info.total, initial=info.step - 1, unit="step", dynamic_ncols=True,
+                                desc="loha train")
+            self.bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.3g}", refresh=False)
+            self.bar.update(info.step - self.bar.n)
+        elif info.step % self.every == 0 or info.step == info.total:
+            interval = tqdm.format_interval
+            print(f"step {info.step}/{info.total}  loss {info.loss:.4f}  lr {info.lr:.3g}  "
+                  f"{info.seconds_per_step:.2f} s/step  elapsed {interval(info.elapsed)}  ETA {interval(info.eta)}",
+                  flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _ui(args) -> int:
@@ -151,7 +208,7 @@ def _ui(args) -> int:
     if missing:
         raise LohaError(f"the UI needs {' and '.join(missing)}: pip install 'loha[ui]'")
     folders = Folders(checkpoints=args.checkpoints or ["."], networks=args.networks or ["."], output=args.output)
-    build(folders).launch(server_name=args.host, server_port=args.port)
+    build(folders).queue().launch(server_name=args.host, server_port=args.port)  # queue: progress and streams
     return 0
 
 
@@ -211,59 +268,112 @@ def _declare_convert(sub) -> None:
 
 
 def _declare_train(sub) -> None:
-    from ..train.loop import MIXED_PRECISION, PREDICTION_TYPES, SCHEDULES
-    from ..train.modules import PRESET_HELP
+    import dataclasses
 
+    from ..train.loop import MIXED_PRECISION, PREDICTION_TYPES, SCHEDULES, TRACKERS, TrainConfig
+    from ..train.modules import PRESET_HELP, NetworkSpec
+    from ..train.optim import OPTIMIZERS
+    from ..train.settings import CONFIG_PRESETS
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    defaults.update({"net_" + f.name: f.default for f in dataclasses.fields(NetworkSpec)})
     p = sub.add_parser("train", help="train a LoHa on a folder of images", description=(
         "Train a LoHa on a folder of images (same-name .txt captions, N_name/ folders = N repeats) and write a "
         "LyCORIS/kohya .safetensors file. Runs out of the box on the demo model and the bundled sample images. "
-        "Several processes: accelerate launch --num_processes N -m loha train …"))
+        "Settings come from --config (a kohya sd-scripts TOML/JSON config, or a preset), then the flags given. "
+        "Several processes: accelerate launch --num_processes N -m loha train …"),
+        argument_default=argparse.SUPPRESS)
+
+    def add(group, *flags, dest, help, **kwargs):
+        default = defaults.get(dest)
+        shown = "" if default in (None, "", 0, False) or dest.endswith("data") else f" (default {default})"
+        group.add_argument(*flags, dest=dest, help=help + shown, **kwargs)
+
+    flag = argparse.BooleanOptionalAction
+    g = p.add_argument_group("config")
+    g.add_argument("--config", metavar="FILE", help="a TOML/JSON config with kohya sd-scripts' key names, or a preset: "
+                   + ", ".join(CONFIG_PRESETS) + "; flags given override it")
+    g.add_argument("--save-config", metavar="FILE", help="write the run's config (TOML, or JSON by extension) and "
+                   "exit without training")
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="demo",
-                   help="'demo' (small SD1-architecture model, seeded), a diffusers folder (SD1.x/SD2.x/SDXL), "
-                        "or an SD1.x/SD2.x/SDXL checkpoint")
-    g.add_argument("--tokenizer", help="tokenizer folder for a checkpoint (vocab.json + merges.txt; for SDXL a "
-                                       "folder with tokenizer/ and tokenizer_2/, e.g. a diffusers SDXL model)")
-    g.add_argument("--vae", help="diffusers VAE folder (for a checkpoint without one)")
-    g.add_argument("--data", help="image folder (default: the bundled sample images)")
-    g.add_argument("-o", "--out", required=True, help="output .safetensors file")
-    g.add_argument("--resolution", type=int, default=512, help="bucket area = resolution² (default 512)")
-    g.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this (default 64)")
+    add(g, "--model", dest="model", help="'demo' (small SD1-architecture model, seeded), a diffusers folder "
+        "(SD1.x/SD2.x/SDXL), or an SD1.x/SD2.x/SDXL checkpoint (any: fp16/bf16, pruned or not, its VAE is used)")
+    add(g, "--tokenizer", dest="tokenizer", help="tokenizer folder instead of the shipped CLIP one (for SDXL a "
+        "folder with tokenizer/ and tokenizer_2/)")
+    add(g, "--vae", dest="vae", help="diffusers VAE folder (for a checkpoint without one)")
+    add(g, "--data", dest="data", help="image folder (default: the bundled sample images)")
+    add(g, "-o", "--out", dest="output", help="output .safetensors file")
+    add(g, "--resolution", dest="resolution", type=int, help="bucket area = resolution²")
+    add(g, "--bucket-step", dest="bucket_step", type=int, help="bucket sides are multiples of this")
 
     g = p.add_argument_group("network")
-    g.add_argument("--preset", default="attn-mlp", choices=list(PRESET_HELP),
-                   help="; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
-    g.add_argument("--rank", type=int, default=8, help="linear rank (ss_network_dim)")
-    g.add_argument("--alpha", type=float, default=4.0)
-    g.add_argument("--conv-rank", type=int, default=4, help="rank of k×k convs (preset full)")
-    g.add_argument("--conv-alpha", type=float, default=2.0)
-    g.add_argument("--tucker", action="store_true", help="Tucker cores for k×k convs (use_tucker)")
-    g.add_argument("--text-encoder", action="store_true", help="train the text encoder(s) too (SDXL: both)")
+    add(g, "--preset", dest="net_preset", choices=list(PRESET_HELP),
+        help="; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
+    add(g, "--rank", dest="net_rank", type=int, help="linear rank (network_dim)")
+    add(g, "--alpha", dest="net_alpha", type=float, help="network_alpha")
+    add(g, "--conv-rank", dest="net_conv_rank", type=int, help="rank of k×k convs (preset full)")
+    add(g, "--conv-alpha", dest="net_conv_alpha", type=float, help="alpha of k×k convs")
+    add(g, "--tucker", dest="net_use_tucker", action=flag, help="Tucker cores for k×k convs (use_tucker)")
+    add(g, "--text-encoder", dest="net_text_encoder", action=flag, help="train the text encoder(s) too (SDXL: both)")
+    add(g, "--rank-dropout", dest="net_rank_dropout", type=float, help="LyCORIS rank_dropout: drop rows of ΔW")
+    add(g, "--module-dropout", dest="net_module_dropout", type=float, help="LyCORIS module_dropout: skip modules")
+    add(g, "--dora-wd", dest="net_dora_wd", action=flag, help="weight-decomposed LoHa (LyCORIS dora_wd)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=1000)
-    g.add_argument("--batch-size", type=int, default=1, help="global batch, split over processes")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--te-lr", type=float, help="text-encoder learning rate (default --lr)")
-    g.add_argument("--scheduler", default="constant", choices=SCHEDULES)
-    g.add_argument("--warmup", type=int, default=0, help="warm-up steps")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="0 = no clipping")
-    g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--mixed-precision", default="no", choices=list(MIXED_PRECISION))
-    g.add_argument("--prediction", choices=PREDICTION_TYPES, help="default: the model's")
-    g.add_argument("--clip-skip", type=int, default=1,
-                   help="1 = the last layer (SD1/SD2), the penultimate one (SDXL); k skips k-1 more")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    add(g, "--steps", dest="steps", type=int, help="optimizer steps (max_train_steps)")
+    add(g, "--epochs", dest="epochs", type=int, help="passes over the data instead of --steps (max_train_epochs)")
+    add(g, "--batch-size", dest="batch_size", type=int, help="images per micro-step, split over processes")
+    add(g, "--gradient-accumulation-steps", "--grad-accum", dest="gradient_accumulation_steps", type=int,
+        help="micro-steps per optimizer step")
+    add(g, "--lr", dest="learning_rate", type=float, help="learning rate")
+    add(g, "--te-lr", dest="text_encoder_lr", type=float, help="text-encoder learning rate (default --lr)")
+    add(g, "--optimizer", dest="optimizer", choices=list(OPTIMIZERS),
+        help="AdamW8bit needs bitsandbytes, Prodigy prodigyopt, Lion lion-pytorch, Adafactor transformers")
+    add(g, "--optimizer-args", dest="optimizer_args", nargs="*", metavar="KEY=VALUE",
+        help="extra optimizer arguments (kohya's optimizer_args), e.g. d_coef=2 betas=(0.9,0.99)")
+    add(g, "--scheduler", dest="lr_scheduler", choices=SCHEDULES, help="diffusers' get_scheduler schedule")
+    add(g, "--warmup", dest="warmup_steps", type=int, help="warm-up steps")
+    add(g, "--lr-cycles", dest="lr_scheduler_num_cycles", type=int, help="cosine_with_restarts cycles")
+    add(g, "--lr-power", dest="lr_scheduler_power", type=float, help="polynomial power")
+    add(g, "--weight-decay", dest="weight_decay", type=float, help="weight decay")
+    add(g, "--max-grad-norm", dest="max_grad_norm", type=float, help="0 = no clipping")
+    add(g, "--gradient-checkpointing", dest="gradient_checkpointing", action=flag, help="recompute activations")
+    add(g, "--mixed-precision", dest="mixed_precision", choices=list(MIXED_PRECISION), help="the frozen model's dtype")
+    add(g, "--prediction", dest="prediction_type", choices=PREDICTION_TYPES, help="default: the model's")
+    add(g, "--clip-skip", dest="clip_skip", type=int,
+        help="1 = the last layer (SD1/SD2), the penultimate one (SDXL); k skips k-1 more")
+    add(g, "--noise-offset", dest="noise_offset", type=float, help="kohya's noise offset")
+    add(g, "--min-snr-gamma", dest="min_snr_gamma", type=float, help="min-SNR loss weighting γ (5 is usual)")
+    add(g, "--seed", dest="seed", type=int, help="seed of everything random")
+    add(g, "--device", dest="device", help="cpu or cuda (default: cuda if available)")
 
-    g = p.add_argument_group("saving")
-    g.add_argument("--save-every", type=int, default=0, help="intermediate file + resume state every N steps")
-    g.add_argument("--save-dtype", default="fp32", choices=tuple(DTYPE_NAMES))
-    g.add_argument("--sample-every", type=int, default=0, help="sample images every N steps")
-    g.add_argument("--sample-prompt", default="", help="default: the first caption")
-    g.add_argument("--resume", metavar="STATE", help="state folder of an earlier run (OUT-state)")
-    g.add_argument("--log-every", type=int, default=10, help="print the loss every N steps")
+    g = p.add_argument_group("captions and images")
+    add(g, "--shuffle-caption", dest="shuffle_caption", action=flag, help="shuffle the comma-separated tags")
+    add(g, "--keep-tokens", dest="keep_tokens", type=int, help="tags at the front that never move or drop")
+    add(g, "--caption-dropout", dest="caption_dropout_rate", type=float, help="train on no caption this often")
+    add(g, "--caption-tag-dropout", dest="caption_tag_dropout_rate", type=float, help="drop each tag this often")
+    add(g, "--flip-aug", dest="flip_aug", action=flag, help="mirror images at random (both sides encoded once)")
+
+    g = p.add_argument_group("saving, samples and logs")
+    add(g, "--save-every", dest="save_every", type=int, help="intermediate file + resume state every N steps")
+    add(g, "--save-dtype", dest="save_dtype", choices=tuple(DTYPE_NAMES), help="dtype of the file")
+    add(g, "--sample-every", dest="sample_every", type=int, help="sample images every N steps")
+    add(g, "--sample-prompts", "--sample-prompt", dest="sample_prompts", metavar="FILE_OR_PROMPT",
+        help="kohya prompt file (one a line: prompt --n negative --w 512 --h 512 --s 20 --l 7 --d 1) or one "
+             "prompt; default: the first caption")
+    add(g, "--sample-steps", dest="sample_steps", type=int, help="sampling steps when a prompt has no --s")
+    add(g, "--resume", dest="resume", metavar="STATE", help="state folder of an earlier run (OUT-state); "
+        "says what differs from the saved setup")
+    add(g, "--log-with", dest="log_with", choices=TRACKERS[1:], help="log loss and lr per step")
+    add(g, "--logging-dir", dest="logging_dir", help="default: OUT-logs")
+    g.add_argument("--log-every", type=int, help="without a terminal, print a progress line every N steps "
+                   "(default 10)")
+
+    g = p.add_argument_group("metadata (written as modelspec.* / ss_*)")
+    for name, help in (("title", "title"), ("author", "author"), ("description", "description"),
+                       ("license", "licence"), ("tags", "comma-separated tags"),
+                       ("trigger-words", "trigger words"), ("comment", "training comment")):
+        add(g, f"--{name}", dest=name.replace("-", "_"), help=help)
     p.set_defaults(run=_train)
 
 

@@ -2,7 +2,8 @@
 
 Builds a small SD1-architecture model from seeded random weights (a diffusers UNet
 with SD1.5's block structure and 768-wide cross-attention, and a CLIP text encoder),
-saves it as an LDM-layout checkpoint like the ones people download, makes a LoHa for
+saves it with a small VAE as an LDM-layout checkpoint like the ones people download (it
+trains with `loha train --model`), makes a LoHa for
 it (with lycoris-lora when installed, else random factors in the same file format),
 merges it with the streaming merge, patches the same checkpoint in memory with
 `loha.apply`, checks the two agree bit for bit, runs the models before and after,
@@ -210,13 +211,18 @@ class _Demo:
     def checkpoint(self) -> None:
         from ..models.to_ldm import save_checkpoint
 
-        self.parts = build_parts(self.seed)
+        from ..train.models import demo_model
+
+        model = demo_model(self.seed)  # build_parts' UNet and text encoder, and a VAE: a complete checkpoint
+        self.parts = model.parts()
         path = self.paths["checkpoint"]
-        save_checkpoint(path, self.parts, metadata={"modelspec.title": "loha demo SD1-architecture model"})
+        save_checkpoint(path, {**self.parts, "vae": model.vae},
+                        metadata={"modelspec.title": "loha demo SD1-architecture model"})
         n_unet = sum(p.numel() for p in self.parts["unet"].parameters())
         n_text = sum(p.numel() for p in self.parts["text_encoder"].parameters())
         self.echo(f"  1. checkpoint  SD1.5's UNet structure at small widths ({n_unet / 1e6:.1f}M params) + a "
-                  f"CLIP-L-wide text encoder ({n_text / 1e6:.1f}M), seeded random weights, LDM layout, fp32: "
+                  f"CLIP-L-wide text encoder ({n_text / 1e6:.1f}M) + a small VAE, seeded random weights, LDM layout, "
+                  "fp32: "
                   f"{_name(path)} {_mb(path)} ({self._lap('checkpoint'):.2f} s)")
 
     def network(self, prefer_lycoris: bool) -> None:

@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..errors import LohaError
 from ..files.safetensors_io import DTYPE_NAMES
@@ -48,17 +49,41 @@ def error_text(exc: LohaError) -> str:
 
 @dataclass
 class Folders:
-    """Where the tabs look for files and write merges."""
+    """Where the tabs look for files and write merges.
+
+    A folder may hold both kinds (the standalone app's default is "." for both): a
+    safetensors file is listed as a checkpoint or as a network by what its header holds.
+    `current_checkpoint` (the WebUI's loaded model) is where the Train tab starts.
+    """
 
     checkpoints: list[str] = field(default_factory=list)
     networks: list[str] = field(default_factory=list)
     output: str = "."
+    current_checkpoint: Callable[[], str | None] | None = None
 
     def checkpoint_files(self) -> dict[str, str]:
-        return _files(self.checkpoints, CHECKPOINT_EXTENSIONS)
+        return {k: v for k, v in _files(self.checkpoints, CHECKPOINT_EXTENSIONS).items() if _is_checkpoint(v)}
 
     def network_files(self) -> dict[str, str]:
-        return _files(self.networks, (".safetensors",))
+        return {k: v for k, v in _files(self.networks, (".safetensors",)).items() if not _is_checkpoint(v)}
+
+    def model_sources(self) -> dict[str, str]:
+        """Checkpoints and diffusers model folders (with model_index.json) to train on."""
+        found = dict(self.checkpoint_files())
+        for folder in self.checkpoints:
+            if os.path.isdir(folder):
+                for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+                    if entry.is_dir() and os.path.isfile(os.path.join(entry.path, "model_index.json")):
+                        found.setdefault(entry.name + "/", entry.path)
+        return found
+
+    def default_model(self) -> str:
+        """The host's loaded checkpoint (by its listed name when listed), else "demo"."""
+        path = self.current_checkpoint() if self.current_checkpoint else None
+        if not path:
+            return "demo"
+        by_path = {os.path.realpath(v): k for k, v in self.checkpoint_files().items()}
+        return by_path.get(os.path.realpath(path), path)
 
 
 def _files(folders: list[str], extensions: tuple[str, ...]) -> dict[str, str]:
@@ -74,6 +99,35 @@ def _files(folders: list[str], extensions: tuple[str, ...]) -> dict[str, str]:
                     path = os.path.join(root, name)
                     found.setdefault(os.path.relpath(path, folder), path)
     return found
+
+
+_KINDS: dict[tuple, bool] = {}
+
+
+def _is_checkpoint(path: str) -> bool:
+    """Whether a file holds a model (keys under a checkpoint part's prefix) rather than a
+    network; read from the safetensors header once per (path, size, mtime). Pickles count as checkpoints."""
+    if not path.lower().endswith(".safetensors"):
+        return True
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return False
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _KINDS:
+        from ..families import CHECKPOINT_PARTS
+        from ..files.safetensors_io import Reader
+
+        prefixes = tuple({part.prefix for parts in CHECKPOINT_PARTS.values() for part in parts.values()})
+        try:
+            reader = Reader(path)
+            try:
+                _KINDS[key] = any(name.startswith(prefixes) for name in reader.shapes())
+            finally:
+                reader.close()
+        except (LohaError, OSError):
+            _KINDS[key] = False
+    return _KINDS[key]
 
 
 def _resolve(value: str, listed: dict[str, str], what: str) -> str:
@@ -120,8 +174,9 @@ def merge_spec_lines(folders: Folders, text: str) -> list[str]:
 
 
 def merge_files(folders: Folders, checkpoint: str, networks: str, out_name: str, dtype: str = "keep",
-                overwrite: bool = False) -> str:
-    """Merge and say what happened, in Markdown (errors included: the UI shows them as they are)."""
+                overwrite: bool = False, on_progress: Callable[[int, int], None] | None = None) -> str:
+    """Merge and say what happened, in Markdown (errors included: the UI shows them as they are);
+    `on_progress(done_bytes, total_bytes)` follows the merge."""
     from ..merge import merge
     from .specs import uses_from_specs
 
@@ -133,7 +188,8 @@ def merge_files(folders: Folders, checkpoint: str, networks: str, out_name: str,
             raise LohaError("give the merged checkpoint a file name")
         out = name if os.path.isabs(name) else os.path.join(folders.output, name)
         out = out if out.endswith(".safetensors") else out + ".safetensors"
-        result = merge(source, uses, out, dtype=None if dtype == "keep" else dtype, overwrite=overwrite)
+        result = merge(source, uses, out, dtype=None if dtype == "keep" else dtype, overwrite=overwrite,
+                       on_progress=on_progress)
     except LohaError as exc:
         return f"**Error:** {error_text(exc)}"
     unmatched = sum(len(v) for v in result.unmatched.values())
@@ -162,32 +218,42 @@ def _refresh_button(gr, target, choices):
 
 
 def merge_tab(gr, folders: Folders) -> None:
+    # value=None: nothing chosen until the user chooses (current gradio would preselect the first file)
     with gr.Row():
-        checkpoint = gr.Dropdown(sorted(folders.checkpoint_files()), label="Checkpoint", allow_custom_value=True)
+        checkpoint = gr.Dropdown(sorted(folders.checkpoint_files()), value=None, label="Checkpoint",
+                                 allow_custom_value=True, elem_id="loha-merge-checkpoint")
         _refresh_button(gr, checkpoint, folders.checkpoint_files)
     with gr.Row():
-        add = gr.Dropdown(sorted(folders.network_files()), label="Add a network", allow_custom_value=True)
+        add = gr.Dropdown(sorted(folders.network_files()), value=None, label="Add a network",
+                          allow_custom_value=True, elem_id="loha-merge-add")
         _refresh_button(gr, add, folders.network_files)
     networks = gr.Textbox(label="Networks, one per line: name[:unet strength[:text-encoder strength]]", lines=4)
     with gr.Row():
         out_name = gr.Textbox(label="Output file name", value="merged.safetensors")
         dtype = gr.Radio(list(OUTPUT_DTYPES), value="keep", label="Output dtype")
         overwrite = gr.Checkbox(label="Overwrite", value=False)
-    run = gr.Button("Merge", variant="primary")
-    status = gr.Markdown()
+    run = gr.Button("Merge", variant="primary", elem_id="loha-merge-run")
+    status = gr.Markdown(elem_id="loha-merge-status")
     add.change(fn=append_line, inputs=[add, networks], outputs=[networks])
-    run.click(fn=lambda *a: merge_files(folders, *a), inputs=[checkpoint, networks, out_name, dtype, overwrite],
-              outputs=[status])
+
+    def on_merge(checkpoint, networks, out_name, dtype, overwrite, progress=gr.Progress()):
+        progress(0, desc="merging")
+        return merge_files(folders, checkpoint, networks, out_name, dtype, overwrite,
+                           on_progress=lambda done, total: progress(done / max(total, 1), desc="merging",
+                                                                    unit="bytes"))
+
+    run.click(fn=on_merge, inputs=[checkpoint, networks, out_name, dtype, overwrite], outputs=[status])
 
 
 def inspect_tab(gr, folders: Folders) -> None:
     with gr.Row():
-        network = gr.Dropdown(sorted(folders.network_files()), label="Network", allow_custom_value=True)
+        network = gr.Dropdown(sorted(folders.network_files()), value=None, label="Network", allow_custom_value=True,
+                              elem_id="loha-inspect-network")
         _refresh_button(gr, network, folders.network_files)
         against = gr.Dropdown([""] + sorted(folders.checkpoint_files()), value="", allow_custom_value=True,
                               label="Check names against a checkpoint (optional)")
     run = gr.Button("Inspect", variant="primary")
-    report = gr.Textbox(label="Report", lines=16, interactive=False)
+    report = gr.Code(label="Report", language=None, interactive=False, elem_id="loha-inspect-report")  # monospace
     summary = gr.JSON(label="Summary")
     run.click(fn=lambda n, a: inspect_file(folders, n, a), inputs=[network, against], outputs=[report, summary])
 
@@ -211,12 +277,16 @@ def tabs() -> list[tuple[str, object]]:
 
 
 def build(folders: Folders):
-    """The LoHa blocks: one tab per entry of `tabs()`."""
+    """The LoHa blocks: one tab per entry of `tabs()`. A tab may return (fn, outputs) pairs to
+    run when a page loads (the Train tab reattaches to a running job)."""
     import gradio as gr
 
     with gr.Blocks(analytics_enabled=False, title="LoHa") as blocks:
+        on_load = []
         with gr.Tabs():
             for title, make in tabs():
                 with gr.Tab(title):
-                    make(gr, folders)
+                    on_load += make(gr, folders) or []
+        for fn, outputs in on_load:
+            blocks.load(fn=fn, inputs=[], outputs=outputs)
     return blocks

@@ -11,6 +11,10 @@ Forge samples with `forge_objects_after_applying_lora`, which the built-in Lora
 extension sets: our patches go on clones of its patchers once every extra network has
 been activated, so `<lora:a> <loha:b>` in either order gives the base with both, and
 without LoHa the patchers are the built-in's again.
+
+Names are matched by loha's map, and where it has none by Forge's own LoRA key map
+(`backend.patcher.lora.model_lora_keys_unet`/`_clip`, ComfyUI's format; the WebUI script
+passes it in), so every model Forge patches with LoRA (Flux included) takes LoHa here too.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ def _shapes(module) -> dict[str, tuple]:
 class ForgeActive:
     """The LoHa wanted now, the patchers we made for them, and plans cached per file and model."""
 
-    def __init__(self):
+    def __init__(self, key_map=lambda unet, clip: {}):
+        self.key_map = key_map  # (unet patcher, clip) -> Forge's own LoRA key map
         self.wanted: list = []  # (Request, path) pairs from the last activate
         self.unmatched: dict[str, list[str]] = {}
         self._base = None  # the built-in's (unet, clip) our patchers were cloned from
@@ -75,7 +80,7 @@ class ForgeActive:
         parts = {"model": unet.model, "clip": clip.patcher.model}
         self.unmatched = {}
         for request, path in self.wanted:
-            planned = self._plan(request, path, parts)
+            planned = self._plan(request, path, parts, lambda: self.key_map(unet, clip))
             self.unmatched[planned.network.label] = planned.unmatched
             tag = f"{path}#loha:{request.lbw or ''}"
             for target, part, strength in ((unet, "model", request.unet), (clip, "clip", request.te)):
@@ -84,11 +89,11 @@ class ForgeActive:
                     target.add_patches(filename=tag, patches=patches, strength_patch=strength)
         return unet, clip
 
-    def _plan(self, request, path: str, parts: dict) -> PatchSet:
+    def _plan(self, request, path: str, parts: dict, key_map) -> PatchSet:
         network = self._files.get(path)
         key = (id(network), request.lbw, *(id(module) for module in parts.values()))
         if key not in self._plans:
             shapes = {part: _shapes(module) for part, module in parts.items()}
             self._plans = {k: v for k, v in self._plans.items() if v.network.path != path}
-            self._plans[key] = plan_keyed(network, shapes, request.lbw or "")
+            self._plans[key] = plan_keyed(network, shapes, request.lbw or "", key_map=key_map())
         return self._plans[key]

@@ -2,22 +2,29 @@
 
 A network file names each module the way the tool that wrote it saw the model:
 kohya's sd-scripts write ``lora_unet_`` + the diffusers path for SD1.x/SD2.x but the
-LDM path for SDXL, LyCORIS' wrapper writes ``lycoris_`` + the diffusers path, text
-encoders appear with and without ``text_model_`` (transformers 5 dropped that level
-of ``CLIPTextModel``), and every ``.`` became ``_``.  Underscores also occur inside
-path parts (``down_blocks``, ``to_q``), so a file name cannot be parsed back into a
-path.  This module therefore works forward: it enumerates the weights the model
-has, generates every spelling a file may use for each, and answers lookups from
-that table.  A name that is in no spelling of any weight matches nothing.
+LDM path for SDXL and the checkpoint path for Flux and SD3, LyCORIS' wrapper
+(SimpleTuner) writes ``lycoris_`` + the diffusers path, OneTrainer ``lora_transformer_``,
+diffusers and ai-toolkit ``transformer.`` + the path as it is, text encoders appear with
+and without ``text_model_`` (transformers 5 dropped that level of ``CLIPTextModel``),
+and every ``.`` became ``_`` where an underscore prefix is used. Underscores also occur
+inside path parts (``down_blocks``, ``to_q``), so a file name cannot be parsed back into
+a path. This module therefore works forward: it enumerates the weights the model has,
+generates every spelling a file may use for each from its module path, and answers
+lookups from that table. A name that is in no spelling of any weight matches nothing.
 
-Two model layouts are supported, each for SD1.x, SD2.x and SDXL:
+No family is needed: any module tree, or any state dict, is mapped by its own paths.
+Families add what paths alone cannot say:
 
-* :func:`map_state_dict`: LDM/CompVis state dicts, as checkpoints on disk and
-  ComfyUI hold them (OpenCLIP text encoders keep their fused ``in_proj_weight``;
-  q/k/v become row slices of it).
-* :func:`map_modules`: diffusers/transformers modules of a pipeline.
+* SD1.x/SD2.x/SDXL UNets answer to both their diffusers and their LDM paths, with
+  block ids for per-block strengths (`loha.keys.unet`);
+* Flux and SD3/3.5 checkpoints fuse weights diffusers keeps apart: a diffusers-named
+  module lands on rows of a fused weight, a checkpoint-named one spans several
+  diffusers weights (`loha.keys.layouts`, `Target.pieces`);
+* OpenCLIP text encoders fuse q/k/v (`loha.keys.text`).
 
-Block ids (``Target.block``) are `loha.keys.unet`'s.
+Two entry points: :func:`map_state_dict` for state dicts (checkpoints on disk, ComfyUI
+and Forge models, a diffusion model's own file) and :func:`map_modules` for modules
+keyed by pipeline attribute (diffusers/transformers models, any ``nn.Module``).
 """
 
 from __future__ import annotations
@@ -28,51 +35,104 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LohaError
-from ..families import (FAMILIES, KOHYA_UNET_LAYOUT, LYCORIS_PREFIX, PIPELINE_COMPONENTS, TEXT_MODEL_LEVEL,
-                        TEXT_PREFIXES, UNET_PREFIX, UNET_STATE_PREFIXES, family_of_widths)
-from .text import TEXT_PATH, shape_of, state_text_weights, weight_path
+from ..families import (COMFY_DENOISER_PREFIX, DENOISER_PREFIXES, FAMILIES, KNOWN_FAMILIES, KOHYA_UNET_LAYOUT,
+                        LAYOUT_FAMILIES, LYCORIS_PREFIX, PART_COMPONENTS, PEFT_PREFIX, TEXT_ATTRIBUTES,
+                        TEXT_MODEL_LEVEL, UNET_PREFIX, UNET_STATE_PREFIXES, family_of_names, sd_family,
+                        text_prefixes)
+from . import layouts
+from .text import COMFY_TEXT_PREFIX, T5_PATH, TEXT_PATH, shape_of, state_text_weights, weight_path
 from .unet import unet_places
 
 __all__ = ["Target", "NameMap", "map_state_dict", "map_modules", "bias_key"]
 
+#: Where SD UNet paths begin, in either layout.
+_SD_UNET_STARTS = {"ldm": ("input_blocks.", "middle_block.", "output_blocks."),
+                   "diffusers": ("down_blocks.", "mid_block.", "up_blocks.")}
+
 
 @dataclass(frozen=True)
 class Target:
-    """One patchable weight (or one q/k/v row slice of a fused OpenCLIP weight)."""
+    """One patchable weight, a row slice of one, or (``pieces``) rows of several.
 
-    component: str  # "unet", "te1" or "te2"
-    path: str  # diffusers path (UNet) or HF CLIP path without "text_model." (encoders)
+    A name for a module a checkpoint fuses but the model keeps apart (kohya's
+    ``double_blocks_0_img_attn_qkv`` on a diffusers Flux) has ``pieces``: ΔW's rows go
+    to them in order, each piece a plain target; ``key`` then lists their keys.
+    """
+
+    component: str  # "unet" (the diffusion model), "te1", "te2" or "te3"
+    path: str  # diffusers path (SD UNet, DiT), HF path without "text_model." (encoders), or the module path
     key: str  # key of the whole weight tensor in the model's flat namespace
     rows: tuple[int, int] | None  # [start, stop) rows of that tensor, or None for all
     shape: tuple[int, ...]  # the shape ΔW must have (the slice's when rows is set)
-    block: str  # block id for per-block strengths (see loha.keys.unet)
+    block: str  # block id for per-block strengths (SD, see loha.keys.unet), else ""
+    pieces: tuple[Target, ...] = ()
+
+
+def pieces_target(component: str, path: str, pieces: Iterable[Target]) -> Target:
+    """A target over several weights (or row blocks of them), stacked in the order given."""
+    pieces = tuple(pieces)
+    if len(pieces) == 1 and pieces[0].path == path:
+        return pieces[0]
+    rows = sum(piece.shape[0] for piece in pieces)
+    key = " + ".join(piece.key if piece.rows is None else f"{piece.key}[{piece.rows[0]}:{piece.rows[1]}]"
+                     for piece in pieces)
+    return Target(component, path, key, None, (rows, *pieces[0].shape[1:]), pieces[0].block, pieces)
 
 
 class NameMap:
-    """Every spelling of every patchable weight of one model, for lookups by file name."""
+    """Every spelling of every patchable weight of one model, for lookups by file name.
 
-    def __init__(self, family: str, entries: Iterable[tuple[Target, list[str]]]):
+    A spelling two weights share (an odd model whose paths differ only in "." against
+    "_") belongs to neither: `lookup` gives None and `ambiguous` names both keys.
+    """
+
+    def __init__(self, family: str | None, entries: Iterable[tuple[Target, list[str]]]):
         self.family = family
         self.targets: list[Target] = []
         self._names: dict[Target, list[str]] = {}
         self._by_name: dict[str, Target] = {}
+        self._ambiguous: dict[str, list[str]] = {}
         for target, names in entries:
+            self._add(target, names)
+
+    def _add(self, target: Target, names: Iterable[str]) -> list[str]:
+        if target not in self._names:
             self.targets.append(target)
-            self._names[target] = names
-            for name in names:
-                other = self._by_name.setdefault(name, target)
-                if other != target:
-                    raise LohaError(
-                        f"two weights answer to the name {name!r}: {other.key} and {target.key}"
-                    )
+            self._names[target] = []
+        added = []
+        for name in names:
+            if name in self._ambiguous:
+                self._ambiguous[name].append(target.key)
+                continue
+            other = self._by_name.setdefault(name, target)
+            if other != target:
+                del self._by_name[name]
+                self._names[other].remove(name)
+                self._ambiguous[name] = [other.key, target.key]
+            elif name not in self._names[target]:
+                self._names[target].append(name)
+                added.append(name)
+        return added
 
     def lookup(self, name: str) -> Target | None:
         """The target a file's module name (the part before ``.hada_w1_a`` …) means, or None."""
         return self._by_name.get(name)
 
+    def ambiguous(self, name: str) -> list[str]:
+        """The keys of the weights that share `name` (empty when it is not shared)."""
+        return list(self._ambiguous.get(name, ()))
+
     def names(self, target: Target) -> list[str]:
         """Every spelling of ``target``; the first is the kohya name a tool would write."""
         return list(self._names[target])
+
+    def extend(self, extra: Mapping[str, Target]) -> list[str]:
+        """Add names from elsewhere (a host's own key map) where this map has none; returns those added."""
+        added = []
+        for name, target in extra.items():
+            if name not in self._by_name and name not in self._ambiguous:
+                added += self._add(target, [name])
+        return added
 
     def __repr__(self) -> str:
         return f"NameMap({self.family!r}, {len(self.targets)} targets)"
@@ -87,47 +147,50 @@ def bias_key(weight_key: str) -> str:
 
 
 def map_state_dict(shapes: Mapping, *, family: str | None = None) -> NameMap:
-    """Name map for an LDM/CompVis state dict (checkpoint or ComfyUI layout).
+    """Name map for a state dict: a checkpoint, a host's live model, a diffusion model's own file.
 
     ``shapes`` maps state-dict keys to tensors, to anything with ``.shape``, or to
     shape tuples; only the shapes of weight keys are read, so meta tensors and lazy
-    mappings work.  ``Target.key`` is the state-dict key.  ``family`` skips detection.
+    mappings work. The diffusion model sits under ``model.diffusion_model.`` or
+    ``diffusion_model.``, or is the whole dict when nothing sits under a known prefix
+    (Flux's own file, a diffusers transformer's); text encoders where
+    `loha.keys.text.TEXT_STATE_SOURCES` says. ``Target.key`` is the state-dict key.
+    ``family`` skips detection.
     """
-    unet = {}
-    for key in shapes:
-        ldm_path = weight_path(key, UNET_STATE_PREFIXES)
-        if ldm_path is not None:
-            shape = shape_of(shapes[key])
-            if len(shape) >= 2:
-                unet[ldm_path] = (key, shape)
-    return _build(unet, from_ldm=True, text=list(state_text_weights(shapes)), family=family)
+    denoiser = _weights(shapes, UNET_STATE_PREFIXES)
+    text: dict[str, _Encoder] = {}
+    for component, kind, *weight in state_text_weights(shapes):
+        encoder = text.setdefault(component, _Encoder(component, kind, TEXT_ATTRIBUTES[component], [], True))
+        encoder.weights.append(tuple(weight))
+    if not denoiser and not text:
+        denoiser = _weights(shapes, ("",))
+    return _build([("", denoiser)] if denoiser else [], list(text.values()), family)
 
 
 def map_modules(modules: Mapping, *, family: str | None = None) -> NameMap:
-    """Name map for diffusers/transformers modules keyed by pipeline attribute.
+    """Name map for modules keyed by pipeline attribute.
 
-    ``modules`` is like ``{"unet": …, "text_encoder": …, "text_encoder_2": …}`` (any
-    subset; other keys such as ``vae`` and None values are ignored, so
-    ``pipe.components`` works).  ``Target.key`` is ``f"{attr}.{module_path}.weight"``.
-    Text encoders may have a ``text_model.`` level (transformers 4, and
+    ``modules`` is like ``{"transformer": …, "text_encoder": …, "text_encoder_2": …}``
+    (any subset of `loha.families.PART_COMPONENTS`' attributes; other keys such as
+    ``vae`` and None values are ignored, so ``pipe.components`` works). Every Linear and
+    Conv weight of the diffusion model is a target; of a CLIP encoder its attention and
+    MLP projections, of a T5 its attention and feed-forward projections, of any other
+    encoder every Linear. ``Target.key`` is ``f"{attr}.{module_path}.weight"``. CLIP
+    encoders may have a ``text_model.`` level (transformers 4, and
     ``CLIPTextModelWithProjection``) or not (``CLIPTextModel`` on transformers 5).
     """
-    unet = {}
-    text = []
+    denoisers, text = [], []
     for attr, model in modules.items():
-        component = PIPELINE_COMPONENTS.get(attr)
+        component = PART_COMPONENTS.get(attr)
         if component is None or model is None:
             continue
-        for path, module in model.named_modules():
-            shape = _patchable_shape(module)
-            if shape is None:
-                continue
-            key = f"{attr}.{path}.weight"
-            if component == "unet":
-                unet[path] = (key, shape)
-            elif match := TEXT_PATH.fullmatch(path.removeprefix(TEXT_MODEL_LEVEL)):
-                text.append((component, match.group(0), key, None, shape))
-    return _build(unet, from_ldm=False, text=text, family=family)
+        weights = {path: (f"{attr}.{path}.weight", shape) for path, module in model.named_modules()
+                   if (shape := _patchable_shape(module)) is not None}
+        if component == "unet":
+            denoisers.append((attr, weights))
+        else:
+            text.append(_module_encoder(component, attr, weights))
+    return _build(denoisers, text, family)
 
 
 # --------------------------------------------------------------------------- reading models
@@ -141,61 +204,213 @@ def _patchable_shape(module: torch.nn.Module) -> tuple[int, ...] | None:
     return tuple(weight.shape) if weight is not None and weight.dim() >= 2 else None
 
 
+def _weights(shapes: Mapping, prefixes: Iterable[str]) -> dict[str, tuple[str, tuple]]:
+    """{module path: (key, shape)} of the weights (2-D and up) under one of `prefixes`."""
+    found = {}
+    for key in shapes:
+        path = weight_path(key, prefixes)
+        if path is not None:
+            shape = shape_of(shapes[key])
+            if len(shape) >= 2:
+                found[path] = (key, shape)
+    return found
+
+
+@dataclass
+class _Encoder:
+    """One text encoder's patchable weights: (path, key, rows, shape) each."""
+
+    component: str
+    kind: str  # "clip" (HF CLIP paths without text_model.), "t5", or "other"
+    attr: str
+    weights: list[tuple]
+    from_state: bool = False  # keys are a state dict's (ComfyUI's generic names apply)
+
+
+def _module_encoder(component: str, attr: str, weights: Mapping[str, tuple]) -> _Encoder:
+    """The patchable weights of a text-encoder module, by what kind of encoder its paths say it is."""
+    clip = {path.removeprefix(TEXT_MODEL_LEVEL): value for path, value in weights.items()
+            if TEXT_PATH.fullmatch(path.removeprefix(TEXT_MODEL_LEVEL))}
+    if clip:
+        return _Encoder(component, "clip", attr, [(p, key, None, shape) for p, (key, shape) in clip.items()])
+    t5 = [(p, key, None, shape) for p, (key, shape) in weights.items() if T5_PATH.fullmatch(p)]
+    if t5:
+        return _Encoder(component, "t5", attr, t5)
+    return _Encoder(component, "other", attr, [(p, key, None, shape) for p, (key, shape) in weights.items()])
+
+
 # --------------------------------------------------------------------------- building the map
 
 
-def _build(unet: Mapping, from_ldm: bool, text: list, family: str | None) -> NameMap:
-    """Targets and spellings for a model's UNet weights and text-encoder weights.
+def _build(denoisers: list[tuple[str, dict]], text: list[_Encoder], family: str | None) -> NameMap:
+    """Targets and spellings for a model's diffusion-model weights and text-encoder weights.
 
-    ``unet`` maps module paths (LDM paths if ``from_ldm``, else diffusers paths) to
-    (key, shape); ``text`` holds (component, HF path, key, rows, shape) tuples.
+    ``denoisers`` holds (pipeline attribute or "" for a state dict, {path: (key, shape)}).
     """
+    if family is not None and family not in KNOWN_FAMILIES:
+        raise LohaError(f"unknown model family {family!r} (known: {', '.join(KNOWN_FAMILIES)})")
+    entries: list[tuple[Target, list[str]]] = []
+    detected = None
+    for attr, weights in denoisers:
+        found, part_entries = _denoiser_entries(attr, weights, family)
+        detected = detected or found
+        entries += part_entries
     if family is None:
-        family = family_of_widths(_context_dim(unet), _text_widths(text))
-    elif family not in FAMILIES:
-        raise LohaError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
-
-    place_of = unet_places(unet, from_ldm=from_ldm)
-    entries = []
-    for path, (key, shape) in unet.items():
-        place = place_of(path)
-        if place is not None:
-            target = Target("unet", place.diffusers, key, None, shape, place.block)
-            entries.append((target, _unet_names(family, place.diffusers, place.ldm)))
-    for component, path, key, rows, shape in text:
-        target = Target(component, path, key, rows, shape, "BASE")
-        entries.append((target, _text_names(family, component, path)))
+        family = detected or _text_family(text)
+    single = family in ("sd1", "sd2") if family in FAMILIES else len(text) == 1
+    for encoder in text:
+        for path, key, rows, shape in encoder.weights:
+            target = Target(encoder.component, path, key, rows, shape, "BASE" if family in FAMILIES else "")
+            entries.append((target, _text_names(encoder, path, key, single)))
     return NameMap(family, entries)
 
 
-def _context_dim(unet: Mapping) -> int | None:
-    for path, (_, shape) in unet.items():
+def _text_family(text: list[_Encoder]) -> str | None:
+    """SD's family from its CLIP encoders alone (no diffusion model given)."""
+    if not text or any(encoder.kind != "clip" for encoder in text):
+        return None
+    return sd_family(None, _text_widths(text))
+
+
+def _text_widths(text: list[_Encoder]) -> dict[str, int]:
+    return {encoder.component: shape[0] for encoder in text if encoder.kind == "clip"
+            for path, _, _, shape in encoder.weights if path.endswith("self_attn.q_proj")}
+
+
+def _denoiser_entries(attr: str, weights: dict, family: str | None):
+    """(detected family, entries) of one diffusion model: SD UNet, fused layout, or plain paths."""
+    paths = list(weights)
+    sd_side = next((side for side, starts in _SD_UNET_STARTS.items() if any(p.startswith(starts) for p in paths)), None)
+    if sd_side is not None and family not in LAYOUT_FAMILIES:
+        detected = family or sd_family(_context_dim(weights), {})
+        return detected, _sd_unet_entries(attr or "unet", weights, sd_side == "ldm", family or detected)
+    shapes = {path: shape for path, (_, shape) in weights.items()}
+    for side in ("checkpoint", "diffusers"):
+        layout = layouts.find_layout(paths, side) if family not in LAYOUT_FAMILIES else (
+            next(lay for lay in layouts.LAYOUTS if lay.family == family))
+        placed = layouts.place(layout, shapes, side) if layout is not None else []
+        if placed:
+            return layout.family, _layout_entries(attr or "transformer", weights, placed, side)
+    return family_of_names(paths), [(_plain(path, key, shape), _denoiser_names(attr or "transformer", path, path, path))
+                                    for path, (key, shape) in weights.items()]
+
+
+def _plain(path: str, key: str, shape: tuple, rows=None, block: str = "") -> Target:
+    return Target("unet", path, key, rows, shape, block)
+
+
+def _context_dim(weights: Mapping) -> int | None:
+    for path, (_, shape) in weights.items():
         if path.endswith("attn2.to_k"):
             return shape[1]
     return None
 
 
-def _text_widths(text: list) -> dict[str, int]:
-    return {
-        component: shape[0]
-        for component, path, _, _, shape in text
-        if path.endswith("self_attn.q_proj")
-    }
+def _sd_unet_entries(attr: str, weights: dict, from_ldm: bool, family: str | None) -> list:
+    """SD UNet weights under their diffusers and LDM paths, with block ids."""
+    place_of = unet_places(weights, from_ldm=from_ldm)
+    ldm_first = KOHYA_UNET_LAYOUT.get(family) == "ldm"
+    entries = []
+    for path, (key, shape) in weights.items():
+        place = place_of(path)
+        if place is None:  # not a part of SD's UNet structure: its own path names it
+            entries.append((_plain(path, key, shape), _denoiser_names(attr, path, path, path)))
+            continue
+        kohya = place.ldm if ldm_first else place.diffusers
+        names = _denoiser_names(attr, kohya, place.diffusers, place.ldm) + _processor_names(attr, place.diffusers)
+        entries.append((_plain(place.diffusers, key, shape, block=place.block), names))
+    return entries
 
 
-def _unet_names(family: str, diffusers_path: str, ldm_path: str) -> list[str]:
-    diffusers_name = diffusers_path.replace(".", "_")
-    ldm_name = ldm_path.replace(".", "_")
-    kohya = [UNET_PREFIX + diffusers_name, UNET_PREFIX + ldm_name]
-    if KOHYA_UNET_LAYOUT[family] == "ldm":
-        kohya.reverse()
-    return [*kohya, LYCORIS_PREFIX + diffusers_name]
+def _processor_names(attr: str, path: str) -> list[str]:
+    """diffusers' attention-processor LoRA spelling (``attn1.processor.to_q``, ``….processor.to_out``),
+    bare and under the attribute, as ComfyUI reads it for SD UNets."""
+    if ".to_" not in path:
+        return []
+    processor = path.replace(".to_", ".processor.to_")
+    if processor.endswith(".to_out.0"):
+        processor = processor.removesuffix(".0")
+    return [processor, f"{attr}.{processor}"]
 
 
-def _text_names(family: str, component: str, path: str) -> list[str]:
-    prefixes = TEXT_PREFIXES[family].get(component)
-    if prefixes is None:
-        raise LohaError(f"a {family} model has no text encoder {component!r}")
-    name = path.replace(".", "_")
-    level = TEXT_MODEL_LEVEL.replace(".", "_")
-    return [prefix + middle + name for prefix in prefixes for middle in (level, "")]
+def _layout_entries(attr: str, weights: dict, placed: list, side: str) -> list:
+    """Targets of a model with a fused checkpoint layout (`loha.keys.layouts`), seen from `side`.
+
+    From the checkpoint side each fused weight is a target under its checkpoint names and
+    each diffusers weight a row slice of it (or, swapped, two row blocks) under its
+    diffusers names; from the diffusers side each diffusers weight is a target and each
+    fused weight a target over their rows. A one-part entry that is a plain rename is a
+    single target under both names.
+    """
+    entries, consumed = [], set()
+    for fused in placed:
+        renamed = len(fused.segments) == 1
+        if side == "checkpoint":
+            key, shape = weights[fused.checkpoint]
+            consumed.add(fused.checkpoint)
+            if renamed:
+                part = fused.segments[0].part
+                entries.append((_plain(part, key, shape), _denoiser_names(attr, fused.checkpoint, part, fused.checkpoint)))
+                continue
+            entries.append((_plain(fused.checkpoint, key, shape),
+                            _denoiser_names(attr, fused.checkpoint, None, fused.checkpoint)))
+            for part in dict.fromkeys(segment.part for segment in fused.segments):
+                blocks = sorted((s for s in fused.segments if s.part == part), key=lambda s: s.part_rows)
+                pieces = [_plain(part, key, (s.stop - s.start, *shape[1:]), rows=(s.start, s.stop)) for s in blocks]
+                entries.append((pieces_target("unet", part, pieces), _denoiser_names(attr, part, part, None)))
+        else:
+            consumed.update(segment.part for segment in fused.segments)
+            if renamed:
+                part = fused.segments[0].part
+                key, shape = weights[part]
+                entries.append((_plain(part, key, shape), _denoiser_names(attr, fused.checkpoint, part, fused.checkpoint)))
+                continue
+            pieces = []
+            for segment in fused.segments:
+                key, shape = weights[segment.part]
+                whole = segment.part_rows == (0, shape[0])
+                pieces.append(_plain(segment.part, key, (segment.stop - segment.start, *shape[1:]),
+                                     rows=None if whole else segment.part_rows))
+            entries.append((pieces_target("unet", fused.checkpoint, pieces),
+                            _denoiser_names(attr, fused.checkpoint, None, fused.checkpoint)))
+    for path, (key, shape) in weights.items():
+        if path not in consumed or side == "diffusers":
+            names = _denoiser_names(attr, path, path, path if path not in consumed else None)
+            entries.append((_plain(path, key, shape), names))
+    return entries
+
+
+def _under(path: str) -> str:
+    return path.replace(".", "_")
+
+
+def _denoiser_names(attr: str, kohya: str, diffusers: str | None, checkpoint: str | None) -> list[str]:
+    """Every spelling of a diffusion-model weight; the first is kohya's (``lora_unet_`` + `kohya`).
+
+    `diffusers` is its diffusers module path, `checkpoint` its path in the checkpoint
+    and host layout (LDM for SD, BFL for Flux, MMDiT for SD3), either None where the
+    weight has none (a fused weight has no diffusers path, its row slices no
+    checkpoint path). `attr` is the pipeline attribute for diffusers-style names.
+    """
+    paths = list(dict.fromkeys(p for p in (kohya, diffusers, checkpoint) if p))
+    names = [UNET_PREFIX + _under(p) for p in paths]
+    if diffusers:
+        names.append(LYCORIS_PREFIX + _under(diffusers))
+        names.append(f"{attr}.{diffusers}")
+    names += [prefix + _under(p) for prefix in DENOISER_PREFIXES for p in paths]
+    names += [PEFT_PREFIX + p for p in paths]
+    if checkpoint:
+        names.append(COMFY_DENOISER_PREFIX + checkpoint)
+    return names + paths
+
+
+def _text_names(encoder: _Encoder, path: str, key: str, single: bool) -> list[str]:
+    """Every spelling of a text-encoder weight; the first is kohya's. In a state dict, also
+    ComfyUI's generic ``text_encoders.`` + key (its own layout: ``clip_l.transformer.…``)."""
+    levels = (TEXT_MODEL_LEVEL, "") if encoder.kind == "clip" else ("",)
+    prefixes = text_prefixes(encoder.component, single, t5=encoder.kind == "t5")
+    names = [prefix + _under(level + path) for prefix in prefixes for level in levels]
+    names += [f"{encoder.attr}.{level}{path}" for level in levels]
+    if encoder.from_state and not key.startswith(COMFY_TEXT_PREFIX):
+        names.append(COMFY_TEXT_PREFIX + key.removesuffix(".weight"))
+    return names

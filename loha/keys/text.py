@@ -1,10 +1,12 @@
-"""Text encoders: HF CLIP module paths, OpenCLIP's fused layout, and where encoders sit in state dicts.
+"""Text encoders: HF CLIP and T5 module paths, OpenCLIP's fused layout, where encoders sit in state dicts.
 
-Files name text-encoder modules by HF CLIP paths (``text_model.encoder.layers.N.…``,
-with or without ``text_model.``). Checkpoints keep SD2's encoder and SDXL's second in
-OpenCLIP layout, where q/k/v are the three row blocks of the fused
-``attn.in_proj_weight``: a LoHa on one of them lands on rows [0:d], [d:2d] or [2d:3d]
-(exact, since rows of ΔW depend only on rows of ``w*_a``).
+Files name CLIP modules by HF CLIP paths (``text_model.encoder.layers.N.…``, with or
+without ``text_model.``) and T5 modules by HF T5 paths (``encoder.block.N.layer.0.
+SelfAttention.q``). Checkpoints keep SD2's encoder and SDXL's second in OpenCLIP layout,
+where q/k/v are the three row blocks of the fused ``attn.in_proj_weight``: a LoHa on one
+of them lands on rows [0:d], [d:2d] or [2d:3d] (exact, since rows of ΔW depend only on
+rows of ``w*_a``). SD3/3.5 and Flux checkpoints (and ComfyUI) keep CLIP-L, OpenCLIP-G
+and T5-XXL under HF names.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ TEXT_PARTS = {
 #: An HF CLIP path (without ``text_model.``) of a patchable module.
 TEXT_PATH = re.compile(r"encoder\.layers\.(\d+)\.(" + "|".join(re.escape(p) for p in TEXT_PARTS) + r")")
 _OPENCLIP_PARAM = re.compile(r"resblocks\.(\d+)\.(.+)")
+#: A patchable T5 (and UMT5) module path: attention and feed-forward projections.
+T5_PATH = re.compile(r"encoder\.block\.\d+\.layer\.\d+\.(SelfAttention\.[qkvo]|DenseReluDense\.(wi|wi_0|wi_1|wo))")
+#: Stands for the component of a T5 in `TEXT_STATE_SOURCES`: the position after the CLIPs.
+T5_AFTER_CLIPS = "after the CLIP encoders"
 
 
 def _checkpoint_sources() -> list[tuple[str, str, str]]:
@@ -66,7 +72,14 @@ TEXT_STATE_SOURCES = (
     ("cond_stage_model.wrapped.model.transformer.", "te1", "openclip"),  # WebUI SD2.x
     ("conditioner.embedders.0.wrapped.transformer.", "te1", "hf"),  # WebUI SDXL
     ("conditioner.embedders.1.wrapped.model.transformer.", "te2", "openclip"),  # WebUI SDXL
+    ("text_encoders.clip_l.transformer.", "te1", "hf"),  # SD3/3.5 and Flux checkpoints
+    ("text_encoders.clip_g.transformer.", "te2", "hf"),
+    ("text_encoders.t5xxl.transformer.", T5_AFTER_CLIPS, "t5"),
+    ("t5xxl.transformer.", T5_AFTER_CLIPS, "t5"),  # ComfyUI (SD3, Flux, PixArt)
+    ("umt5xxl.transformer.", T5_AFTER_CLIPS, "t5"),  # ComfyUI (Wan)
 )
+#: ComfyUI's generic text-encoder names: this + the state-dict key without ".weight".
+COMFY_TEXT_PREFIX = "text_encoders."
 
 
 def shape_of(value) -> tuple[int, ...]:
@@ -84,13 +97,26 @@ def weight_path(key: str, prefixes: Iterable[str]) -> str | None:
     return None
 
 
-def state_text_weights(shapes: Mapping):
-    """(component, HF path, key, rows, shape) of every patchable text-encoder weight of a state dict."""
+def state_text_weights(shapes: Mapping) -> list[tuple]:
+    """(component, kind, HF path, key, rows, shape) of every patchable text-encoder weight of a
+    state dict; kind is "clip" or "t5". A T5 comes after the CLIP encoders (te3 in SD3, te2 in Flux)."""
+    found = []
     for prefix, component, layout in TEXT_STATE_SOURCES:
         keys = [key for key in shapes if key.startswith(prefix)]
-        read = _hf_text_weights if layout == "hf" else _openclip_text_weights
-        for weight in read(prefix, keys, shapes):
-            yield (component, *weight)
+        read = {"hf": _hf_text_weights, "openclip": _openclip_text_weights, "t5": _t5_text_weights}[layout]
+        kind = "t5" if layout == "t5" else "clip"
+        found += [(component, kind, *weight) for weight in read(prefix, keys, shapes)]
+    clips = {component for component, kind, *_ in found if kind == "clip"}
+    t5 = f"te{len(clips) + 1}"
+    return [(t5 if component == T5_AFTER_CLIPS else component, *rest) for component, *rest in found]
+
+
+def _t5_text_weights(prefix: str, keys: list[str], shapes: Mapping):
+    """(path, key, rows, shape) of the patchable weights of a T5 encoder (HF names)."""
+    for key in keys:
+        path = weight_path(key, (prefix,))
+        if path is not None and T5_PATH.fullmatch(path):
+            yield path, key, None, shape_of(shapes[key])
 
 
 def _hf_text_weights(prefix: str, keys: list[str], shapes: Mapping):

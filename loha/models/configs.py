@@ -1,4 +1,5 @@
-"""Model configurations: the published SD1.x/SD2.x/SDXL ones and the demo model's.
+"""Model configurations: the published SD1.x/SD2.x/SDXL ones, the published diffusion
+transformers', and the demo model's.
 
 One table for every module that builds or reads a model: the meta-device structures
 conversions need (`structures`), the configs a checkpoint's weights cannot tell
@@ -87,4 +88,49 @@ DEMO = {
         block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128, scaling_factor=0.18215,
     ),
+}
+
+#: Per family, the whole-model configurations a checkpoint part is recognised as (by the
+#: shapes `from_ldm` checks), in order: what its weights cannot tell is taken from the first
+#: that fits. The demo's is one, so `loha demo`'s checkpoint reads back as it was built.
+KNOWN = {"sd1": (PUBLISHED["sd1"], DEMO), "sd2": (PUBLISHED["sd2"],), "sdxl": (PUBLISHED["sdxl"],)}
+
+#: The published diffusion transformers and their text encoders: (diffusers class,
+#: config) per pipeline attribute, for full-size structures on the meta device
+#: (`structures.published_transformer`). Text encoders are transformers classes.
+_T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+_CLIP_G = PUBLISHED["sdxl"]["text_encoder_2"]
+_SD35_TEXT = {"text_encoder": ("CLIPTextModelWithProjection", _CLIP_L),
+              "text_encoder_2": ("CLIPTextModelWithProjection", _CLIP_G),
+              "text_encoder_3": ("T5EncoderModel", _T5_XXL)}
+PUBLISHED_TRANSFORMERS = {
+    "flux-dev": {
+        "transformer": ("FluxTransformer2DModel", dict(
+            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56))),
+        "text_encoder": ("CLIPTextModel", _CLIP_L),
+        "text_encoder_2": ("T5EncoderModel", _T5_XXL),
+    },
+    "sd3.5-large": {
+        "transformer": ("SD3Transformer2DModel", dict(
+            sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+            num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+            pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")),
+        **_SD35_TEXT,
+    },
+    "sd3.5-medium": {
+        "transformer": ("SD3Transformer2DModel", dict(
+            sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+            pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384, qk_norm="rms_norm",
+            dual_attention_layers=tuple(range(13)))),
+        **_SD35_TEXT,
+    },
+    "qwen-image": {
+        "transformer": ("QwenImageTransformer2DModel", dict(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))),
+    },
 }

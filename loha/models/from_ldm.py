@@ -161,9 +161,10 @@ def _config(attr: str, part: CheckpointPart, shapes: Mapping, family: str, overr
     config.update(hints.get(attr, {}))
     if attr not in PROJECTED_TEXT_ENCODERS:
         config.pop("projection_dim", None)
-    published = configs.PUBLISHED[family].get(attr, {})
-    if all(tuple(_as_tuple(published.get(k))) == tuple(_as_tuple(config.get(k))) for k in _IDENTITY[part.kind]):
-        config = {**published, **config}
+    known = next((whole[attr] for whole in configs.KNOWN[family] if attr in whole and all(
+        tuple(_as_tuple(whole[attr].get(k))) == tuple(_as_tuple(config.get(k))) for k in _IDENTITY[part.kind])), None)
+    if known is not None:
+        config = {**known, **config}
     elif part.kind in _TEXT_DEFAULTS:
         config = {**_TEXT_DEFAULTS[part.kind], **config}
     config.update(overrides.get(attr, {}))
@@ -254,3 +255,23 @@ def _materialize_buffers(module: torch.nn.Module, device) -> None:
             raise LohaError(f"cannot rebuild buffer '{name}' of {type(module).__name__}")
         ids = torch.arange(buffer.shape[-1], device=device).expand(buffer.shape)
         module.get_submodule(owner).register_buffer(attr, ids, persistent=False)
+
+
+#: Where a checkpoint says it predicts v (ComfyUI's `supported_models` reads the same): SDXL
+#: v-prediction files carry a ``v_pred`` key; SD2's 768-v differs from its 512 base (epsilon)
+#: in weights only, and ComfyUI tells them apart by the spread of this bias (v above 0.09).
+V_PREDICTION_KEY = "v_pred"
+SD2_V_PROBE = ("model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias", 0.09)
+
+
+def prediction_type(state: Mapping, family: str) -> str:
+    """"v_prediction" or "epsilon", as ComfyUI decides it for a checkpoint's state dict."""
+    if V_PREDICTION_KEY in state:
+        return "v_prediction"
+    key, threshold = SD2_V_PROBE
+    probe = state.get(key)
+    unet_in = state.get("model.diffusion_model.input_blocks.0.0.weight")
+    if family == "sd2" and probe is not None and not probe.is_meta and (unet_in is None or unet_in.shape[1] == 4):
+        if torch.std(probe.float(), unbiased=False) > threshold:  # SD2 inpainting (9 channels) is epsilon
+            return "v_prediction"
+    return "epsilon"

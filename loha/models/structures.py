@@ -17,7 +17,7 @@ import torch
 
 from ..errors import LohaError
 from ..families import FAMILIES, PIPELINE_COMPONENTS, PROJECTED_TEXT_ENCODERS
-from .configs import PUBLISHED
+from .configs import PUBLISHED, PUBLISHED_TRANSFORMERS
 
 
 def require_diffusers(purpose: str) -> None:
@@ -49,6 +49,25 @@ def build_part(attr: str, config: dict) -> torch.nn.Module:
         return AutoencoderKL(**config)
     cls = CLIPTextModelWithProjection if attr in PROJECTED_TEXT_ENCODERS else CLIPTextModel
     return cls(CLIPTextConfig(**config))
+
+
+def published_transformer(name: str) -> dict[str, torch.nn.Module]:
+    """A published diffusion transformer and its text encoders by pipeline attribute, on the
+    current device (wrap in ``torch.device("meta")`` for no weights); `configs.PUBLISHED_TRANSFORMERS`."""
+    require_diffusers("building model structures")
+    import diffusers
+    import transformers
+
+    if name not in PUBLISHED_TRANSFORMERS:
+        raise LohaError(f"no published transformer {name!r} (known: {', '.join(PUBLISHED_TRANSFORMERS)})")
+    parts = {}
+    for attr, (cls_name, config) in PUBLISHED_TRANSFORMERS[name].items():
+        if attr == "transformer":
+            parts[attr] = getattr(diffusers, cls_name)(**config)
+        else:
+            cls = getattr(transformers, cls_name)
+            parts[attr] = cls(cls.config_class(**config))
+    return parts
 
 
 def standard_modules(family: str) -> dict[str, torch.nn.Module]:

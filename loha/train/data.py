@@ -1,6 +1,11 @@
 """The dataset, kohya style: images with same-name .txt captions, ``N_name/`` repeats,
 aspect-ratio buckets, latents encoded once.
 
+Captions can change every step as sd-scripts changes them (`CaptionOptions`: shuffle the
+comma-separated tags after the first ``keep_tokens``, drop tags or the whole caption),
+and images can be mirrored (``flip_aug``: both sides are encoded once); each draw is a
+function of (seed, step, place in the batch).
+
 A folder ``5_shapes/`` contributes each of its images 5 times per epoch; images
 directly in the root count once. An image without a .txt takes its folder's name
 (after ``N_``) as caption, as kohya's DreamBooth folders do. Each image goes to the
@@ -33,6 +38,37 @@ class Item:
     folder: str  # the folder's name as the dataset metadata records it
     repeats: int
     size: tuple[int, int]  # (width, height) of the image file
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """sd-scripts' caption handling: ``shuffle_caption``, ``keep_tokens``, ``caption_dropout_rate``,
+    ``caption_tag_dropout_rate`` (tags are the comma-separated parts; the kept ones are never
+    shuffled or dropped)."""
+
+    shuffle: bool = False
+    keep_tokens: int = 0
+    dropout_rate: float = 0.0
+    tag_dropout_rate: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.shuffle or self.dropout_rate > 0 or self.tag_dropout_rate > 0
+
+    def apply(self, caption: str, generator: torch.Generator) -> str:
+        """One draw of `caption` (the same number of draws whatever the caption, so later draws
+        of a batch do not depend on earlier captions' lengths)."""
+        drop_all = torch.rand((), generator=generator).item() < self.dropout_rate
+        tags = [t.strip() for t in caption.split(",") if t.strip()]
+        kept, rest = tags[: self.keep_tokens], tags[self.keep_tokens:]
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
+        local = torch.Generator().manual_seed(seed)
+        if self.tag_dropout_rate:
+            rest = [t for t, r in zip(rest, torch.rand(len(rest), generator=local).tolist())
+                    if r >= self.tag_dropout_rate]
+        if self.shuffle:
+            rest = [rest[i] for i in torch.randperm(len(rest), generator=local).tolist()]
+        return "" if drop_all else ", ".join(kept + rest)
 
 
 def scan(root: str) -> list[Item]:
@@ -115,12 +151,14 @@ def load_pixels(path: str, bucket: tuple[int, int]) -> torch.Tensor:
 class Dataset:
     """Items, their buckets, and latents encoded once by the VAE."""
 
-    def __init__(self, root: str, resolution: int, step: int = 64):
+    def __init__(self, root: str, resolution: int, step: int = 64, flip: bool = False):
         self.root = root
         self.items = scan(root)
         options = buckets(resolution, step)
         self.buckets = [nearest_bucket(item.size, options) for item in self.items]
+        self.flip = flip
         self.latents: list[torch.Tensor] | None = None
+        self.flipped: list[torch.Tensor] | None = None  # latents of the mirrored images (flip_aug)
         self.tag_frequency, self.dirs = dataset_metadata(self.items)
 
     def __len__(self) -> int:
@@ -135,12 +173,17 @@ class Dataset:
         """Encode every image once: `encode_pixels` maps (1, 3, H, W) in [-1, 1] to latents."""
         if self.latents is not None:
             return
-        self.latents = []
+        self.latents, self.flipped = [], [] if self.flip else None
         for index, (item, bucket) in enumerate(zip(self.items, self.buckets)):
-            latent = encode_pixels(load_pixels(item.path, bucket)[None])
-            self.latents.append(latent[0].float().cpu())
+            pixels = load_pixels(item.path, bucket)[None]
+            self.latents.append(encode_pixels(pixels)[0].float().cpu())
+            if self.flip:
+                self.flipped.append(encode_pixels(pixels.flip(-1))[0].float().cpu())
             if progress:
                 progress(index + 1, len(self.items))
+
+    def latent(self, index: int, flipped: bool) -> torch.Tensor:
+        return (self.flipped if flipped and self.flipped is not None else self.latents)[index]
 
     def epoch(self, seed: int, epoch: int, batch_size: int) -> list[list[int]]:
         """The global batches of one epoch: item indices, each batch from one bucket.

@@ -4,13 +4,15 @@ SD1.x/SD2.x train as `BaseModel` (one text encoder), SDXL as `SDXLModel` (CLIP-L
 OpenCLIP-G, pooled text and size conditioning as kohya's sdxl_train_network feeds them).
 A checkpoint is read into diffusers/transformers modules by `loha.models.from_ldm`
 (built on `loha.keys`' block tables), so the modules the trainer wraps carry exactly
-the names a file must use. Checkpoints carry no tokenizer: pass the folder of one
-(``vocab.json`` + ``merges.txt``, e.g. a diffusers model's ``tokenizer/``; for SDXL a
-folder with ``tokenizer/`` and ``tokenizer_2/``, i.e. a diffusers SDXL model folder).
+the names a file must use; its VAE comes from the checkpoint too. A checkpoint
+carries no tokenizer, and none is needed: CLIP's byte-pair vocabulary ships with the
+package (`clip_tokenizer/`, see its LICENSE), padded as each encoder was trained
+(CLIP-L with the end token, OpenCLIP's ViT-H and ViT-bigG with "!"). A tokenizer
+folder still wins when given.
 
 The demo model is SD1.5's architecture at small widths with seeded random weights
 (`loha.models.configs.DEMO`, and a byte-level tokenizer), so the trainer runs anywhere
-with nothing downloaded.
+with nothing downloaded; its checkpoint (`loha demo`) trains like any other.
 """
 
 from __future__ import annotations
@@ -261,16 +263,15 @@ def demo_model(seed: int = 0) -> BaseModel:
 
 
 def from_diffusers(folder: str) -> BaseModel:
-    """A diffusers model folder: unet/, text_encoder/, vae/, tokenizer/, scheduler/; SDXL's
-    also text_encoder_2/ and tokenizer_2/."""
+    """A diffusers model folder: unet/, text_encoder/, vae/, scheduler/, and tokenizer/ (the
+    shipped CLIP vocabulary when absent); SDXL's also text_encoder_2/ (and tokenizer_2/)."""
     require_diffusers("training")
     _quiet()
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     sdxl = os.path.isdir(os.path.join(folder, "text_encoder_2"))
-    needed = ("unet", "text_encoder", "vae", "tokenizer") + (("tokenizer_2",) if sdxl else ())
-    for sub in needed:
+    for sub in ("unet", "text_encoder", "vae"):
         if not os.path.isdir(os.path.join(folder, sub)):
             what = "an SDXL model folder" if sdxl else "a diffusers model folder"
             raise LohaError(f"{folder}: not {what} (no {sub}/)")
@@ -279,43 +280,73 @@ def from_diffusers(folder: str) -> BaseModel:
     if sdxl:
         parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2").eval()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
-    tokenizers = _tokenizers(folder, {}, folder, parts)
+    family = map_modules(parts).family
+    has_folders = all(os.path.isdir(os.path.join(folder, sub)) for sub, text in _TOKENIZERS if text in parts)
+    tokenizers = _tokenizers(folder, {}, folder if has_folders else None, parts, family)
     prediction = "epsilon"
     scheduler = os.path.join(folder, "scheduler", "scheduler_config.json")
     if os.path.isfile(scheduler):
         with open(scheduler, encoding="utf-8") as f:
             prediction = json.load(f).get("prediction_type", "epsilon")
-    family = map_modules(parts).family
     return _assemble(parts, vae, tokenizers, family, os.path.basename(os.path.normpath(folder)), prediction)
 
 
 #: (tokenizer subfolder, the text encoder it feeds), in order.
 _TOKENIZERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+#: CLIP's byte-pair vocabulary (OpenAI CLIP's, MIT; see clip_tokenizer/LICENSE) and its size.
+CLIP_VOCABULARY = os.path.join(os.path.dirname(__file__), "clip_tokenizer")
+CLIP_VOCAB_SIZE = 49408
+#: How each text-encoder kind pads its 77 positions: CLIP-L with the end token, OpenCLIP with "!" (id 0),
+#: as diffusers' SD2 `tokenizer/` and SDXL `tokenizer_2/` (and ComfyUI's SD2/SDXL tokenizers) do.
+PAD_TOKENS = {"clip": "<|endoftext|>", "openclip": "!"}
 
 
-def from_checkpoint(path: str, tokenizer: str | None = None, vae: str | None = None) -> BaseModel:
+def clip_tokenizer(kind: str, length: int = 77) -> "HFTokenizer":
+    """The shipped CLIP tokenizer, padded as a `kind` ("clip" or "openclip") encoder was trained."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(os.path.join(CLIP_VOCABULARY, "vocab.json"),
+                              os.path.join(CLIP_VOCABULARY, "merges.txt"), pad_token=PAD_TOKENS[kind])
+    tokenizer.name_or_path = f"loha-{kind}"
+    return HFTokenizer(tokenizer, length)
+
+
+def from_checkpoint(path: str, tokenizer: str | None = None, vae: str | None = None,
+                    prediction: str | None = None) -> BaseModel:
     """An SD1.x/SD2.x/SDXL LDM checkpoint (.safetensors, or .ckpt loaded with weights_only).
 
-    `loha.models.from_ldm` reads the architecture off the shapes and loads every tensor;
-    a checkpoint written by `save_base_checkpoint` also carries what shapes cannot tell.
+    `loha.models.from_ldm` reads the architecture off the shapes (fp32, fp16 or bf16
+    tensors; full, pruned or EMA-only files) and loads every tensor; the prediction type
+    comes from `from_ldm.prediction_type` unless `prediction` says it.
     """
     require_diffusers("training")
     _quiet()
     from ..files.checkpoint import read_checkpoint
-    from ..models.from_ldm import diffusers_parts
 
     if not os.path.isfile(path):
         raise LohaError(f"{path}: no such checkpoint")
     state, meta = read_checkpoint(path)
+    return from_state(state, meta, os.path.splitext(os.path.basename(path))[0], tokenizer, vae, prediction,
+                      label=path)
+
+
+def from_state(state, meta: dict, name: str, tokenizer: str | None = None, vae: str | None = None,
+               prediction: str | None = None, label: str = "checkpoint", device="cpu") -> BaseModel:
+    """`from_checkpoint` on a state dict already read (on the meta device: the structure alone)."""
+    from ..families import family_of_checkpoint
+    from ..models.from_ldm import diffusers_parts, prediction_type
+
+    family = family_of_checkpoint(state)
     configs = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
-    parts = diffusers_parts(state, overrides=configs)
+    parts = diffusers_parts(state, family, device=device, overrides=configs)
     if vae is not None:
         parts["vae"] = from_diffusers_vae(vae)
     if "vae" not in parts:
-        raise LohaError(f"{path}: holds no VAE (first_stage_model.*); pass one (a diffusers VAE folder)")
+        raise LohaError(f"{label}: holds no VAE (first_stage_model.*); pass one (a diffusers VAE folder)",
+                        option="vae")
     family = map_modules(parts).family
-    return _assemble(parts, parts["vae"], _tokenizers(path, meta, tokenizer, parts), family,
-                     os.path.splitext(os.path.basename(path))[0], configs=configs)
+    return _assemble(parts, parts["vae"], _tokenizers(label, meta, tokenizer, parts, family), family, name,
+                     prediction or prediction_type(state, family), configs=configs)
 
 
 def from_diffusers_vae(folder: str):
@@ -326,10 +357,13 @@ def from_diffusers_vae(folder: str):
     return AutoencoderKL.from_pretrained(folder, subfolder=sub).eval()
 
 
-def _tokenizers(path: str, meta: dict, folder: str | None, parts: dict) -> tuple:
+def _tokenizers(path: str, meta: dict, folder: str | None, parts: dict, family: str) -> tuple:
     """One tokenizer per text encoder of the parts: from `folder` (its tokenizer/ and, for
-    SDXL, tokenizer_2/; an SD1/SD2 tokenizer may also be the folder itself), or the
-    byte tokenizer a `save_base_checkpoint` file names."""
+    SDXL, tokenizer_2/; an SD1/SD2 tokenizer may also be the folder itself); else the
+    shipped CLIP vocabulary for encoders with CLIP's vocabulary, the byte tokenizer for
+    the demo's (or a `save_base_checkpoint` file that names it)."""
+    from ..families import checkpoint_parts
+
     sdxl = "text_encoder_2" in parts
     if folder is not None:
         from transformers import CLIPTokenizer
@@ -345,16 +379,26 @@ def _tokenizers(path: str, meta: dict, folder: str | None, parts: dict) -> tuple
             out.append(HFTokenizer(CLIPTokenizer.from_pretrained(folder, subfolder=sub),
                                    parts[text].config.max_position_embeddings))
         return tuple(out)
-    if meta.get(TOKENIZER_KEY) == ByteTokenizer.name:
-        configs = json.loads(meta[CONFIG_KEY])
-        return tuple(ByteTokenizer(length=configs[text]["max_position_embeddings"])
-                     for _, text in _TOKENIZERS if text in parts)
-    if sdxl:
-        raise LohaError(f"{path}: a checkpoint carries no tokenizer; an SDXL checkpoint needs a tokenizer folder "
-                        "with tokenizer/ and tokenizer_2/ subfolders (a diffusers SDXL model folder)",
-                        option="tokenizer")
-    raise LohaError(f"{path}: a checkpoint carries no tokenizer; give a tokenizer folder "
-                    "(vocab.json + merges.txt, e.g. a diffusers SD1.5 model's tokenizer/)", option="tokenizer")
+    out = []
+    for sub, text in _TOKENIZERS:
+        if text not in parts:
+            continue
+        config = parts[text].config
+        if meta.get(TOKENIZER_KEY) == ByteTokenizer.name or _is_demo_text(config):
+            out.append(ByteTokenizer(length=config.max_position_embeddings))
+        elif config.vocab_size == CLIP_VOCAB_SIZE:
+            out.append(clip_tokenizer(checkpoint_parts(family)[text].kind, config.max_position_embeddings))
+        else:
+            wanted = ("a tokenizer folder with tokenizer/ and tokenizer_2/ subfolders (a diffusers SDXL model folder)"
+                      if sdxl else "a tokenizer folder (vocab.json + merges.txt)")
+            raise LohaError(f"{path}: {text} has a vocabulary of {config.vocab_size} tokens, not CLIP's "
+                            f"{CLIP_VOCAB_SIZE}, so the shipped tokenizer does not fit; give {wanted}",
+                            option="tokenizer")
+    return tuple(out)
+
+
+def _is_demo_text(config) -> bool:
+    return all(getattr(config, key) == value for key, value in DEMO["text_encoder"].items())
 
 
 def save_base_checkpoint(model: BaseModel, path: str) -> str:
@@ -369,10 +413,11 @@ def save_base_checkpoint(model: BaseModel, path: str) -> str:
     return save_checkpoint(path, parts, metadata=meta, family=model.family)
 
 
-def load_base(source: str, tokenizer: str | None = None, vae: str | None = None, seed: int = 0) -> BaseModel:
+def load_base(source: str, tokenizer: str | None = None, vae: str | None = None, seed: int = 0,
+              prediction: str | None = None) -> BaseModel:
     """"demo", a diffusers folder, or a checkpoint file."""
     if source == "demo":
         return demo_model(seed)
     if os.path.isdir(source):
         return from_diffusers(source)
-    return from_checkpoint(source, tokenizer, vae)
+    return from_checkpoint(source, tokenizer, vae, prediction)

@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import LohaError
 from ..families import TEXT_COMPONENTS
 from ..keys import NameMap, Target, map_modules, map_state_dict
-from .autograd import _Op, loha_layer
+from .autograd import _Op, loha_layer, scaled_delta
 
 #: UNet targets per preset, as regular expressions over the diffusers path. Names and
 #: reach follow lycoris-lora's presets: "attn-mlp" is all of Transformer2DModel (its
@@ -54,12 +54,21 @@ class NetworkSpec:
     conv_alpha: float = 2.0
     use_tucker: bool = False
     text_encoder: bool = False
+    #: LyCORIS's regularisers, as its LohaModule applies them while training: each step a module
+    #: is left out with probability `module_dropout`, and each output row of ΔW with `rank_dropout`.
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    #: DoRA (LyCORIS ``dora_wd``): W = m ⊙ (W0 + ΔW) / ‖W0 + ΔW‖ per output row, m trained from ‖W0‖.
+    dora_wd: bool = False
 
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise LohaError(f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)})")
         if self.rank < 1 or self.conv_rank < 1:
             raise LohaError(f"ranks must be ≥ 1 (rank {self.rank}, conv_rank {self.conv_rank})")
+        for name in ("rank_dropout", "module_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise LohaError(f"{name} {getattr(self, name)} must be in [0, 1)")
 
     def wants(self, target: Target) -> bool:
         if target.component in TEXT_COMPONENTS:
@@ -75,7 +84,7 @@ class LohaModule(nn.Module):
     """
 
     def __init__(self, name: str, layer: nn.Module, rank: int, alpha: float, tucker: bool,
-                 generator: torch.Generator):
+                 generator: torch.Generator, dora: bool = False):
         super().__init__()
         self.name, self.rank, self.alpha = name, rank, float(alpha)
         self.scale = self.alpha / rank
@@ -94,19 +103,46 @@ class LohaModule(nn.Module):
         self.hada_w1_a = normal(a_shape, 0.1)
         self.hada_w2_b = normal(b_shape, 1.0)
         self.hada_w2_a = nn.Parameter(torch.zeros(a_shape))
+        if dora:  # ‖W0‖ per output row, in fp32, shaped (O, 1, …) as LyCORIS stores it
+            norm = layer.weight.detach().float().reshape(out_dim, -1).norm(dim=1)
+            self.dora_scale = nn.Parameter(norm.reshape(out_dim, *[1] * (layer.weight.dim() - 1)).cpu())
+        self.dora = dora
         self._layer = [layer]  # a list, so the frozen layer is not a submodule of the network
         self._original_forward = None
+        self.skip = False  # module dropout, drawn per step by LohaNetwork.draw_dropout
+        self.row_mask: torch.Tensor | None = None  # rank dropout: (O,) 0/1 per output row of ΔW
 
     @property
     def layer(self) -> nn.Module:
         return self._layer[0]
 
     def factors(self) -> tuple:
+        """The factors this step uses: rank dropout scales rows of w1_a, which are rows of ΔW."""
         t1, t2 = (self.hada_t1, self.hada_t2) if self.tucker else (None, None)
-        return (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, t1, t2)
+        w1a = self.hada_w1_a
+        if self.row_mask is not None:
+            w1a = w1a * (self.row_mask[None, :] if self.tucker else self.row_mask[:, None])
+        return (w1a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, t1, t2)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.skip:
+            return self._original(x, *args, **kwargs)
+        if self.dora:
+            return self.op(x, self.dora_weight(), self.layer.bias)
         return loha_layer(x, self.layer, self.factors(), self.scale, self.op)
+
+    def dora_weight(self) -> torch.Tensor:
+        """m ⊙ (W0 + s·ΔW) / ‖W0 + s·ΔW‖ (per output row, +eps), as LyCORIS's weight_decompose.
+
+        Plain autograd over one merged weight: the norm needs the whole W0 + ΔW, so DoRA keeps it
+        until backward as LyCORIS does (ΔW itself still comes from the factor-only autograd)."""
+        weight = self.layer.weight
+        merged = weight.to(self.dora_scale.dtype) + scaled_delta(self.factors(), self.scale).reshape(weight.shape)
+        norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(self.dora_scale.shape)
+        return (merged * (self.dora_scale / (norm + torch.finfo(merged.dtype).eps))).to(weight.dtype)
+
+    def _original(self, x, *args, **kwargs):
+        return (self._original_forward or type(self.layer).forward.__get__(self.layer))(x, *args, **kwargs)
 
     def attach(self) -> None:
         if self._original_forward is None:
@@ -123,7 +159,7 @@ class LohaModule(nn.Module):
     def file_tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """This module's tensors as a LyCORIS file holds them."""
         out = {f"{self.name}.alpha": torch.tensor(self.alpha)}
-        for suffix in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"):
+        for suffix in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "dora_scale"):
             if hasattr(self, suffix):
                 out[f"{self.name}.{suffix}"] = getattr(self, suffix).detach().to("cpu", dtype).contiguous()
         return out
@@ -147,7 +183,7 @@ class LohaNetwork(nn.Module):
             conv = layer.weight.dim() > 2 and math.prod(layer.weight.shape[2:]) > 1
             rank, alpha = (spec.conv_rank, spec.conv_alpha) if conv else (spec.rank, spec.alpha)
             name = self.names.names(target)[0]
-            modules[name] = LohaModule(name, layer, rank, alpha, spec.use_tucker, generator)
+            modules[name] = LohaModule(name, layer, rank, alpha, spec.use_tucker, generator, spec.dora_wd)
         if not modules:
             raise LohaError(f"preset {spec.preset!r} selects no layer of this model ({len(layers)} candidates)")
         self.loha = nn.ModuleDict(modules)
@@ -185,6 +221,21 @@ class LohaNetwork(nn.Module):
                         raise LohaError(f"{label}: '{key}' has shape {tuple(tensors[key].shape)}, "
                                         f"this network needs {tuple(param.shape)}")
                     param.copy_(tensors[key])
+
+    def draw_dropout(self, generator: torch.Generator | None) -> None:
+        """This step's module and rank dropout (LyCORIS's, drawn from `generator` so a step's
+        draw is a function of the run's seed and the step); None turns dropout off (samples)."""
+        spec = self.spec
+        for module in self.loha.values():
+            module.skip, module.row_mask = False, None
+            if generator is None:
+                continue
+            if spec.module_dropout and torch.rand((), generator=generator) < spec.module_dropout:
+                module.skip = True
+            elif spec.rank_dropout:
+                rows = module.layer.weight.shape[0]
+                keep = torch.rand(rows, generator=generator) > spec.rank_dropout
+                module.row_mask = keep.to(module.layer.weight.device, module.hada_w1_a.dtype)
 
     def counts(self) -> dict[str, int]:
         """Modules per component (unet, te1, te2)."""

@@ -20,9 +20,22 @@ from ..families import BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE
 from ..files.safetensors_io import model_hash, save
 
 
+#: What a file says about itself -> where sd-scripts (`sai_model_spec.build_metadata`) writes it.
+ABOUT_KEYS = {"title": "modelspec.title", "author": "modelspec.author", "description": "modelspec.description",
+              "license": "modelspec.license", "tags": "modelspec.tags", "trigger_phrase": "modelspec.trigger_phrase",
+              "prediction_type": "modelspec.prediction_type"}
+#: modelspec's prediction-type spelling.
+_MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}
+
+
 def network_metadata(spec, family: str, *, name: str, started_at: float, steps: int, settings: Mapping,
-                     tag_frequency: Mapping, dataset: Mapping) -> dict[str, str]:
-    """The ss_* / modelspec.* metadata of a LoHa trained with `spec` on a `family` model."""
+                     tag_frequency: Mapping, dataset: Mapping, about: Mapping | None = None,
+                     resolution: int | None = None) -> dict[str, str]:
+    """The ss_* / modelspec.* metadata of a LoHa trained with `spec` on a `family` model.
+
+    `about` holds title, author, description, license, tags, trigger_phrase and prediction_type
+    (empty ones are left out), written as sd-scripts writes them, so the WebUI's metadata view
+    and civitai show them."""
     args = {
         "algo": "loha",
         "preset": spec.preset,
@@ -30,6 +43,9 @@ def network_metadata(spec, family: str, *, name: str, started_at: float, steps: 
         "conv_alpha": str(spec.conv_alpha),
         "use_tucker": str(spec.use_tucker),
     }
+    args.update({k: str(getattr(spec, k)) for k in ("rank_dropout", "module_dropout") if getattr(spec, k)})
+    if spec.dora_wd:
+        args["dora_wd"] = "True"
     meta = {
         "ss_network_module": "lycoris.kohya",
         "ss_network_args": json.dumps(args),
@@ -51,6 +67,12 @@ def network_metadata(spec, family: str, *, name: str, started_at: float, steps: 
         "modelspec.title": name,
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started_at)),
     }
+    about = dict(about or {})
+    if "prediction_type" in about:
+        about["prediction_type"] = _MODELSPEC_PREDICTION.get(about["prediction_type"], about["prediction_type"])
+    meta.update({ABOUT_KEYS[k]: str(v) for k, v in about.items() if v})
+    if resolution:
+        meta["modelspec.resolution"] = f"{resolution}x{resolution}"
     meta.update({f"ss_{k}": str(v) for k, v in settings.items() if v is not None})
     return meta
 
