@@ -13,6 +13,7 @@ import torch
 
 import loha
 import tiny_models as T
+import tiny_dit
 import tiny_pipelines
 from loha.errors import LohaError
 from loha.keys import blocks
@@ -322,3 +323,23 @@ def test_layers_called_with_more_than_their_input_keep_the_network(tmp_path):
     tol(attention.q_proj(x, note="kept"), want)
     tol(attention.q_proj(x), want)
     handle.remove()
+
+
+@pytest.mark.parametrize("family", tiny_dit.FAMILIES)
+def test_diffusion_transformers(family, tmp_path):
+    """Flux, SD3, PixArt, Qwen-Image, Wan (its 3-D patch convolution too): bypass gives the patched outputs."""
+    parts = tiny_dit.parts(family)
+    path = tiny_dit.make_file(family, parts, tmp_path / f"{family}.safetensors")
+    base = tiny_dit.run(family, parts)
+    handle = loha.apply(parts, (path, 0.8, 0.6))
+    want = tiny_dit.run(family, parts)
+    handle.restore()
+    before = snapshot(parts)
+    handle = loha.bypass(parts, (path, 0.8, 0.6))
+    assert handle.unmatched == {}
+    ours = tiny_dit.run(family, parts)
+    handle.remove()
+    for part in want:
+        assert (want[part] - base[part]).abs().max() > 1e-3, f"{part}: the network changes nothing"
+        tol(ours[part], want[part], part)
+    assert_as_before(before, parts)
