@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -31,6 +32,99 @@ def random_unet(config: dict, dtype=torch.float32, seed: int = 0):
         for p in unet.parameters():
             p.normal_(0.0, 0.02, generator=gen)
     return unet.eval().requires_grad_(False)
+
+
+def random_text_encoder(config: dict, dtype=torch.float32, seed: int = 1):
+    """A transformers CLIPTextModel of the given config with seeded random N(0, 0.02) weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        model = CLIPTextModel(CLIPTextConfig(**config))
+    model = model.to(dtype=dtype).to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=gen)
+        for name, buffer in model.named_buffers():  # to_empty left them uninitialised
+            if name.endswith("position_ids"):
+                buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
+    return model.eval().requires_grad_(False)
+
+
+@dataclass
+class Layer:
+    name: str  # diffusers module path
+    module: torch.nn.Module
+    lyco: object  # the LyCORIS LohaModule
+    a1: torch.Tensor  # canonical fp32 factors, a* (O, R), b* (R, K)
+    b1: torch.Tensor
+    a2: torch.Tensor
+    b2: torch.Tensor
+    scale: float  # alpha / rank
+    lora_name: str = ""  # the module's name in a file (kohya style)
+    dora: torch.Tensor | None = None  # dora_scale, for DoRA networks
+    peft: object = None
+
+
+def lycoris_loha(unet, seed: int = 1, text_encoder=None, dora: bool = False):
+    """A LyCORIS LoHa over every targetable UNet (and text-encoder) layer, hada_w2_a randomised.
+
+    Linear and 1×1 layers rank 16, k×k convolutions rank 8, alpha = rank. Returns the
+    LyCORIS network and one `Layer` per module (UNet first), named by diffusers path.
+    """
+    import lycoris.kohya as lk
+
+    # LyCORIS 4.1.3's "full" preset lists TimestepEmbedding as a module and its linears
+    # by name too, which makes duplicate names on diffusers UNets: drop the module entry.
+    preset = dict(lk.PRESET["full"])
+    preset["unet_target_module"] = [m for m in preset["unet_target_module"] if m != "TimestepEmbedding"]
+    lk.PRESET["loha-bench"] = preset
+    net = lk.create_network(
+        1.0, 16, 16, None, text_encoder, unet, algo="loha", conv_dim=8, conv_alpha=8, preset="loha-bench",
+        warn_on_unmatched=False, dora_wd=dora,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    by_module = {id(m): n for part in (unet, text_encoder) if part is not None for n, m in part.named_modules()}
+    layers = []
+    with torch.no_grad():
+        for m in net.unet_loras + net.text_encoder_loras:
+            m.requires_grad_(False)
+            for p in (m.hada_w1_a, m.hada_w2_a):  # keep ΔW about 1e-3 of W
+                p.normal_(0.0, 0.05, generator=gen)
+            for p in (m.hada_w1_b, m.hada_w2_b):
+                p.normal_(0.0, 0.05, generator=gen)
+            org = m.org_module[0]
+            r = m.hada_w1_b.shape[0]
+            layers.append(
+                Layer(
+                    by_module[id(org)],
+                    org,
+                    m,
+                    m.hada_w1_a.detach().float().contiguous(),
+                    m.hada_w1_b.detach().float().reshape(r, -1).contiguous(),
+                    m.hada_w2_a.detach().float().contiguous(),
+                    m.hada_w2_b.detach().float().reshape(r, -1).contiguous(),
+                    float(m.scale),
+                    m.lora_name,
+                    m.dora_scale.detach().float().clone() if dora else None,
+                )
+            )
+    return net, layers
+
+
+def network_of(layers, name: str = "bench"):
+    """The layers' LoHa as a loha Network (kohya names, as the file LyCORIS would write)."""
+    import loha
+
+    tensors = {}
+    for l in layers:
+        for attr in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"):
+            tensors[f"{l.lora_name}.{attr}"] = getattr(l.lyco, attr).detach().float().clone()
+        if l.dora is not None:
+            tensors[f"{l.lora_name}.dora_scale"] = l.dora.clone()
+    return loha.from_tensors(tensors, name)
+
+
 
 
 def release_freed_memory() -> None:

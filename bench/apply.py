@@ -11,6 +11,11 @@ SDXL numbers, random weights; a LyCORIS LoHa over every targetable layer: linear
 1×1 rank 16, conv rank 8, hada_w2_a randomised so ΔW ≠ 0). Nothing is downloaded.
 
 Each repetition runs every method once, in turn (interleaved); the table shows medians.
+Ours is timed as the kernel alone, and as users meet it: the whole `loha.apply` +
+`restore` (planning, checks, keeping the originals, patching, putting them back) as it
+runs again and again (the memory `restore` keeps is reused), the same cold (after
+`loha.release_memory()`: fresh memory, whose page faults cost more than the kernel), and
+a re-patch (`handle.reapply`: what a change of strengths or networks costs while patched). A second table does the same for a DoRA LoHa of the same shape.
 The anchors are short functions written here that do what each tool's merge does
 (their math and their copies), not their code:
 - ComfyUI: per module, back up the weight, an fp32 copy of it, two fp32 matmuls,
@@ -20,7 +25,10 @@ The anchors are short functions written here that do what each tool's merge does
 - LyCORIS 4.1.3: its own modules' `merge_to` (which applies alpha/rank twice: a bug we
   do not copy; timed anyway); on CUDA also its Triton `loha_merge` kernel;
 - PEFT: `LoHaConfig` on the same UNet (factors copied from the LyCORIS ones), each
-  LoHa layer's `merge()` — what `merge_adapter()` runs.
+  LoHa layer's `merge()` — what `merge_adapter()` runs (timed after the others: its
+  layers rename the model's modules);
+- ComfyUI, DoRA: per module as above, then `weight_decompose` (the norm of the weight,
+  W0+ΔW scaled by dora_scale / norm) — what its LoHa adapter runs for a DoRA file.
 The floors: bytes of W read and written over the measured streaming bandwidth, and the
 matmul FLOPs 2·2·O·K·R over the measured fp32 square-matmul rate.
 
@@ -41,7 +49,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -51,69 +58,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     SD15,
     SDXL,
+    Layer,
+    lycoris_loha,
     matmul_rate,
     median,
+    network_of,
     random_unet,
     stream_bandwidth,
     timed,
 )
 
+import loha  # noqa: E402
 from loha import kernels  # noqa: E402
-
-
-@dataclass
-class Layer:
-    name: str  # diffusers module path
-    module: torch.nn.Module
-    lyco: object  # the LyCORIS LohaModule
-    a1: torch.Tensor  # canonical fp32 factors, a* (O, R), b* (R, K)
-    b1: torch.Tensor
-    a2: torch.Tensor
-    b2: torch.Tensor
-    scale: float  # alpha / rank
-    peft: object = None
-
-
-# ---- building the network -------------------------------------------------------------
-
-
-def lycoris_loha(unet, seed: int = 1):
-    """A LyCORIS LoHa over every targetable UNet layer, hada_w2_a randomised."""
-    import lycoris.kohya as lk
-
-    # LyCORIS 4.1.3's "full" preset lists TimestepEmbedding as a module and its linears
-    # by name too, which makes duplicate names on diffusers UNets: drop the module entry.
-    preset = dict(lk.PRESET["full"])
-    preset["unet_target_module"] = [m for m in preset["unet_target_module"] if m != "TimestepEmbedding"]
-    lk.PRESET["loha-bench"] = preset
-    net = lk.create_network(
-        1.0, 16, 16, None, None, unet, algo="loha", conv_dim=8, conv_alpha=8, preset="loha-bench", warn_on_unmatched=False
-    )
-    gen = torch.Generator().manual_seed(seed)
-    by_module = {id(m): n for n, m in unet.named_modules()}
-    layers = []
-    with torch.no_grad():
-        for m in net.unet_loras:
-            m.requires_grad_(False)
-            for p in (m.hada_w1_a, m.hada_w2_a):  # keep ΔW about 1e-3 of W
-                p.normal_(0.0, 0.05, generator=gen)
-            for p in (m.hada_w1_b, m.hada_w2_b):
-                p.normal_(0.0, 0.05, generator=gen)
-            org = m.org_module[0]
-            r = m.hada_w1_b.shape[0]
-            layers.append(
-                Layer(
-                    by_module[id(org)],
-                    org,
-                    m,
-                    m.hada_w1_a.detach().float().contiguous(),
-                    m.hada_w1_b.detach().float().reshape(r, -1).contiguous(),
-                    m.hada_w2_a.detach().float().contiguous(),
-                    m.hada_w2_b.detach().float().reshape(r, -1).contiguous(),
-                    float(m.scale),
-                )
-            )
-    return net, layers
 
 
 def peft_loha(unet, layers):
@@ -173,6 +129,55 @@ def comfy_way(layers):
         temp += (l.scale * diff).reshape(temp.shape).to(temp.dtype)
         l.module.weight.data = temp.to(w.dtype)  # the patched weight replaces the parameter's data
         del backup
+
+
+def comfy_dora_way(layers):
+    """ComfyUI's LoHa adapter on a DoRA module: the ComfyUI way, then weight_decompose."""
+    for l in layers:
+        w = weight(l)
+        backup = w.to("cpu", copy=True)
+        temp = w.to(torch.float32, copy=True)
+        diff = ((l.a1.float() @ l.b1.float()) * (l.a2.float() @ l.b2.float())).reshape(temp.shape)
+        diff *= l.scale
+        calc = temp + diff
+        norm = temp.reshape(temp.shape[0], -1).norm(dim=1, keepdim=True).reshape(temp.shape[0], *[1] * (temp.dim() - 1))
+        norm = norm + torch.finfo(temp.dtype).eps
+        calc *= l.dora.reshape(norm.shape) / norm
+        temp[:] = calc
+        l.module.weight.data = temp.to(w.dtype)
+        del backup
+
+
+def ours_dora(layers):
+    """Ours on the DoRA layers, in place: kernels.apply_steps_, norms of W0+ΔW tile by tile."""
+    for l in layers:
+        w = weight(l)
+        step = kernels.step(kernels.HADAMARD, (l.a1, l.b1, l.a2, l.b2), l.scale, 1.0, tuple(w.shape), w.device, l.dora)
+        kernels.apply_steps_(w, [step])
+
+
+def whole_call(model, network, cold: bool = False):
+    """loha.apply + restore, as a user calls them; `cold`: without the memory the last patch kept."""
+
+    def call(layers):
+        if cold:
+            loha.release_memory()  # not timed: the next apply takes fresh memory from the OS
+        return timed(lambda: loha.apply(model, network).restore())
+
+    return call
+
+
+def repatch(model, network):
+    """What a change of strengths or networks costs while patched: handle.reapply (only it is timed)."""
+
+    def call(layers):
+        handle = loha.apply(model, network)
+        try:
+            return timed(lambda: handle.reapply(network))
+        finally:
+            handle.restore()
+
+    return call
 
 
 def webui_way(layers):
@@ -367,13 +372,23 @@ def run(args) -> None:
     build_dtype = torch.float32 if torch.float32 in dtypes else dtypes[0]
     unet = random_unet(config, dtype=build_dtype)
     net, layers = lycoris_loha(unet)
-    methods = {"ours": ours, "ours + backup copy": ours_with_backup, "ComfyUI way": comfy_way, "WebUI way": webui_way}
-    methods["LyCORIS merge_to"] = lycoris_merge
-    if not args.no_peft:
-        peft_loha(unet, layers)
-        methods["PEFT merge"] = peft_merge
+    _, dora_layers = lycoris_loha(unet, seed=2, dora=True)
+    model = {"unet": unet}
+    tables = {
+        "LoHa": (layers, {
+            "ours": ours, "ours + backup copy": ours_with_backup,
+            "ours, whole apply+restore": whole_call(model, network_of(layers)),
+            "  … cold (fresh memory)": whole_call(model, network_of(layers), cold=True),
+            "ours, re-patch": repatch(model, network_of(layers)),
+            "ComfyUI way": comfy_way, "WebUI way": webui_way, "LyCORIS merge_to": lycoris_merge,
+        }),
+        "DoRA LoHa": (dora_layers, {
+            "ours": ours_dora, "ours, whole apply+restore": whole_call(model, network_of(dora_layers)),
+            "ComfyUI way": comfy_dora_way,
+        }),
+    }
     if device.type == "cuda":
-        methods["LyCORIS Triton"] = lycoris_triton
+        tables["LoHa"][1]["LyCORIS Triton"] = lycoris_triton
     print(
         f"{label} UNet: {len(layers)} LoHa layers, {sum(weight(l).numel() for l in layers) / 1e6:.0f}M weights "
         f"(built in {time.perf_counter() - t0:.0f} s); torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -392,39 +407,60 @@ def run(args) -> None:
         why = native.why_not()
         print(f"ours on CPU: {'native accelerator (native.c)' if not why else 'pure-torch tiles (native: ' + why + ')'}")
     print(f"load average before: {_load()}")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
     for dtype in dtypes:
-        set_weight_dtype(layers, dtype, device)
-        times: dict[str, list[float]] = {m: [] for m in methods}
+        set_weight_dtype(layers + dora_layers, dtype, device)
         probes = []
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        results = {}
+        for name, (rows, methods) in tables.items():
+            results[name] = {m: [] for m in methods}
         for rep in range(reps):
             probes.append(probe_floor())  # the floor is measured in the same rounds
-            for name, fn in methods.items():
-                if not name.startswith("ours") and rep >= anchor_reps:
-                    continue
-
-                def call(fn=fn):
-                    fn(layers)
-                    sync()
-
-                times[name].append(timed(call))
+            for name, (rows, methods) in tables.items():
+                for method, fn in methods.items():
+                    if not method.startswith(("ours", " ")) and rep >= anchor_reps:
+                        continue
+                    results[name][method].append(_time(fn, rows, sync))
         bw = median([p[0] for p in probes])
         rate = median([p[1] for p in probes])
         fl = floors(layers, bw, rate)
         floor = max(fl.values())
-        comfy = median(times["ComfyUI way"])
         dname = str(dtype).replace("torch.", "")
         print(
             f"\n{label} {dname}: floor {floor:.3f} s = max(memory {fl['memory']:.3f} s at {bw / 1e9:.1f} GB/s, "
             f"matmul {fl['compute']:.3f} s at {rate / 1e9:.0f} GFLOP/s); medians of {reps} (ours) / "
             f"{anchor_reps} (anchors) interleaved rounds; load average now {_load()}"
         )
-        print(f"{'method':<22}{'seconds':>10}{'vs ComfyUI':>12}{'vs floor':>10}   runs")
-        for name, ts in times.items():
-            t = median(ts)
-            print(f"{name:<22}{t:>10.3f}{comfy / t:>11.1f}x{t / floor:>9.2f}x   {' '.join(f'{x:.2f}' for x in ts)}")
+        for name, times in results.items():
+            comfy = median(times["ComfyUI way"])
+            print(f"{name}:")
+            print(f"  {'method':<28}{'seconds':>9}{'vs ComfyUI':>12}{'vs floor':>10}   runs")
+            for method, ts in times.items():
+                t = median(ts)
+                print(f"  {method:<28}{t:>9.3f}{comfy / t:>11.1f}x{t / floor:>9.2f}x   {' '.join(f'{x:.2f}' for x in ts)}")
+            whole = median(times["ours, whole apply+restore"])
+            target = "≥ 8×" if name == "LoHa" else "≥ 1×, no slower"
+            print(f"  the whole apply+restore: {comfy / whole:.1f}× the ComfyUI way (target {target})")
+    if not args.no_peft:  # last: PEFT's layers rename the model's modules
+        peft_loha(unet, layers)
+        ts = [_time(peft_merge, layers, sync) for _ in range(anchor_reps)]
+        print(f"\nPEFT merge ({dname}, after the rounds above): {median(ts):.3f} s, "
+              f"{median(results['LoHa']['ComfyUI way']) / median(ts):.1f}x the ComfyUI way")
     del net
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+def _time(fn, rows, sync) -> float:
+    """Seconds of one call: its own figure when it returns one (the part it times), else its wall time."""
+    took = []
+
+    def call():
+        took.append(fn(rows))
+        sync()
+
+    elapsed = timed(call)
+    return took[0] if isinstance(took[0], float) else elapsed
 
 
 def _load() -> str:

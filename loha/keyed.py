@@ -12,6 +12,10 @@ For a model loha has no layout for, the host's own key map is the knowledge: Com
 name, a key, a key and a row slice, or a key and a function on ΔW. `host_targets` turns
 such a map into targets, so every name the host's own LoRA loader accepts, ours accepts,
 and our kernels still do the math (on the slice).
+
+`KeyedBypass` applies the same plan in the forward pass instead (`loha.bypassing`): an
+object with inject(owner)/eject(owner), the shape of ComfyUI's patcher injections, that
+the host calls when it loads and unloads the model.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .bypassing import BypassHandle, LayerWeights, layer_module
 from .errors import LohaError
 from .families import component_of
 from .files.network import Network
@@ -148,3 +153,50 @@ def plan_keyed(network: Network, parts: Mapping[str, Mapping[str, tuple]], block
         if any(item.bias is not None for item in group):
             part_patches[bias_key(key)] = patch_type(use, group, bias=True)
     return result
+
+
+class KeyedBypass:
+    """One network's plan for one host part, applied in the forward pass while the host says so.
+
+    The host calls `inject(owner)` when it loads the model `root(owner)` (a module tree
+    whose state-dict keys are the plan's keys) and `eject(owner)` when it unloads it;
+    each owner (a clone of the host's patcher) gets its own `BypassHandle`, so clones
+    sharing one model never see each other's networks. `layer_weights` tells how the
+    host's layers read their weight (see `loha.bypassing.LayerWeights`).
+    """
+
+    def __init__(self, network: Network, patches: Mapping[str, KeyedPatch], strength: float,
+                 layer_weights: LayerWeights | None = None, root=lambda owner: owner.model):
+        weights = [patch for patch in patches.values() if not patch.bias]  # diff_b rides on its weight's items
+        blocks = weights[0].use.blocks if weights else {}
+        self.use = Use(network, strength, strength, blocks)
+        self.items = {key: [replace(item, use=self.use) for item in patch.items]
+                      for key, patch in patches.items() if not patch.bias}
+        self.layer_weights = layer_weights
+        self.root = root
+        self._handles: dict[int, BypassHandle] = {}
+
+    def check(self, model: torch.nn.Module) -> None:
+        """Raise a `LohaError` now if a key names no Linear or convolution layer of `model`."""
+        self._layers(model)
+
+    def inject(self, owner) -> None:
+        if id(owner) not in self._handles:
+            self._handles[id(owner)] = BypassHandle([self.use], self._layers(self.root(owner)),
+                                                    layer_weights=self.layer_weights)
+
+    def eject(self, owner) -> None:
+        handle = self._handles.pop(id(owner), None)
+        if handle is not None:
+            handle.remove()
+
+    def _layers(self, model: torch.nn.Module) -> dict:
+        layers = {}
+        for key, items in self.items.items():
+            path, _, attr = key.rpartition(".")
+            try:
+                found = (model.get_submodule(path), attr)
+            except AttributeError:
+                raise LohaError(f"{self.use.network.label}: the model has no layer '{path}' for '{key}'") from None
+            layers[key] = (layer_module(found, key, items), items)
+        return layers

@@ -2,13 +2,22 @@
 
 `apply()` plans everything before it touches a weight (family, names, shapes, finite
 factors and strengths, factors read from the files), so a bad file changes nothing.
-It keeps a bitwise copy of every weight it changes and restores by copying back, never
-by subtracting. Changing strengths re-applies from the cached factors without reading
-the files again. Handles may be restored in any order: restoring one under a newer
-handle that changed the same weights unwinds the newer one first and applies it
+Restoring never subtracts: a CPU parameter gets its patched weight in other memory
+and its original tensor back on restore (one read and one write per patch, nothing to
+copy back); any other tensor (GPU weights, state dicts, views a host holds) is copied
+to a CPU backup and patched in place. Changing strengths, or the set of networks
+(`reapply`), recomputes from the originals kept, in the memory already taken, without
+reading the files again. Handles may be restored in any order: restoring one under a
+newer handle that changed the same weights unwinds the newer one first and applies it
 again afterwards, so the weights are always exactly what the remaining handles give.
 A result that overflows the weight's dtype (finite inputs, fp16 weights) is refused,
 naming the weight, and every weight is restored.
+
+Fresh memory is slow to take (the OS maps and zeroes every page: about 0.4 s per GB
+on the reference machine, more than patching costs), so `restore` keeps the memory a
+parameter's patch used, and the next patch of that parameter reuses it: patching and
+restoring again, as the WebUI and strength changes do all the time, costs what the
+kernels cost. That memory goes with the model, or at once with `release_memory()`.
 """
 
 from __future__ import annotations
@@ -120,20 +129,14 @@ class ModelView:
             self.names: NameMap = map_modules(self._modules, family=family)
         else:
             self.names = map_state_dict(self._tensors, family=family)
+        self._root = model if isinstance(model, torch.nn.Module) and self._modules is None else None
         self._params: dict[str, torch.nn.Parameter | None] = {}  # resolved module attributes
 
     def tensor(self, key: str) -> torch.Tensor | None:
         """The live tensor under `key` (writes to it change the model), or None."""
-        if self._modules is None:
+        if self._modules is None and self._root is None:
             return self._tensors.get(key)
-        if key not in self._params:
-            part, _, path = key.partition(".")
-            module_path, _, attr = path.rpartition(".")
-            try:
-                self._params[key] = getattr(self._modules[part].get_submodule(module_path), attr)
-            except (KeyError, AttributeError):
-                self._params[key] = None
-        param = self._params[key]
+        param = self.parameter(key)
         # .data at each call: hosts move models between devices by swapping a parameter's data
         return None if param is None else param.data
 
@@ -141,6 +144,28 @@ class ModelView:
         """The shape of the tensor under `key`, None if the model has none there."""
         tensor = self.tensor(key)
         return None if tensor is None else tuple(tensor.shape)
+
+    def parameter(self, key: str) -> torch.nn.Parameter | None:
+        """The parameter object under `key` (its .data may be replaced), or None for state dicts."""
+        if key not in self._params:
+            found = self.module_of(key)
+            self._params[key] = None if found is None else getattr(found[0], found[1], None)
+        return self._params[key]
+
+    def module_of(self, key: str) -> tuple[torch.nn.Module, str] | None:
+        """The module that owns the tensor under `key` and its attribute name, or None."""
+        if self._root is not None:
+            module, path = self._root, key
+        elif self._modules is not None:
+            part, _, path = key.partition(".")
+            module = self._modules.get(part)
+        else:
+            return None
+        module_path, _, attr = path.rpartition(".")
+        try:
+            return module.get_submodule(module_path), attr
+        except AttributeError:
+            return None
 
 
 #: Where a module's parameters say it is a whole model in a state-dict layout (LDM, host).
@@ -190,6 +215,12 @@ def plan_modules(names: NameMap, uses: list[Use], skip_bad: bool = False,
     norm modules change are checked with it. With `failed`, a network that cannot be
     planned at all is left out and its message recorded there under its label.
     """
+    with kernels.tiled.one_thread():  # many small tensors: see one_thread
+        return _plan(names, uses, skip_bad, skipped, shape_of, failed)
+
+
+def _plan(names: NameMap, uses: list[Use], skip_bad: bool, skipped: dict | None, shape_of: Callable | None,
+          failed: dict | None) -> tuple[list[PlannedModule], dict[str, list[str]]]:
     items, unmatched = [], {}
     for use in uses:
         try:
@@ -284,16 +315,23 @@ def by_tensor(items: list[PlannedModule]) -> dict[str, list[PlannedModule]]:
     return grouped
 
 
-def apply_to_tensor(weight: torch.Tensor, items: list[PlannedModule], batch: list | None = None) -> None:
+def apply_to_tensor(weight: torch.Tensor, items: list[PlannedModule], batch: list | None = None,
+                    source: torch.Tensor | None = None) -> None:
     """Add the ΔW of `items` (all targeting `weight`, maybe row slices of it) in place.
 
-    A region changed by one plain LoHa goes to the fused kernels (into `batch` when the
-    caller gathers many layers for one grouped call); a region changed by several
-    networks, or by DoRA, is accumulated in fp32 and rounded once.
+    With `source` (same shape), `weight` becomes source + ΔW instead (patching into new
+    memory). A region changed by one plain LoHa goes to the fused kernels (into `batch`
+    when the caller gathers many layers for one grouped call); a region changed by
+    several networks, or by DoRA, goes to `kernels.apply_steps_` (fp32, rounded once,
+    tile by tile).
     """
     regions: dict[tuple | None, list[PlannedModule]] = defaultdict(list)
     for item in items:
         regions[item.target.rows].append(item)
+    if source is not None and (set(regions) != {None} or items[0].target.transposed):
+        # rows left alone must be copied too, and a transposed region is patched where it lies
+        weight.copy_(source)
+        source = None
     own_batch = batch is None
     batch = [] if own_batch else batch
     for rows, group in regions.items():
@@ -301,18 +339,23 @@ def apply_to_tensor(weight: torch.Tensor, items: list[PlannedModule], batch: lis
         if group[0].target.transposed:  # stored input-major (OpenCLIP's text_projection)
             region = region.t()
         region = region.view(group[0].target.shape)
-        simple = len(group) == 1 and group[0].dora_scale is None
-        if simple and group[0].kind == "hadamard":
+        from_ = None if source is None else source.view(region.shape)
+        if len(group) == 1 and group[0].dora_scale is None and group[0].kind == "hadamard":
             it = group[0]
-            batch.append(kernels.HadamardItem(region, *it.factors, it.scale * it.use.strength(it.target)))
+            batch.append(kernels.HadamardItem(region, *it.factors, it.scale * it.use.strength(it.target), from_))
             continue
-        work = region if region.dtype == torch.float32 and simple else region.to(torch.float32, copy=True)
-        for it in group:
-            _apply_item(work, it)
-        if work is not region:
-            region.copy_(work)
+        kernels.apply_steps_(region, [kernel_step(it, region.device) for it in group], from_)
     if own_batch:
         kernels.add_hadamard_many_(batch)
+
+
+_KERNEL_KIND = {"hadamard": kernels.HADAMARD, "lowrank": kernels.MATMUL, "dense": kernels.DENSE}
+
+
+def kernel_step(item: PlannedModule, device) -> kernels.Step:
+    """One planned module as the kernels' `Step`, its factors fp32 on `device`."""
+    return kernels.step(_KERNEL_KIND[item.kind], item.factors, item.scale, item.use.strength(item.target),
+                        item.target.shape, device, item.dora_scale)
 
 
 def apply_to_bias(bias: torch.Tensor, items: list[PlannedModule]) -> None:
@@ -381,26 +424,34 @@ class PatchHandle:
                                                    self.failed if skip_failed else None)
         self.uses = [u for u in uses if u.network.label not in self.failed]
         self.unknown_keys = {u.network.label: list(u.network.unknown_keys) for u in self.uses if u.network.unknown_keys}
-        self._backups: dict[str, torch.Tensor] = {}
+        self._backups: dict[str, torch.Tensor] = {}  # key -> CPU copy (patched in place)
+        self._swapped: dict[str, tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = {}
+        # ^ key -> (parameter, its original tensor, the patched tensor it holds instead)
         self._apply()
         _ACTIVE.append(weakref.ref(self))
 
     @property
     def patched_keys(self) -> list[str]:
-        return list(self._backups)
+        return [*self._swapped, *self._backups]
 
     def restore(self) -> None:
-        """Copy every original weight back, bit for bit, and let the backups go.
+        """Put every original weight back, bit for bit, and let the copies go.
 
         Newer handles that changed the same weights are unwound first and applied
         again afterwards, so any order of restores ends exactly where LIFO order would.
         """
         above = self._unwind_newer()
-        self._copy_back()
-        self._backups.clear()
+        self._release()
         _forget(self)
         for handle in above:
             handle._apply()
+
+    def _release(self) -> None:
+        """Every original back and no copies kept: what restore does to this handle alone."""
+        self._copy_back()
+        self._backups.clear()
+        for key in list(self._swapped):
+            self._unswap(key)
 
     def _copy_back(self) -> None:
         with torch.no_grad():
@@ -442,7 +493,7 @@ class PatchHandle:
 
     def _unwind_newer(self) -> list["PatchHandle"]:
         """Restore the newer handles that changed what this one changed (newest first); returns
-        them oldest first, their backups cleared, for `_apply` to put them back on top."""
+        them oldest first, released, for `_apply` to put them back on top."""
         handles = [h for h in (ref() for ref in _ACTIVE) if h is not None]
         if self not in handles:
             return []
@@ -453,23 +504,45 @@ class PatchHandle:
                 above.append(handle)
                 touched |= spans
         for handle in reversed(above):
-            handle._copy_back()
-            handle._backups.clear()
+            handle._release()
         return above
 
+    def reapply(self, networks, skip_bad: bool = False) -> None:
+        """Apply `networks` (as `apply` takes them) instead of the current ones.
+
+        Weights changed before and now are recomputed from the originals kept, in the
+        memory they already use; the others are restored, new ones backed up. Planning
+        comes first: a bad file leaves the current networks applied.
+        """
+        uses = as_uses(networks)
+        skipped: dict[str, list[str]] = {}
+        items, unmatched = plan_modules(self._view.names, uses, skip_bad, skipped, self._view.shape_of)
+        above = self._unwind_newer()
+        self._copy_back()
+        self.uses, self._items, self.unmatched, self.skipped = uses, items, unmatched, skipped
+        self.unknown_keys = {u.network.label: list(u.network.unknown_keys) for u in uses if u.network.unknown_keys}
+        try:
+            self._apply()
+        finally:
+            for handle in above:
+                handle._apply()
+
     def _apply(self) -> None:
-        """Back up every tensor about to change, then write; a failure restores them all."""
+        """Keep every tensor about to change, then write; a failure restores them all."""
         grouped = by_tensor(self._items)
+        biased = {bias_key(k) for k, items in grouped.items() if any(i.bias is not None for i in items)}
         try:
             with torch.no_grad():
-                for key, items in grouped.items():
-                    self._backup(key)
-                    if any(i.bias is not None for i in items):
-                        self._backup(bias_key(key))
+                for key in [k for k in self._swapped if k not in grouped]:
+                    self._unswap(key)  # changed before, not now
+                for key in [k for k in self._backups if k not in grouped and k not in biased]:
+                    del self._backups[key]  # copied back already
                 batch: list = []
                 for key, items in grouped.items():
-                    apply_to_tensor(self._view.tensor(key), items, batch)
-                    if any(i.bias is not None for i in items):
+                    weight, source = self._writable(key)
+                    apply_to_tensor(weight, items, batch, source)
+                    if bias_key(key) in biased:
+                        self._backup(bias_key(key))
                         apply_to_bias(self._view.tensor(bias_key(key)), items)
                 kernels.add_hadamard_many_(batch)
                 self._check_range(grouped)
@@ -483,19 +556,50 @@ class PatchHandle:
 
     def _undo(self) -> None:
         """Put back what a failed `_apply` wrote (the handle then holds nothing)."""
-        self._copy_back()
-        self._backups.clear()
+        self._release()
         _forget(self)
 
     def _check_range(self, grouped: dict[str, list[PlannedModule]]) -> None:
         """Refuse results that overflowed the weight's dtype (checked only where it could happen)."""
         for key, items in grouped.items():
             tensor = self._view.tensor(key)
-            if overflow_possible(items, tensor.dtype) and overflowed(tensor, self._backups[key]):
+            original = self._swapped[key][1] if key in self._swapped else self._backups[key]
+            if overflow_possible(items, tensor.dtype) and overflowed(tensor, original):
                 raise overflow_error(key, items, tensor.dtype)
             bias = bias_key(key)
             if bias in self._backups and overflowed(self._view.tensor(bias), self._backups[bias]):
                 raise overflow_error(bias, items, self._view.tensor(bias).dtype)
+
+    def _writable(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tensor to write, tensor to read it from or None for in place); keeps the original.
+
+        A contiguous CPU parameter is given new memory (or the memory it got before) and
+        read from its original tensor, which is kept; anything else is backed up and
+        written in place.
+        """
+        if key in self._swapped:
+            param, original, patched = self._swapped[key]
+            if _holds(param, patched):
+                return patched, original
+            self._unswap(key)  # the host replaced it since: patch what it holds now
+        param = self._view.parameter(key)
+        tensor = self._view.tensor(key)
+        if key not in self._backups and param is not None and tensor.device.type == "cpu" and tensor.is_contiguous():
+            patched = _take_spare(param, tensor)
+            self._swapped[key] = (param, tensor, patched)
+            param.data = patched
+            return patched, tensor
+        self._backup(key)
+        return tensor, None
+
+    def _unswap(self, key: str) -> None:
+        param, original, patched = self._swapped.pop(key)
+        if _holds(param, patched):
+            param.data = original
+        else:  # the host moved or cast the weight since: copy into what it holds now
+            with torch.no_grad():
+                param.data.copy_(original)
+        _keep_spare(param, patched)
 
     def _backup(self, key: str) -> None:
         if key not in self._backups:
@@ -506,28 +610,43 @@ def _forget(handle: PatchHandle) -> None:
     _ACTIVE[:] = [ref for ref in _ACTIVE if ref() is not None and ref() is not handle]
 
 
-def _apply_item(work: torch.Tensor, it: PlannedModule) -> None:
-    """Add one module's ΔW into an fp32 working copy of its weight region."""
-    strength = it.use.strength(it.target)
-    if it.dora_scale is not None:
-        delta = _dense(it) * it.scale
-        work.copy_(D.dora_merge(work, delta, it.dora_scale, strength))
-    elif it.kind == "hadamard":
-        kernels.add_hadamard_(work, *it.factors, it.scale * strength)
-    elif it.kind == "lowrank":
-        kernels.add_lowrank_(work, *it.factors, it.scale * strength)
-    else:
-        kernels.add_dense_(work, it.factors[0], it.scale * strength)
+#: id(parameter) -> (weak reference to it, memory its last patch used); see the module docstring.
+_SPARE: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
 
-def _dense(it: PlannedModule) -> torch.Tensor:
-    """ΔW of an item as an fp32 (O, K) tensor (DoRA needs the whole of it)."""
-    if it.kind == "hadamard":
-        return D.hadamard_delta(*it.factors)
-    if it.kind == "lowrank":
-        a, b = it.factors
-        return a.float() @ b.float()
-    return it.factors[0].float().reshape(it.target.shape[0], -1)
+def release_memory(model=None) -> None:
+    """Let go of the memory `restore` kept for the next patch of the same weights: all of it,
+    or `model`'s (what `apply` takes, a state dict aside)."""
+    if model is None:
+        _SPARE.clear()
+        return
+    modules = model.values() if isinstance(model, Mapping) else [getattr(model, part, None) for part in PIPELINE_COMPONENTS] \
+        if not isinstance(model, torch.nn.Module) else [model]
+    for module in modules:
+        if isinstance(module, torch.nn.Module):
+            for param in module.parameters():
+                _SPARE.pop(id(param), None)
+
+
+def _keep_spare(param: torch.nn.Parameter, patched: torch.Tensor) -> None:
+    key = id(param)
+    _SPARE[key] = (weakref.ref(param, lambda _, key=key: _SPARE.pop(key, None)), patched)
+
+
+def _take_spare(param: torch.nn.Parameter, like: torch.Tensor) -> torch.Tensor:
+    """Memory for the patched `like`: what this parameter's last patch used, else new."""
+    ref, spare = _SPARE.pop(id(param), (None, None))
+    if ref is not None and ref() is param and spare.shape == like.shape and spare.dtype == like.dtype \
+            and spare.device == like.device and spare.is_contiguous():
+        return spare
+    return torch.empty_like(like)
+
+
+def _holds(param: torch.nn.Parameter, tensor: torch.Tensor) -> bool:
+    """Whether the parameter's data is still `tensor` (`param.data` is a new wrapper at each access)."""
+    data = param.data
+    return (data.data_ptr() == tensor.data_ptr() and data.dtype == tensor.dtype and data.shape == tensor.shape
+            and data.device == tensor.device)
 
 
 def _prepare(net: Network, module: Module, target: Target, use: Use, shape_of=None) -> PlannedModule:

@@ -1,20 +1,24 @@
-"""LoHa Loader, LoHa Loader (model only) and LoHa Stack: drop-ins for ComfyUI's LoraLoader.
+"""LoHa Loader (also model only, and bypass) and LoHa Stack: drop-ins for ComfyUI's LoraLoader.
 
 Each clones the MODEL/CLIP patchers it is given and adds `LohaPatch`es at the
 strengths asked for, exactly where the built-in loader adds its own patches; the
-original patchers are untouched, so removing the node restores the base model.
+original patchers are untouched, so removing the node restores the base model. In
+bypass mode the clone gets a patcher injection instead, which applies the network in
+the forward pass while ComfyUI has that clone loaded: the weights are never written
+(for GGUF/fp8/quantized models, low-VRAM offloading, and models several graphs share).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections import OrderedDict
 
 import loha
 
 from . import host
-from .patches import PatchSet, plan_patches
+from .patches import PatchSet, bypass_injection, plan_patches
 
 CATEGORY = "loaders/loha"
 LOG = logging.getLogger("loha")
@@ -31,6 +35,12 @@ CLIP_IN = ("CLIP", {"tooltip": "The text encoder(s) to apply the LoHa to."})
 NODE_ID = {"unique_id": "UNIQUE_ID"}
 BLOCKS_IN = ("LOHA_BLOCKS", {"tooltip": "Per-block strengths from a LoHa Block Weights node; "
                                         "without it every block gets the full strength."})
+BYPASS_IN = ("BOOLEAN", {"default": False, "label_on": "bypass", "label_off": "patch",
+                         "tooltip": "Apply the networks in the forward pass instead of patching the weights: for "
+                                    "GGUF/fp8/quantized models, low-VRAM offloading and shared models. Same image; "
+                                    "each step costs a little more, nothing is patched or backed up."})
+#: Patcher injection keys start with this (one key per applied file, so loaders chain).
+INJECTION_PREFIX = "loha_bypass"
 
 
 def strength_in(part: str, default: float = 1.0):
@@ -80,8 +90,8 @@ def not_applied(result: PatchSet) -> list[str]:
 
 
 def apply_loha(model, clip, path: str, strength_model: float, strength_clip: float, blocks: str = "",
-               node_id=None):
-    """Clones of `model`/`clip` (either may be None) with the network at `path` added.
+               node_id=None, bypass: bool = False):
+    """Clones of `model`/`clip` (either may be None) with the network at `path` added (or bypassed).
 
     What the file holds but this model does not get is logged and shown on the node `node_id`.
     """
@@ -104,10 +114,16 @@ def apply_loha(model, clip, path: str, strength_model: float, strength_clip: flo
     patched = {"model": model, "clip": clip}
     for part, patches in result.patches.items():
         clone = patched[part].clone()
-        added = set(clone.add_patches(patches, strengths[part]))
-        missed = [key for key in patches if key not in added]
-        if missed:
-            LOG.warning("loha: %s: %s has no tensors %s", path, part, ", ".join(missed))
+        if bypass:
+            patcher = clone.patcher if part == "clip" else clone
+            injection = bypass_injection(result.network, patches, strengths[part])
+            injection.check(patcher.model)  # a key no layer answers to fails here, not mid-sampling
+            patcher.set_injections(f"{INJECTION_PREFIX}_{uuid.uuid4().hex}", [injection])
+        else:
+            added = set(clone.add_patches(patches, strengths[part]))
+            missed = [key for key in patches if key not in added]
+            if missed:
+                LOG.warning("loha: %s: %s has no tensors %s", path, part, ", ".join(missed))
         patched[part] = clone
     return patched["model"], patched["clip"]
 
@@ -157,6 +173,25 @@ class LohaLoaderModelOnly:
         return apply_loha(model, None, host.lora_path(lora_name), strength_model, 0, blocks, unique_id)[:1]
 
 
+class LohaLoaderBypass:
+    DESCRIPTION = ("Applies a LoHa in the forward pass of the model and text encoder instead of patching their "
+                   "weights: the same image as LoHa Loader, for GGUF, fp8 or quantized models, low-VRAM offloading "
+                   "and models shared by several graphs. Each step costs a little more; nothing is backed up.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL", "CLIP")
+    OUTPUT_TOOLTIPS = ("The model running the LoHa in its forward pass.",
+                       "The text encoder running the LoHa in its forward pass.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return LohaLoader.INPUT_TYPES()
+
+    def load(self, model, clip, lora_name, strength_model, strength_clip, blocks="", unique_id=None):
+        return apply_loha(model, clip, host.lora_path(lora_name), strength_model, strength_clip, blocks, unique_id,
+                          bypass=True)
+
+
 class LohaStack:
     DESCRIPTION = (f"Applies up to {STACK_SLOTS} LoHa files in order, each with its own strengths; "
                    f"slots set to {NONE} are skipped.")
@@ -172,14 +207,15 @@ class LohaStack:
             required[f"lora_{i}"] = lora_in([NONE])
             required[f"strength_model_{i}"] = strength_in("diffusion model")
             required[f"strength_clip_{i}"] = strength_in("text encoder")
-        return {"required": required, "optional": {"blocks": BLOCKS_IN}, "hidden": NODE_ID}
+        return {"required": required, "optional": {"blocks": BLOCKS_IN, "bypass": BYPASS_IN}, "hidden": NODE_ID}
 
-    def load(self, model, clip, blocks="", unique_id=None, **slots):
+    def load(self, model, clip, blocks="", bypass=False, unique_id=None, **slots):
         chosen = [i for i in range(1, STACK_SLOTS + 1) if slots[f"lora_{i}"] != NONE]
         bar = host.progress(len(chosen))
         for i in chosen:
             model, clip = apply_loha(model, clip, host.lora_path(slots[f"lora_{i}"]),
-                                     slots[f"strength_model_{i}"], slots[f"strength_clip_{i}"], blocks, unique_id)
+                                     slots[f"strength_model_{i}"], slots[f"strength_clip_{i}"], blocks, unique_id,
+                                     bypass)
             bar.update(1)
         return model, clip
 
@@ -187,5 +223,6 @@ class LohaStack:
 NODES = {
     "LohaLoader": (LohaLoader, "LoHa Loader"),
     "LohaLoaderModelOnly": (LohaLoaderModelOnly, "LoHa Loader (model only)"),
+    "LohaLoaderBypass": (LohaLoaderBypass, "LoHa Loader (bypass)"),
     "LohaStack": (LohaStack, "LoHa Stack"),
 }

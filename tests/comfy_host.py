@@ -25,6 +25,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,6 +185,21 @@ def _link(source: str, target: str) -> None:
 # ---------------------------------------------------------------------- graphs
 
 
+#: The files `comfy_assets` builds, as the tests name them in ComfyUI's folders, and the strengths used.
+CHECKPOINT = "sd15-random.safetensors"
+LOHA = "loha-sd15.safetensors"
+LOHA_NORM = "loha-sd15-norm.safetensors"
+STRENGTHS = (0.8, 0.6)
+
+
+def assets(request) -> dict[str, str]:
+    """The files of `comfy_assets`, built once into pytest's cache (skips without a ComfyUI)."""
+    import comfy_assets
+
+    comfyui_dir()
+    return comfy_assets.ensure(str(request.config.cache.mkdir("loha-comfy-assets")))
+
+
 #: Outputs of the checkpoint loader, for wiring a loader node's inputs.
 CKPT_MODEL, CKPT_CLIP, CKPT_VAE = ["ckpt", 0], ["ckpt", 1], ["ckpt", 2]
 
@@ -214,3 +230,37 @@ def image_graph(checkpoint: str, loader: dict | None = None, steps: int = 1, siz
         "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}},
     })
     return graph
+
+
+# ---------------------------------------------------------------------- nodes and images
+
+
+def loader(cls=None, strengths=STRENGTHS, blocks=None, name=LOHA):
+    node = {"class_type": cls or "LohaLoader",
+            "inputs": {"model": CKPT_MODEL, "clip": CKPT_CLIP, "lora_name": name,
+                       "strength_model": strengths[0], "strength_clip": strengths[1]}}
+    if blocks is not None:
+        node["inputs"]["blocks"] = blocks
+    return node
+
+
+def render(comfy, graph, extra_nodes=None):
+    if extra_nodes:
+        graph.update(extra_nodes)
+    return comfy.images(comfy.run(graph))[0]
+
+
+def diff(a, b) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def save_strip(path, labelled):
+    from PIL import Image
+
+    strip = np.concatenate([image for _, image in labelled], axis=1)
+    Image.fromarray(strip).resize((strip.shape[1] * 4, strip.shape[0] * 4), Image.NEAREST).save(path)
+    print(f"\n{path}: " + " | ".join(label for label, _ in labelled))
+
+
+def unloaded_names(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "lora key not loaded" in line or "match no weight" in line]

@@ -68,3 +68,42 @@ def test_default_tiles_and_fp16_factors():
 
 def test_padded_rank():
     assert [T.padded_rank(r) for r in (1, 15, 16, 17, 33, 64)] == [16, 16, 16, 32, 64, 64]
+
+
+# ---- the bypass kernel (triton_bypass.py) --------------------------------------------------------
+
+from loha.kernels import triton_bypass as TB  # noqa: E402
+
+BYPASS_SMALL = dict(block_t=16, block_o=16, block_k=16, num_warps=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,o,k,r1,r2", [(19, 37, 45, 3, 5), (1, 16, 16, 16, 16), (40, 20, 70, 33, 1)])
+def test_bypass_linear_merged(dtype, t, o, k, r1, r2):
+    """x·W'ᵀ + b with W' = round(W + s·ΔW) tile by tile: the patched layer's output."""
+    g = gen(t + o)
+    w, f = loha_case(o, k, r1, r2, dtype, seed=t)
+    x, bias = rand(2, t, k, g=g).to(dtype), rand(o, g=g).to(dtype)
+    y = TB.linear_merged(x, w, bias, *f, 0.7, **BYPASS_SMALL)
+    patched = (w.float() + 0.7 * D.hadamard_delta(*f)).to(dtype)
+    want = torch.nn.functional.linear(x.float(), patched.float(), bias.float())
+    assert y.shape == (2, t, o) and y.dtype == dtype
+    ulp = {torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+    torch.testing.assert_close(y.float(), want, rtol=ulp, atol=ulp * want.abs().max().item())
+
+
+@pytest.mark.parametrize("ydtype", DTYPES)
+def test_bypass_linear_add(ydtype):
+    """y += s·x·ΔWᵀ beside a layer whose weight cannot be read (fp32 math, one rounding)."""
+    g = gen(2)
+    o, k, t = 29, 50, 23
+    _, f = loha_case(o, k, 4, 6, torch.float32, seed=5)
+    x = rand(t, k, g=g).to(ydtype)
+    y0 = rand(t, o, g=g).to(ydtype)
+    y = y0.clone()
+    TB.linear_add_(y, x, *f, -0.4, **BYPASS_SMALL)
+    want = y0.float() + x.float() @ (-0.4 * D.hadamard_delta(*f)).t()
+    ulp = {torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}[ydtype]
+    torch.testing.assert_close(y.float(), want, rtol=ulp, atol=ulp * want.abs().max().item())
+    with pytest.raises(ValueError):
+        TB.linear_add_(y, x[:, :40], *f, 1.0)

@@ -48,7 +48,7 @@ PACK = load_pack()
 from custom_nodes_loha_under_test.nodes import (  # noqa: E402
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, blocks as block_node, files, host, loaders, save,
 )
-from custom_nodes_loha_under_test.nodes.patches import LohaPatch, plan_patches  # noqa: E402
+from custom_nodes_loha_under_test.nodes.patches import LohaPatch, bypass_injection, plan_patches  # noqa: E402
 
 
 def comfy_state(parts: dict) -> dict:
@@ -122,6 +122,64 @@ def test_patch_uses_comfyui_strength_and_block_weights(sd1):
     torch.testing.assert_close(half - weight, (one - weight) * 0.5, rtol=1e-5, atol=1e-6)
 
 
+class Owner:
+    """What the bypass injection reads of ComfyUI's ModelPatcher: the model it loads."""
+
+    def __init__(self, model):
+        self.model = model
+
+
+def layer_tree(state: dict) -> torch.nn.Module:
+    """A module tree with ComfyUI's state-dict keys: one Linear or 3×3/1×1 Conv per weight, holding it."""
+    root = torch.nn.Module()
+    for key, weight in state.items():
+        path = key[: -len(".weight")]
+        parent = root
+        for name in path.split(".")[:-1]:
+            if not hasattr(parent, name):
+                parent.add_module(name, torch.nn.Module())
+            parent = getattr(parent, name)
+        if weight.dim() == 2:
+            layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        else:
+            layer = torch.nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[2], padding=weight.shape[2] // 2, bias=False)
+        layer.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+        parent.add_module(path.split(".")[-1], layer)
+    return root
+
+
+def test_bypass_injection_gives_the_patched_layers_and_leaves_clones_apart(sd1):
+    """Each layer injected by the bypass node's injection computes what the patched layer computes."""
+    _, path, state = sd1
+    state = {k: v for k, v in state.items() if k.endswith(".weight") and v.dim() in (2, 4)}
+    result = plan_patches(loha.load(path), split(state), "OUTALL")
+    patched = {k: v.clone() for k, v in state.items()}
+    patch_like_comfyui(patched, result.patches["model"], 0.7)
+    tree = layer_tree(state)
+    injection = bypass_injection(result.network, result.patches["model"], 0.7)
+    injection.check(tree)
+    first, second = Owner(tree), Owner(tree)  # two clones of one ComfyUI model
+    injection.eject(second)  # never injected: nothing to do
+    injection.inject(first)
+    injection.inject(first)  # ComfyUI may inject again: one bypass only
+    g = torch.Generator().manual_seed(0)
+    for key in result.patches["model"]:
+        layer = tree.get_submodule(key[: -len(".weight")])
+        x = torch.randn(2, 5, layer.in_features, generator=g) if isinstance(layer, torch.nn.Linear) else \
+            torch.randn(1, layer.in_channels, 6, 6, generator=g)
+        if isinstance(layer, torch.nn.Linear):
+            want = torch.nn.functional.linear(x, patched[key])
+        else:
+            want = layer._conv_forward(x, patched[key], None)
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5, msg=key)
+    injection.eject(first)
+    assert not any("forward" in m.__dict__ for m in tree.modules())
+    assert all(torch.equal(tree.get_parameter(k), v) for k, v in state.items())
+    elsewhere = bypass_injection(result.network, {"diffusion_model.no_such.weight": result.patches["model"][key]}, 1.0)
+    with pytest.raises(LohaError, match="no layer 'diffusion_model.no_such'"):
+        elsewhere.check(tree)
+
+
 def test_large_weight_under_inference_mode():
     """ComfyUI's working copies are inference tensors; the kernels' worker threads must cope."""
     o, i, r = 1024, 1024, 4
@@ -187,7 +245,8 @@ def test_outside_comfyui_the_pack_registers_nothing():
 
 def test_nodes_are_registered_with_tooltips_and_category(monkeypatch):
     monkeypatch.setattr(host, "lora_names", lambda: ["a.safetensors", "sub/b.safetensors"])
-    ours = {"LohaLoader", "LohaLoaderModelOnly", "LohaStack", "LohaBlockWeights", "LohaMergeSave", "LohaInfo"}
+    ours = {"LohaLoader", "LohaLoaderModelOnly", "LohaLoaderBypass", "LohaStack", "LohaBlockWeights", "LohaMergeSave",
+            "LohaInfo"}
     assert ours <= set(NODE_CLASS_MAPPINGS)
     assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
     for name in ours:
@@ -200,6 +259,8 @@ def test_nodes_are_registered_with_tooltips_and_category(monkeypatch):
         assert len(getattr(cls, "OUTPUT_TOOLTIPS", ())) == len(cls.RETURN_TYPES), name
     stack = loaders.LohaStack.INPUT_TYPES()["required"]
     assert stack["lora_1"][0][0] == loaders.NONE and "sub/b.safetensors" in stack["lora_4"][0]
+    assert loaders.LohaStack.INPUT_TYPES()["optional"]["bypass"][0] == "BOOLEAN"
+    assert NODE_DISPLAY_NAME_MAPPINGS["LohaLoaderBypass"] == "LoHa Loader (bypass)"
 
 
 def test_block_weights_node():

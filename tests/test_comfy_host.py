@@ -25,21 +25,17 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-import comfy_assets
 import comfy_host as H
 
 pytestmark = pytest.mark.e2e
 
-CHECKPOINT = "sd15-random.safetensors"
-LOHA = "loha-sd15.safetensors"
-LOHA_NORM = comfy_assets.LOHA_NORM
-STRENGTHS = (0.8, 0.6)
+CHECKPOINT, LOHA, LOHA_NORM, STRENGTHS = H.CHECKPOINT, H.LOHA, H.LOHA_NORM, H.STRENGTHS
+loader, render, diff, save_strip, unloaded_names = H.loader, H.render, H.diff, H.save_strip, H.unloaded_names
 
 
 @pytest.fixture(scope="module")
 def assets(request):
-    H.comfyui_dir()
-    return comfy_assets.ensure(str(request.config.cache.mkdir("loha-comfy-assets")))
+    return H.assets(request)
 
 
 @pytest.fixture(scope="module")
@@ -63,51 +59,21 @@ def images(comfy):
     return Images()
 
 
-def loader(cls=None, strengths=STRENGTHS, blocks=None, name=LOHA):
-    node = {"class_type": cls or "LohaLoader",
-            "inputs": {"model": H.CKPT_MODEL, "clip": H.CKPT_CLIP, "lora_name": name,
-                       "strength_model": strengths[0], "strength_clip": strengths[1]}}
-    if blocks is not None:
-        node["inputs"]["blocks"] = blocks
-    return node
-
-
-def render(comfy, graph, extra_nodes=None):
-    if extra_nodes:
-        graph.update(extra_nodes)
-    return comfy.images(comfy.run(graph))[0]
-
-
-def diff(a, b) -> int:
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
-
-
-def save_strip(path, labelled):
-    from PIL import Image
-
-    strip = np.concatenate([image for _, image in labelled], axis=1)
-    Image.fromarray(strip).resize((strip.shape[1] * 4, strip.shape[0] * 4), Image.NEAREST).save(path)
-    print(f"\n{path}: " + " | ".join(label for label, _ in labelled))
-
-
-def unloaded_names(log: str) -> list[str]:
-    return [line for line in log.splitlines() if "lora key not loaded" in line or "match no weight" in line]
-
-
 def test_patch_time_inside_comfyui(assets, tmp_path):
-    """Runs first, in a ComfyUI process of its own, before the server holds a model."""
+    """Runs first, in a ComfyUI process of its own, before the server holds a model: a LoHa, and one with DoRA."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_patch_time.py")
-    done = subprocess.run([H.comfyui_python(), script, H.comfyui_dir(), assets["checkpoint"], assets["loha"], "2"],
-                          cwd=H.comfyui_dir(), capture_output=True, text=True, timeout=H.RUN_TIMEOUT)
-    assert done.returncode == 0, done.stderr[-4000:]
-    times = json.loads(done.stdout.strip().splitlines()[-1])
-    (tmp_path / "patch-time.json").write_text(json.dumps(times, indent=1))
-    builtin, ours = times["LoraLoader"], times["LohaLoader"]
-    print(f"\npatch time inside ComfyUI ({times['threads']} threads, best of 2, {ours['keys']} weights): "
-          f"LoraLoader {builtin['patch_s']:.1f} s (ΔW {builtin['calculate_s']:.1f} s, node {builtin['node_s']:.1f} s), "
-          f"LoHa Loader {ours['patch_s']:.1f} s (ΔW {ours['calculate_s']:.1f} s, node {ours['node_s']:.1f} s)")
-    assert ours["keys"] == builtin["keys"]
-    assert ours["calculate_s"] < builtin["calculate_s"]
+    for label, lora in (("LoHa", assets["loha"]), ("DoRA LoHa", assets["loha_dora"])):
+        done = subprocess.run([H.comfyui_python(), script, H.comfyui_dir(), assets["checkpoint"], lora, "2"],
+                              cwd=H.comfyui_dir(), capture_output=True, text=True, timeout=H.RUN_TIMEOUT)
+        assert done.returncode == 0, done.stderr[-4000:]
+        times = json.loads(done.stdout.strip().splitlines()[-1])
+        (tmp_path / f"patch-time-{label.replace(' ', '-')}.json").write_text(json.dumps(times, indent=1))
+        builtin, ours = times["LoraLoader"], times["LohaLoader"]
+        print(f"\n{label}: patch time inside ComfyUI ({times['threads']} threads, best of 2, {ours['keys']} weights): "
+              f"LoraLoader {builtin['patch_s']:.1f} s (ΔW {builtin['calculate_s']:.1f} s, node {builtin['node_s']:.1f} s), "
+              f"LoHa Loader {ours['patch_s']:.1f} s (ΔW {ours['calculate_s']:.1f} s, node {ours['node_s']:.1f} s)")
+        assert ours["keys"] == builtin["keys"]
+        assert ours["calculate_s"] < builtin["calculate_s"], label
 
 
 def test_same_image_as_lora_loader_and_base_returns(comfy, images, tmp_path):
@@ -217,7 +183,8 @@ def test_info_node_and_tooltips(comfy):
     info = comfy.get_json("/object_info")
     ours = {name: spec for name, spec in info.items() if spec["python_module"].startswith("custom_nodes.")
             and name.startswith("Loha") and name != "LohaTrain"}
-    assert set(ours) == {"LohaLoader", "LohaLoaderModelOnly", "LohaStack", "LohaBlockWeights", "LohaMergeSave", "LohaInfo"}
+    assert set(ours) == {"LohaLoader", "LohaLoaderModelOnly", "LohaLoaderBypass", "LohaStack", "LohaBlockWeights",
+                         "LohaMergeSave", "LohaInfo"}
     for name, spec in ours.items():
         assert spec["category"] == "loaders/loha", name
         for group in ("required", "optional"):

@@ -12,7 +12,7 @@ import torch
 import loha
 import tiny_models as T
 import tiny_pipelines as P
-from loha.hosts.pipelines import load_loha, loaded_loha, set_loha_strength, unload_loha
+from loha.hosts.pipelines import disable_loha, enable_loha, load_loha, loaded_loha, set_loha_strength, unload_loha
 
 STRENGTH, TE_STRENGTH = 0.7, 0.5
 FILE_KWARGS = {"sd1": {}, "sdxl": {"use_tucker": True, "alpha": 1.0, "conv_alpha": 8.0}}
@@ -106,3 +106,44 @@ def test_unmatched_names_change_nothing(tmp_path):
         load_loha(pipe, bad, strict=False)
     with pytest.raises(loha.LohaError, match="no LoHa adapter 'other'"):
         unload_loha(pipe, "other")
+
+
+def test_bypass_mode_leaves_the_weights_and_switches_instantly(tmp_path):
+    """load_loha(bypass=True): the patched pipeline's output, the weights never written.
+
+    Bypass sums its products in another order than a patched layer (fp32, ~1e-7 apart);
+    classifier-free guidance (×7.5 of a difference) grows that to ~1e-4, hence `close`.
+    """
+    pipe = P.PIPELINES["sdxl"]()
+    path = T.make_loha_file(P.parts(pipe), tmp_path / "n.safetensors", **FILE_KWARGS["sdxl"])
+    other = T.make_loha_file(P.parts(pipe), tmp_path / "other.safetensors", seed=3, dora_wd=True)
+    base = P.run(pipe)
+    before = P.weights(pipe)
+    load_loha(pipe, path, strength=STRENGTH, te_strength=TE_STRENGTH)
+    load_loha(pipe, other, strength=0.4)
+    patched = P.run(pipe)
+    set_loha_strength(pipe, "other", 1.1, 0.2)
+    patched_later = P.run(pipe)
+    unload_loha(pipe)
+
+    def close(ours, want):
+        torch.testing.assert_close(ours, want, rtol=1e-3, atol=1e-3)
+
+    load_loha(pipe, path, strength=STRENGTH, te_strength=TE_STRENGTH, bypass=True)
+    load_loha(pipe, other, strength=0.4)  # the pipeline stays in bypass mode
+    P.assert_weights_equal(before, pipe)
+    close(P.run(pipe), patched)
+    set_loha_strength(pipe, "other", 1.1, 0.2)
+    close(P.run(pipe), patched_later)
+    disable_loha(pipe)
+    assert torch.equal(P.run(pipe), base)
+    enable_loha(pipe)
+    close(P.run(pipe), patched_later)
+
+    load_loha(pipe, other, strength=1.1, te_strength=0.2, bypass=False)  # back to patching, both networks
+    assert not torch.equal(P.weights(pipe)["unet.conv_in.weight"], before["unet.conv_in.weight"])
+    torch.testing.assert_close(P.run(pipe), patched_later, rtol=1e-5, atol=1e-5)
+    unload_loha(pipe)
+    P.assert_weights_equal(before, pipe)
+    assert torch.equal(P.run(pipe), base)
+    assert not any("forward" in m.__dict__ for part in P.parts(pipe).values() for m in part.modules())

@@ -221,9 +221,49 @@ def test_onetrainer_text_projection_and_class_embedding_names():
     for key in ("conditioner.embedders.1.model.text_projection", "model.diffusion_model.label_emb.0.0.weight"):
         torch.testing.assert_close(ldm[key], expected[key], rtol=0, atol=1e-6)
     comfy = {"clip_g.transformer.text_projection.weight": tuple(projection.shape),
+             "clip_g.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": (1280, 1280),
              "clip_l.transformer.text_projection.weight": (768, 768),
+             "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": (768, 768),
              "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (64, 2048)}
     names = loha.keys.map_state_dict(comfy)  # ComfyUI's live layout: HF orientation
     assert names.lookup("lora_te2_text_projection").key == "clip_g.transformer.text_projection.weight"
     assert not names.lookup("lora_te2_text_projection").transposed
     assert names.lookup("lora_te1_text_projection").key == "clip_l.transformer.text_projection.weight"
+
+
+def test_reapply_equals_a_fresh_patch_and_keeps_the_originals(tmp_path):
+    parts = T.sd1_parts()
+    a = T.make_loha_file(parts, tmp_path / "a.safetensors", seed=1)
+    b = T.make_loha_file(parts, tmp_path / "b.safetensors", seed=2, dora_wd=True)
+    before = state(parts)
+    conv_in = parts["unet"].conv_in.weight
+    original = conv_in.data
+    handle = loha.apply(parts, (a, 0.5))
+    handle.reapply([(b, 0.8, 0.3), (a, 1.0)])
+    changed = state(parts)
+    handle.restore()
+    assert_state_equal(before, parts)
+    assert conv_in.data.data_ptr() == original.data_ptr(), "restore puts the original tensor back"
+    fresh = T.sd1_parts()
+    loha.apply(fresh, [(b, 0.8, 0.3), (a, 1.0)])
+    assert_state_equal(changed, fresh)
+
+
+def test_restore_keeps_the_memory_for_the_next_patch_until_released(tmp_path):
+    """Re-patching takes no fresh memory (page faults cost more than the kernels); release_memory lets it go."""
+    parts = T.sd1_parts()
+    path = T.make_loha_file(parts, tmp_path / "n.safetensors")
+    weight = parts["unet"].conv_in.weight
+    handle = loha.apply(parts, path)
+    patched = weight.data.data_ptr()
+    handle.restore()
+    handle = loha.apply(parts, (path, 0.5))
+    assert weight.data.data_ptr() == patched
+    handle.restore()
+    loha.release_memory(parts)
+    handle = loha.apply(parts, path)
+    handle.restore()
+    loha.release_memory()
+    from loha import patch
+
+    assert patch._SPARE == {}

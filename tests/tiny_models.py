@@ -109,8 +109,9 @@ def _preset_file() -> str:
 
 
 def lycoris_network(parts: dict, seed: int = 0, dim: int = 4, alpha: float = 2.0, conv_dim: int = 4,
-                    conv_alpha: float = 2.0, **kwargs):
-    """A LoHa network made by lycoris-lora and hooked into `parts` (LyCORIS's forward path).
+                    conv_alpha: float = 2.0, algo: str = "loha", **kwargs):
+    """A network made by lycoris-lora (LoHa unless `algo` says "lora", "lokr", "full" …),
+    hooked into `parts` (LyCORIS's forward path).
 
     The zero-initialised factor is randomised so ΔW ≠ 0. The parts' outputs change from
     now on: pass a copy to keep them clean (`make_loha_file` does).
@@ -120,19 +121,18 @@ def lycoris_network(parts: dict, seed: int = 0, dim: int = 4, alpha: float = 2.0
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)  # its INFO lines drown test output
     tes = [parts[k] for k in ("text_encoder", "text_encoder_2") if k in parts]
     te = tes if len(tes) > 1 else tes[0]
-    net = create_network(1.0, dim, alpha, None, te, parts["unet"], algo="loha",
+    net = create_network(1.0, dim, alpha, None, te, parts["unet"], algo=algo,
                          conv_dim=conv_dim, conv_alpha=conv_alpha, preset=_preset_file(), **kwargs)
     net.apply_to(te, parts["unet"], True, True)  # also registers the modules for state_dict()
     torch.manual_seed(seed)
     with torch.no_grad():
         for module in net.unet_loras + net.text_encoder_loras:
-            if not hasattr(module, "hada_w2_a"):  # train_norm's norm modules start at zero too
-                module.w_norm.normal_(std=0.1)
-                if getattr(module, "b_norm", None) is not None:
-                    module.b_norm.normal_(std=0.1)
-                continue
-            module.hada_w2_a.normal_(std=0.1)
-            if module.wd:
+            if algo == "loha" and hasattr(module, "hada_w2_a"):  # not train_norm's norm modules
+                module.hada_w2_a.normal_(std=0.1)
+            for param in module.parameters():  # the zero-initialised factor of other algorithms
+                if not param.any():
+                    param.normal_(std=0.1 if algo != "full" else 0.01)
+            if getattr(module, "wd", False):
                 module.dora_scale.mul_(1 + 0.1 * torch.randn_like(module.dora_scale))
     return net
 
@@ -141,6 +141,28 @@ def make_loha_file(parts: dict, path, dtype=torch.float32, metadata=None, **kwar
     """Write a LoHa file for `parts` with lycoris-lora (built on a copy; `parts` stay clean)."""
     net = lycoris_network(copy.deepcopy(parts), **kwargs)
     net.save_weights(str(path), dtype, metadata or {"ss_network_module": "lycoris.kohya"})
+    return str(path)
+
+
+def make_mixed_file(parts: dict, path, seed: int = 0) -> str:
+    """One file of several module kinds, each part of it written by lycoris-lora for `parts`:
+    LoHa (Tucker convs) on attention, LoCon LoRA on resnets, LoKr on the text encoders,
+    full-diff (with diff_b) on conv_in, and a DoRA LoHa on the time embedding."""
+    from safetensors.torch import save_file
+
+    def tensors(**kwargs):
+        net = lycoris_network(copy.deepcopy(parts), seed=seed, **kwargs)
+        return {k: v.detach().float().contiguous() for k, v in net.state_dict().items()}
+
+    chosen = {}
+    for name, kind in (("attentions", tensors(use_tucker=True)), ("resnets", tensors(algo="lora", use_tucker=True)),
+                       ("lora_te", tensors(algo="lokr")), ("conv_in", tensors(algo="full")),
+                       ("time_embedding", tensors(dora_wd=True))):
+        chosen.update({k: v for k, v in kind.items() if name in k})
+    generator = torch.Generator().manual_seed(seed)
+    for key in [k for k in chosen if k.endswith(".diff_b")]:  # lycoris-lora writes a zero bias change
+        chosen[key] = 0.05 * torch.randn(chosen[key].shape, generator=generator)
+    save_file(chosen, str(path), {"ss_network_module": "lycoris.kohya"})
     return str(path)
 
 

@@ -5,7 +5,10 @@ Entry points (signatures are the contract the patcher and the merge rely on):
 - add_hadamard_many_(items):                    the same for a list of `HadamardItem`s
 - add_lowrank_(weight, a, b, scale):            weight += scale·(a@b)
 - add_dense_(weight, delta, scale):             weight += scale·delta
-- hadamard_bypass(x, a1, b1, a2, b2, scale):    x @ (scale·ΔW)ᵀ without forming ΔW
+- apply_steps_(weight, steps, source=None):     several networks, DoRA among them (`steps.py`)
+- dora_scales(weight, steps):                   the per-channel DoRA factors a bypass needs
+- hadamard_bypass(x, a1, b1, a2, b2, scale):    x @ (scale·ΔW)ᵀ, the cheaper form for x's token count
+- the bypass products, y = f(x) + ΔW·x or y = (W+ΔW)·x, for any layer: `bypass.py`
 
 `weight` is a contiguous tensor (fp16/bf16/fp32, CPU or CUDA; may be a row slice of a
 bigger tensor) whose first axis is O; it is viewed as O × K. Factors are a* (O, R),
@@ -29,7 +32,9 @@ from __future__ import annotations
 import torch
 
 from .. import delta as D
-from . import native, tiled, tuning
+from . import bypass, native, tiled, tuning
+from .steps import Step, dora_scales
+from .steps import apply_steps_ as _apply_steps
 from .tiled import DENSE, HADAMARD, HADAMARD_NATIVE, HADAMARD_ONEDNN, MATMUL, HadamardItem, Job
 
 _F32 = torch.float32
@@ -42,7 +47,14 @@ __all__ = [
     "add_hadamard_many_",
     "add_lowrank_",
     "add_dense_",
+    "apply_steps_",
+    "dora_scales",
     "hadamard_bypass",
+    "Step",
+    "step",
+    "DENSE",
+    "HADAMARD",
+    "MATMUL",
 ]
 
 
@@ -74,8 +86,9 @@ def _raise_misfit(o: int, k: int, shapes: list, what: str) -> None:
     raise ValueError(f"{what} factors {shapes} do not fit a weight viewed as ({o}, {k})")
 
 
-def _hadamard_job(weight: torch.Tensor, a1, b1, a2, b2, scale: float) -> Job:
+def _hadamard_job(weight: torch.Tensor, a1, b1, a2, b2, scale: float, source=None) -> Job:
     w = _flat(weight)
+    src = None if source is None else source.reshape(w.shape)
     o, k = w.shape
     dev = w.device
     a1, b1, a2, b2 = (_f32(x, dev) for x in (a1, b1, a2, b2))
@@ -89,12 +102,12 @@ def _hadamard_job(weight: torch.Tensor, a1, b1, a2, b2, scale: float) -> Job:
     else:
         limits = tuning.CPU_KR_MAX_RANK_PRODUCT if cpu else tuning.CUDA_KR_MAX_RANK_PRODUCT
     if r1 * r2 <= limits.get(w.dtype, 0):
-        return Job(w, MATMUL, (D.khatri_rao(a1, a2), D.face_split(b1, b2)), float(scale))
+        return Job(w, MATMUL, (D.khatri_rao(a1, a2), D.face_split(b1, b2)), float(scale), src)
     if use_native:
-        return Job(w, HADAMARD_NATIVE, (a1, b1, a2, b2), float(scale))
+        return Job(w, HADAMARD_NATIVE, (a1, b1, a2, b2), float(scale), src)
     if cpu and _onednn_wins(max(r1, r2), k) and tiled.onednn_available():
-        return Job(w, HADAMARD_ONEDNN, (a1, b1.t().contiguous(), a2, b2.t().contiguous()), float(scale))
-    return Job(w, HADAMARD, (a1, b1, a2, b2), float(scale))
+        return Job(w, HADAMARD_ONEDNN, (a1, b1.t().contiguous(), a2, b2.t().contiguous()), float(scale), src)
+    return Job(w, HADAMARD, (a1, b1, a2, b2), float(scale), src)
 
 
 def _onednn_wins(r: int, k: int) -> bool:
@@ -141,11 +154,17 @@ def _contiguous_target(weight: torch.Tensor):
 def add_hadamard_many_(items) -> None:
     """weight += scale·(a1@b1)⊙(a2@b2) for every `HadamardItem` (or such a tuple) in items.
 
-    On CUDA the layers go to the Triton kernel in as few launches as possible; on CPU
-    their row tiles are spread over the worker threads. Items whose weights overlap in
-    memory are applied in order, one after the other.
+    An item with a `source` gets source + scale·ΔW instead (one read of the source, one
+    write of the weight: patching into new memory). On CUDA the layers go to the Triton
+    kernel in as few launches as possible; on CPU their row tiles are spread over the
+    worker threads. Items whose weights overlap in memory are applied in order.
     """
-    items = [it for it in map(HadamardItem._make, items) if it.scale != 0 and it.weight.numel() != 0]
+    items = [HadamardItem(*it) for it in items]
+    for it in items:
+        if it.source is not None and (it.scale == 0 or it.weight.device.type != "cpu"):
+            it.weight.copy_(it.source)  # nothing to add, or the GPU kernels work in place
+    items = [it if it.weight.device.type == "cpu" else it._replace(source=None) for it in items]
+    items = [it for it in items if it.scale != 0 and it.weight.numel() != 0]
     if not items:
         return
     writebacks = []
@@ -184,6 +203,38 @@ def add_hadamard_(weight, a1, b1, a2, b2, scale: float) -> None:
     add_hadamard_many_([(weight, a1, b1, a2, b2, scale)])
 
 
+def step(kind: str, tensors, scale: float, strength: float, shape: tuple, device,
+         dora_scale: torch.Tensor | None = None) -> Step:
+    """A `Step` for a weight of `shape` on `device`: fp32 factors there, the DoRA axis from the shapes.
+
+    kind: HADAMARD (a1, b1, a2, b2 canonical), MATMUL (a, b) or DENSE (ΔW of O·K elements).
+    """
+    o = shape[0]
+    tensors = tuple(_f32(t, device) for t in tensors)
+    if kind == DENSE:
+        tensors = (tensors[0].reshape(o, -1),)
+    if dora_scale is None:
+        return Step(kind, tensors, float(scale), float(strength))
+    axis = D.dora_axis(tuple(dora_scale.shape), tuple(shape))
+    return Step(kind, tensors, float(scale), float(strength), _f32(dora_scale, device).reshape(-1), axis)
+
+
+@torch.no_grad()
+def apply_steps_(weight: torch.Tensor, steps, source: torch.Tensor | None = None) -> None:
+    """weight ← the chain of `steps` applied to (source or weight), fp32, rounded once.
+
+    For a tensor changed by several networks, or by DoRA: tile by tile, the norms of
+    W0+ΔW inside each tile (one pass; an input-axis DoRA adds one read pass), no O × K
+    temporary. `source`, when given, is read instead of `weight` (patching into new memory).
+    """
+    if weight.numel() == 0:
+        return
+    target, back = _contiguous_target(weight)
+    _apply_steps(target, list(steps), source)
+    if back is not None:
+        back.copy_(target)
+
+
 @torch.no_grad()
 def add_lowrank_(weight, a, b, scale: float) -> None:
     """weight += scale·(a@b) (LoRA), in place, fp32 math, one rounding."""
@@ -217,25 +268,15 @@ def add_dense_(weight, delta, scale: float) -> None:
 
 @torch.no_grad()
 def hadamard_bypass(x: torch.Tensor, a1, b1, a2, b2, scale: float) -> torch.Tensor:
-    """x @ (scale·(a1@b1)⊙(a2@b2))ᵀ for a Linear layer's input x (..., K) -> (..., O).
+    """x @ (scale·(a1@b1)⊙(a2@b2))ᵀ for a Linear layer's input x (..., K) -> (..., O), in x's dtype.
 
-    Without forming ΔW when that is cheaper: through the exact rank-R1·R2 Khatri–Rao
-    form, x @ (b1∗b2)ᵀ @ (a1•a2)ᵀ — two thin GEMMs. Math in fp32, result in x's dtype.
+    Never an O × K buffer: through the exact rank-R1·R2 Khatri–Rao pair, x·(b1∗b2)ᵀ·(a1•a2)ᵀ,
+    or through ΔW rebuilt in row tiles, whichever `bypass.choose_added` finds cheaper for
+    x's token count. fp32 math, one rounding.
     """
-    dev = x.device
-    a1, b1, a2, b2 = (_f32(t, dev) for t in (a1, b1, a2, b2))
-    o, k = a1.shape[0], b1.shape[1]
+    o, k = a1.shape[0], b1.shape[-1]
     if x.shape[-1] != k:
         raise ValueError(f"input of shape {tuple(x.shape)} does not fit LoHa factors with K={k}")
-    xf = x.reshape(-1, k).to(_F32)
-    n = xf.shape[0]
-    rr = a1.shape[1] * a2.shape[1]
-    kr_cost = (n + 1) * rr * (k + o)
-    dense_cost = o * k * (a1.shape[1] + a2.shape[1] + n)
-    if kr_cost <= dense_cost:
-        y = (xf @ D.face_split(b1, b2).t()) @ D.khatri_rao(a1, a2).t()
-    else:
-        y = xf @ D.hadamard_delta(a1, b1, a2, b2).t()
-    if scale != 1:
-        y.mul_(scale)
-    return y.to(x.dtype).reshape(*x.shape[:-1], o)
+    st = step(HADAMARD, (a1, b1, a2, b2), scale, 1.0, (o, k), x.device)
+    form = bypass.choose_added(st, bypass.tokens(x, None), o, k, 1, x.device)
+    return bypass.delta_x(x, st, bypass.pair_of(st) if form == bypass.KHATRI_RAO else None).to(x.dtype)

@@ -17,6 +17,7 @@ import itertools
 import os
 import queue
 import threading
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -31,10 +32,11 @@ HADAMARD_ONEDNN = "hadamard-onednn"  # tensors (a1, b1ᵀ, a2, b2ᵀ): oneDNN, p
 HADAMARD_NATIVE = "hadamard-native"  # tensors (a1, b1, a2, b2): the optional C tile (CPU)
 MATMUL = "matmul"  # tensors (u, v): u @ v (LoRA, or the Khatri–Rao form of a LoHa)
 DENSE = "dense"  # tensors (delta,): delta itself, (O, K)
+ROWS_FN = "rows-fn"  # tensors (fn,): fn(rows, r0, r1, scratch) changes fp32 rows r0:r1 in place
 
 
 class HadamardItem(NamedTuple):
-    """One layer of a grouped call: weight += scale·(a1@b1)⊙(a2@b2)."""
+    """One layer of a grouped call: weight = (source or weight) + scale·(a1@b1)⊙(a2@b2)."""
 
     weight: torch.Tensor  # viewed (O, K); may be a row slice of a bigger tensor
     a1: torch.Tensor  # (O, R1)
@@ -42,6 +44,7 @@ class HadamardItem(NamedTuple):
     a2: torch.Tensor  # (O, R2)
     b2: torch.Tensor  # (R2, K)
     scale: float
+    source: torch.Tensor | None = None  # read instead of weight (the result goes to new memory)
 
 
 class Job(NamedTuple):
@@ -51,6 +54,7 @@ class Job(NamedTuple):
     kind: str
     tensors: tuple
     scale: float
+    source: torch.Tensor | None = None  # (O, K), any float dtype: each tile starts from its rows
 
 
 class _Scratch(threading.local):
@@ -71,6 +75,13 @@ class _Scratch(threading.local):
 
 
 _scratch = _Scratch()
+
+
+def scratch(n: int, device) -> torch.Tensor:
+    """This thread's fp32 scratch on `device`, at least `n` elements (CPU: kept and reused)."""
+    if torch.device(device).type != "cpu":
+        return torch.empty(n, dtype=_F32, device=device)
+    return _scratch.get(n, torch.device(device))
 
 
 _linear = None
@@ -105,6 +116,8 @@ def run_rows(job: Job, r0: int, r1: int, scratch: torch.Tensor | None = None) ->
     m = n * k
     if m == 0:
         return
+    if job.source is not None:  # out of place: the tile starts from the source's rows (in cache)
+        w.copy_(job.source[r0:r1])
     if job.kind == HADAMARD_NATIVE:  # one pass over W, no scratch
         a1, b1, a2, b2 = job.tensors
         native.hadamard_rows(w, a1[r0:r1], b1, a2[r0:r1], b2, job.scale)
@@ -131,6 +144,8 @@ def run_rows(job: Job, r0: int, r1: int, scratch: torch.Tensor | None = None) ->
     elif job.kind == MATMUL:
         u, v = job.tensors
         acc.addmm_(u[r0:r1], v, alpha=s)
+    elif job.kind == ROWS_FN:
+        job.tensors[0](acc, r0, r1, scratch)
     else:
         d = job.tensors[0][r0:r1]
         if d.dtype != _F32:
@@ -253,6 +268,26 @@ def _get_pool(n: int) -> _Pool:
                 _pool.close()
             _pool = _Pool(n)
         return _pool
+
+
+@contextmanager
+def one_thread():
+    """This thread's torch ops single-threaded inside the block.
+
+    For many small tensors (checking a network's factors, say): with several OpenMP
+    threads each tiny op pays a barrier, and on a busy machine that costs more than the
+    math (planning an SD1.5 LoHa: 0.07 s on one thread, 0.4 s on two). The caller's own
+    setting is put back after, as `_Pool` does.
+    """
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def run_cpu(jobs: list[Job], tile_elems: int | None = None, threads: int | None = None) -> None:

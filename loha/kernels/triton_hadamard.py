@@ -92,16 +92,20 @@ def _hadamard_tile_kernel(
     # (about 50% more registers at 64×64, half the resident blocks per SM).
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     out = w.to(tl.float32) + scale * p
-    if W_TY == tl.bfloat16:
-        # Round to nearest even by hand: the same bits on the GPU and in the interpreter
-        # (whose fp32->bf16 cast truncates).
-        bits = out.to(tl.uint32, bitcast=True)
+    tl.store(w_ptr + offs, round_to(out, W_TY), mask=mask)
+
+
+@triton.jit
+def round_to(x, TY: tl.constexpr):
+    """fp32 `x` rounded to nearest even in TY, the same bits on the GPU and in the interpreter."""
+    if TY == tl.bfloat16:
+        # By hand: the interpreter's fp32->bf16 cast truncates.
+        bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        rounded = tl.where(out != out, out.to(tl.bfloat16), rounded)  # keep NaN a NaN
-        tl.store(w_ptr + offs, rounded, mask=mask)
+        return tl.where(x != x, x.to(tl.bfloat16), rounded)  # keep NaN a NaN
     else:
-        tl.store(w_ptr + offs, out.to(W_TY), mask=mask)
+        return x.to(TY)
 
 
 def padded_rank(r: int) -> int:
@@ -134,7 +138,7 @@ def add_hadamard_many_(
         precision = "ieee" if _interpreting() else tuning.TRITON_PRECISION
     groups: dict = defaultdict(list)
     keep = []  # factor copies must outlive the launch
-    for w, a1, b1, a2, b2, s in items:
+    for w, a1, b1, a2, b2, s, *_ in items:
         if s == 0 or w.numel() == 0:
             continue
         if w.dtype not in _TL_DTYPE:

@@ -68,6 +68,27 @@ CPU_ONEDNN_MKL_MIN_K = 16384
 CPU_NATIVE = True
 CPU_NATIVE_KR_MAX_RANK_PRODUCT = {torch.float32: 0, torch.float16: 0, torch.bfloat16: 0}
 
+# ---- bypass (kernels/bypass.py) ----------------------------------------------------
+
+# Building one element of W' = W + ΔW (read W, the LoHa tile, hand it to the GEMM) costs
+# about as much time as this many multiply-adds of the layer's own GEMM. A bypass builds
+# W' and runs one product when its thin pairs would cost more than that (R1·R2·(K+O) per
+# position against this times O·K per call); beside a layer it cannot read, it rebuilds
+# ΔW in tiles when that beats the pairs. `python bench/bypass.py --tune`, one thread's
+# CPU time, fp32, tiles of 2^23 (merged − plain per element / plain per MAC): W 320×320
+# R16 4096 tokens 102, 1280×1280 R16 256 tokens 53, 1280×11520 R8 256 tokens 60,
+# 640×5760 R8 1024 tokens 52 (build ≈ 1.2–1.6 ns per element, GEMM ≈ 21–25 ps per MAC).
+# CUDA: not measured (no GPU); the same order is assumed.
+BYPASS_BUILD_MACS_PER_ELEMENT = {"cpu": 64.0, "cuda": 64.0}
+
+# Elements of W' per row tile in a bypass forward. Each tile is consumed by one GEMM or
+# convolution call: narrow tiles make slow calls (fewer output channels per call) and
+# a concatenation. --tune-tiles of bench/bypass.py, one thread, ms (plain layer / tiles
+# of 2^19, 2^21, 2^23, 2^25): 640×5760 at 1024 tokens 81.8 / 138.6, 109.2, 86.4, 85.6;
+# 1280×11520 at 256 tokens 85.6 / 190.1, 122.1, 109.7, 104.1; 1280×1280 at 1024 tokens
+# 39.7 / 62.6, 45.7, 43.6, 46.9. 2^23 fp32 elements is 32 MiB of scratch per thread.
+BYPASS_TILE_ELEMS = 1 << 23
+
 # ---- CUDA ---------------------------------------------------------------------------
 
 # Not measured yet (see the module docstring). Triton handles every rank; the
@@ -85,6 +106,13 @@ TRITON_NUM_WARPS = 8
 # fp32 products on tensor cores via three TF32 passes (error ~1e-6 relative to ΔW,
 # far below one fp16/bf16 ulp and within the fp32 tolerance); "ieee" is exact FMA.
 TRITON_PRECISION = "tf32x3"
+
+# The fused bypass kernel (triton_bypass.py): a BLOCK_T × BLOCK_O tile of the output per
+# program, K in steps of BLOCK_K. Not timed (no GPU): the usual GEMM tile of Triton's
+# tutorials; `bench/bypass.py --tune --cuda` sweeps them.
+TRITON_BYPASS_BLOCK_T = 64
+TRITON_BYPASS_BLOCK_O = 64
+TRITON_BYPASS_BLOCK_K = 32
 
 # Elements per row tile for the pure-torch fallback on CUDA (no Triton).
 CUDA_TILE_ELEMS = 1 << 22  # 48 MiB of fp32 scratch per call
