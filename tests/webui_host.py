@@ -65,9 +65,8 @@ def prepare(data: str, make_checkpoint) -> str:
                         "-o", trained, "--resolution", "64", "--steps", "4", "--lr", "0.05", "--rank", "4",
                         "--alpha", "4", "--text-encoder", "--seed", "3"], check=True, cwd=REPO)
     link = os.path.join(data, "extensions", "loha")
-    os.makedirs(os.path.dirname(link), exist_ok=True)
-    if not os.path.lexists(link):
-        os.symlink(REPO, link)
+    if os.path.realpath(link) != os.path.realpath(REPO):  # a kept data folder may link another checkout
+        link_extension(data, "loha", REPO)
     return ckpt
 
 
