@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,14 +27,18 @@ def _config(tmp_path, name="net", **kwargs):
     return TrainConfig(output=str(tmp_path / f"{name}.safetensors"), network=spec, **settings)
 
 
-def _two_images(folder) -> str:
-    """Two captioned 64-pixel images: data a run encodes in a blink."""
-    from PIL import Image
+def _few_images(folder, count: int) -> str:
+    """The first `count` sample images with their captions, once each: data a run encodes in a
+    blink (the sample set's epochs are ~60 steps)."""
+    import shutil
 
-    folder.mkdir(exist_ok=True)
-    for colour in ("red", "blue"):
-        Image.new("RGB", (64, 64), colour).save(folder / f"{colour}.png")
-        (folder / f"{colour}.txt").write_text(f"a {colour} square")
+    from loha.train import SAMPLE_DATA
+
+    data = folder / "1_shapes"
+    data.mkdir(parents=True)
+    for image in sorted((Path(SAMPLE_DATA) / "10_shapes").glob("*.png"))[:count]:
+        shutil.copy(image, data)
+        shutil.copy(image.with_suffix(".txt"), data)
     return str(folder)
 
 
@@ -87,7 +92,7 @@ def _meta(path):
 
 
 def test_epochs_set_the_number_of_steps(tmp_path):
-    trainer = _trainer(_config(tmp_path, epochs=2, steps=1))
+    trainer = _trainer(_config(tmp_path, epochs=2, steps=1, data=_few_images(tmp_path / "data", 4)))
     result = trainer.run()
     assert result.steps == result.total == 2 * trainer.per_epoch > 1
     assert _meta(result.path)["ss_num_epochs"] == "2" and _meta(result.path)["ss_epoch"] == "2"
@@ -311,7 +316,7 @@ def norm_trained(tmp_path_factory):
     from loha.train import NetworkSpec
 
     tmp = tmp_path_factory.mktemp("train_norm")
-    return _run(_config(tmp, network=NetworkSpec(**NORM_SPEC), data=_two_images(tmp / "data"), steps=1,
+    return _run(_config(tmp, network=NetworkSpec(**NORM_SPEC), data=_few_images(tmp / "data", 2), steps=1,
                         batch_size=1, learning_rate=2e-2, save_dtype="fp16"))
 
 
@@ -371,7 +376,7 @@ def test_train_norm_resumes_exactly(tmp_path):
     from loha.train.settings import differences
     from train_helpers import tiny_base
 
-    base, data = tiny_base(), _two_images(tmp_path / "data")
+    base, data = tiny_base(), _few_images(tmp_path / "data", 2)
     spec = NetworkSpec(preset="attn-mlp", rank=2, alpha=1.0, train_norm=True)
     run = lambda name, steps, **kw: Trainer(_config(tmp_path, name, network=spec, data=data, steps=steps,  # noqa: E731
                                                     batch_size=1, **kw), base=base).run()
