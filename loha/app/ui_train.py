@@ -363,8 +363,7 @@ def tab(gr, folders) -> list:
                                  elem_id="loha-train-config")
         load_button = gr.Button("Load", elem_id="loha-train-load")
         save_button = gr.Button("Save", elem_id="loha-train-save")
-    rows = (("preset", "rank", "alpha", "conv_rank", "conv_alpha", "text_encoder", "tucker", "dora_wd",
-             "train_norm"),
+    rows = (("preset", "rank", "alpha", "conv_rank", "conv_alpha", "text_encoder", "tucker", "dora_wd"),
             ("resolution", "batch_size", "gradient_accumulation_steps", "steps", "epochs", "learning_rate",
              "optimizer", "lr_scheduler"),
             ("seed", "save_every", "sample_every", "mixed_precision", "gradient_checkpointing"))
@@ -374,9 +373,9 @@ def tab(gr, folders) -> list:
                 widgets[key] = _widget(gr, key, label[key], choices.get(key))
     widgets["sample_prompts"] = gr.Textbox(value="", label=label["sample_prompts"], lines=2,
                                            elem_id="loha-train-sample_prompts")
-    with gr.Accordion("More: noise, captions, dropout, metadata", open=False):
-        for row in (("warmup_steps", "noise_offset", "min_snr_gamma", "rank_dropout", "module_dropout"),
-                    ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "flip_aug"),
+    with gr.Accordion("More: noise, captions, dropout, norm layers, metadata", open=False):
+        for row in (("warmup_steps", "noise_offset", "min_snr_gamma", "rank_dropout", "module_dropout",
+                     "train_norm"), ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "flip_aug"),
                     ("title", "author", "trigger_words", "license"), ("description",)):
             with gr.Row():
                 for key in row:
