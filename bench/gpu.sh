@@ -35,7 +35,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --platform manylinux_2_28_x86_64 \
 #       --python-version 3.1X -d bench/wheels pillow             (X = 0, 1, 2, 3)
 #   git rev-parse HEAD > bench/wheels/COMMIT
-# bench/wheels (about 40 MB, git-ignored) then travels with the working tree. The commit is
+# bench/wheels (about 35 MB, git-ignored) then travels with the working tree. The commit is
 # taken from LOHA_COMMIT, else from git, else from bench/wheels/COMMIT.
 
 set -uo pipefail
