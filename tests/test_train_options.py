@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +22,9 @@ def _config(tmp_path, name="net", **kwargs):
     from loha.train import SAMPLE_DATA, NetworkSpec, TrainConfig
 
     spec = kwargs.pop("network", NetworkSpec(**SMALL))
-    settings = dict(resolution=64, steps=2, batch_size=2, learning_rate=5e-3, seed=3, device="cpu")
+    settings = dict(data=SAMPLE_DATA, resolution=64, steps=2, batch_size=2, learning_rate=5e-3, seed=3, device="cpu")
     settings.update(kwargs)
-    return TrainConfig(data=SAMPLE_DATA, output=str(tmp_path / f"{name}.safetensors"), network=spec, **settings)
+    return TrainConfig(output=str(tmp_path / f"{name}.safetensors"), network=spec, **settings)
 
 
 def _trainer(config):
@@ -76,7 +77,16 @@ def _meta(path):
 
 
 def test_epochs_set_the_number_of_steps(tmp_path):
-    trainer = _trainer(_config(tmp_path, epochs=2, steps=1))
+    import shutil
+
+    from loha.train import SAMPLE_DATA
+
+    data = tmp_path / "data" / "1_shapes"  # four images: the sample set's epochs are ~60 steps
+    data.mkdir(parents=True)
+    for image in sorted((Path(SAMPLE_DATA) / "10_shapes").glob("*.png"))[:4]:
+        shutil.copy(image, data)
+        shutil.copy(image.with_suffix(".txt"), data)
+    trainer = _trainer(_config(tmp_path, epochs=2, steps=1, data=str(data.parent)))
     result = trainer.run()
     assert result.steps == result.total == 2 * trainer.per_epoch > 1
     assert _meta(result.path)["ss_num_epochs"] == "2" and _meta(result.path)["ss_epoch"] == "2"
