@@ -6,8 +6,9 @@ OpenMP), medians of interleaved repetitions. Re-run that command on another
 machine and edit the numbers; nothing else has to change.
 
 GPU figures could not be measured (no GPU was available when they were set): they
-are the design's starting point, and `bench/apply.py --tune` prints the measured
-crossovers on a CUDA machine so they can be replaced by data.
+are the design's starting point. `bench/apply.py --tune --cuda` (part of `bench/gpu.sh`)
+prints the measured tiles and crossovers on a CUDA machine, and the values they suggest
+here, so they can be replaced by data.
 """
 
 import torch
