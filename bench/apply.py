@@ -73,12 +73,15 @@ from _common import (  # noqa: E402
     SD15,
     SDXL,
     Layer,
+    kernel_median,
     lycoris_loha,
     matmul_rate,
     median,
+    move_factors,
     network_of,
     random_unet,
     stream_bandwidth,
+    synchronizer,
     timed,
 )
 
@@ -387,7 +390,7 @@ def floors(layers, bw: float, rate: float) -> dict:
 def set_weight_dtype(layers, dtype, device):
     for l in layers:
         l.module.weight.data = l.module.weight.data.to(device=device, dtype=dtype)
-        l.a1, l.b1, l.a2, l.b2 = (t.to(device) for t in (l.a1, l.b1, l.a2, l.b2))
+    move_factors(layers, device)
 
 
 def run(args) -> None:
@@ -453,7 +456,7 @@ def run(args) -> None:
 
         print(f"ours on CUDA: grouped Triton launches (triton {triton.__version__}) on {torch.cuda.get_device_name()}")
     print(f"load average before: {_load()}")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     unit, per_s = ("ms", 1e3) if device.type == "cuda" or args.tiny else ("s", 1.0)
 
     for dtype in dtypes:
@@ -680,23 +683,9 @@ def tune_triton(args) -> None:
         raise SystemExit("--tune --triton without CUDA needs TRITON_INTERPRET=1")
     where = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU tensors, Triton's interpreter"
     print(f"{where}; torch {torch.__version__}, triton {triton.__version__}")
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def med(fn, n=1 if args.tiny else 10):
-        fn()  # compiles, cuBLAS start-up
-        sync()
-        ts = []
-        for _ in range(n):
-            if dev.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                ts.append(a.elapsed_time(b) / 1e3)
-            else:
-                ts.append(timed(fn))
-        return median(ts)
+        return kernel_median(fn, dev, n)
 
     if args.tiny:
         from tiny_models import SDXL_UNET as config

@@ -7,7 +7,8 @@
 #                          (420 on a GPU; 900 for the check without one)
 #
 # Steps, each under its own time limit (a step that fails or hangs is recorded, and the next
-# one runs), all written to ONE results file, $OUT/gpu-results.txt, summary first:
+# one runs; the steps before the two bypass ones end 100 s before the budget does, which keeps
+# those a share), all written to ONE results file, $OUT/gpu-results.txt, summary first:
 #   install  the packages of bench/wheels this Python lacks (bench/gpu_wheels.py), into a
 #            folder put on PYTHONPATH after the repository, which is never built
 #   env      the GPU's name, driver, torch / CUDA / triton / diffusers / lycoris versions, commit
@@ -21,6 +22,11 @@
 #   merge    bench/merge.py --sdxl: a whole SDXL checkpoint merged with --device cuda and on the CPU
 #   tune     bench/apply.py --tune --cuda: tile shapes and the Khatri–Rao crossover, with the
 #            values they suggest for loha/kernels/tuning.py
+#   bypass   bench/bypass.py --cuda: fp16 SD1.5 UNet (64×64 latent) and text-encoder forwards,
+#            base / ours in bypass / ΔW rebuilt each forward / patched, interleaved, with the
+#            issue-17 targets (bypass ≤ +10 % on the UNet forward, ≥ 3× faster on the LoHa part)
+#   bypass-tune  bench/bypass.py --tune --cuda: the fused Triton bypass kernel's tiles per dtype,
+#            with the values they suggest for loha/kernels/tuning.py
 #
 # Without CUDA (or with LOHA_GPU_SMOKE=1) it checks itself in a few minutes: the same steps on
 # small shapes on the CPU, the Triton kernels under TRITON_INTERPRET=1, and what needs CUDA
@@ -97,6 +103,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRITON_CACHE_DIR=$WORK/triton-cache L
 BODY=$WORK/body.txt
 : > "$BODY"
 SUMMARY=()
+KEEP=0  # seconds of the budget kept back for the steps still to come
 
 header() {
   echo "loha bench/gpu.sh results"
@@ -111,9 +118,9 @@ write_results() {  # the summary first, then every step's output
     echo; cat "$BODY"; } > "$RESULTS.tmp" && mv "$RESULTS.tmp" "$RESULTS"
 }
 
-step() {  # step NAME LIMIT_SECONDS COMMAND...: run it under its limit, record its status
+step() {  # step NAME LIMIT_SECONDS COMMAND...: run it under its limit and the budget less KEEP, record its status
   local name=$1 limit=$2; shift 2
-  local left=$((DEADLINE - $(date +%s)))
+  local left=$((DEADLINE - KEEP - $(date +%s)))
   if ((left < 20)); then
     SUMMARY+=("$(printf '%-12s skipped: out of time' "$name")")
     write_results
@@ -172,19 +179,25 @@ KERNEL_TESTS=(tests/test_kernels.py tests/test_kernels_bypass.py tests/test_kern
 step install 90 python3 bench/gpu_wheels.py --wheels "$WHEELS" --target "$WORK/site"
 step env 30 python3 -c "$ENV_PY"
 if ((GPU)); then
+  KEEP=100  # the bypass steps' share, whatever the steps before them take
   step tests 180 env LOHA_TEST_DEVICE=cuda "${PYTEST[@]}" "${KERNEL_TESTS[@]}" -k "not under_interpreter"
   step merge-tests 60 "${PYTEST[@]}" tests/test_merge.py -k cuda
   step apply 180 python3 bench/apply.py --sdxl --cuda --no-peft --dtypes fp16 --reps 5
   step merge 180 python3 bench/merge.py --sdxl --only ours-cuda ours --keep "$WORK/merge"
   step tune 120 python3 bench/apply.py --tune --cuda
+  KEEP=40 step bypass 60 python3 bench/bypass.py --cuda
+  KEEP=0 step bypass-tune 60 python3 bench/bypass.py --tune --cuda
 else
+  KEEP=150
   step tests 300 env LOHA_TEST_DEVICE=cpu "${PYTEST[@]}" "${KERNEL_TESTS[@]}"
   step merge-tests 120 "${PYTEST[@]}" tests/test_merge.py -k cuda
   step apply 300 python3 bench/apply.py --tiny --triton --no-peft --dtypes fp16 --reps 1
   step merge 180 python3 bench/merge.py --tiny --only ours --keep "$WORK/merge"
   skip merge-cuda "no CUDA (bench/merge.py --only ours-cuda)"
   step tune 240 python3 bench/apply.py --tune --triton --tiny
-  skip targets "no CUDA (the HBM floor and LyCORIS's Triton loha_merge need a GPU)"
+  KEEP=60 step bypass 90 python3 bench/bypass.py --tiny
+  KEEP=0 step bypass-tune 60 python3 bench/bypass.py --tune --triton --tiny
+  skip targets "no CUDA (the HBM floor, LyCORIS's Triton loha_merge and the fp16 bypass need a GPU)"
 fi
 write_results
 echo
