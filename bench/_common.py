@@ -112,6 +112,12 @@ def lycoris_loha(unet, seed: int = 1, text_encoder=None, dora: bool = False):
     return net, layers
 
 
+def move_factors(layers, device) -> None:
+    """Each Layer's canonical factors onto `device` (they stay fp32)."""
+    for l in layers:
+        l.a1, l.b1, l.a2, l.b2 = (t.to(device) for t in (l.a1, l.b1, l.a2, l.b2))
+
+
 def network_of(layers, name: str = "bench"):
     """The layers' LoHa as a loha Network (kohya names, as the file LyCORIS would write)."""
     import loha
@@ -123,8 +129,6 @@ def network_of(layers, name: str = "bench"):
         if l.dora is not None:
             tensors[f"{l.lora_name}.dora_scale"] = l.dora.clone()
     return loha.from_tensors(tensors, name)
-
-
 
 
 def release_freed_memory() -> None:
@@ -153,6 +157,38 @@ def timed(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def synchronizer(device):
+    """What waits for the work queued on `device`: torch.cuda.synchronize on CUDA, nothing elsewhere."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
+def timed_on(device, fn) -> float:
+    """Seconds of fn(), the work queued on `device` waited for before and inside the timed span."""
+    sync = synchronizer(device)
+    sync()
+    return timed(lambda: (fn(), sync()))
+
+
+def kernel_median(fn, device, reps: int) -> float:
+    """Median seconds of `reps` calls of fn() after one untimed call (compiles, start-up):
+    CUDA events on a GPU, the wall clock elsewhere."""
+    sync = synchronizer(device)
+    fn()
+    sync()
+    ts = []
+    for _ in range(reps):
+        if torch.device(device).type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            ts.append(start.elapsed_time(end) / 1e3)
+        else:
+            ts.append(timed(fn))
+    return median(ts)
 
 
 def stream_bandwidth(nbytes: int = 1 << 29, reps: int = 5) -> dict:

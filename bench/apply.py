@@ -5,6 +5,9 @@
     python bench/apply.py --sdxl     # SDXL-size UNet (fp16 weights unless --dtypes says otherwise)
     python bench/apply.py --tune     # the measurements behind loha/kernels/tuning.py
     python bench/apply.py --family sd3.5-medium   # a diffusion transformer in its checkpoint layout
+    python bench/apply.py --sdxl --cuda           # on a GPU, against the HBM floor and LyCORIS's Triton kernel
+    python bench/apply.py --tune --cuda           # the Triton tiles and the Khatri–Rao crossover on a GPU
+    TRITON_INTERPRET=1 python bench/apply.py --tiny --triton [--tune]   # the bench itself, checked on a CPU
 
 Everything is built here from seeds (diffusers UNet2DConditionModel with the SD1.5 or
 SDXL numbers, random weights; a LyCORIS LoHa over every targetable layer: linear and
@@ -29,8 +32,18 @@ The anchors are short functions written here that do what each tool's merge does
   layers rename the model's modules);
 - ComfyUI, DoRA: per module as above, then `weight_decompose` (the norm of the weight,
   W0+ΔW scaled by dora_scale / norm) — what its LoHa adapter runs for a DoRA file.
+- Khatri–Rao `addmm_` (GPU and --tiny): one GEMM per layer on the exact rank-R1·R2 pair
+  (`loha.delta.khatri_rao`/`face_split`) through our row tiles: the form the dispatch takes
+  at tiny rank products.
 The floors: bytes of W read and written over the measured streaming bandwidth, and the
-matmul FLOPs 2·2·O·K·R over the measured fp32 square-matmul rate.
+matmul FLOPs 2·2·O·K·R over the measured fp32 square-matmul rate. On CUDA the floor is the
+HBM one alone (the products run on tensor cores), the measured copy bandwidth of a 1 GiB
+buffer; ours is grouped Triton launches there, and each method runs once before the timed
+rounds (compiles, LyCORIS's own kernel tuning, cuBLAS start-up).
+
+`--tiny` runs the same code on SDXL's UNet structure at tiny widths (`tests/tiny_models.py`)
+with few rounds: a check of the bench itself (`bench/gpu.sh` on a machine without CUDA).
+`--triton` adds our Triton kernel run on CPU tensors, which needs TRITON_INTERPRET=1.
 
 `--family NAME` (a published transformer of `loha.models.configs.PUBLISHED_TRANSFORMERS`,
 bf16 weights unless --dtypes says otherwise) times the whole job as ComfyUI has it: the
@@ -54,22 +67,28 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))  # tiny_models
 
 from _common import (  # noqa: E402
     SD15,
     SDXL,
     Layer,
+    kernel_median,
     lycoris_loha,
     matmul_rate,
     median,
+    move_factors,
     network_of,
     random_unet,
     stream_bandwidth,
+    synchronizer,
     timed,
 )
 
 import loha  # noqa: E402
+from loha import delta as D  # noqa: E402
 from loha import kernels  # noqa: E402
+from loha.kernels import tiled  # noqa: E402
 
 
 def peft_loha(unet, layers):
@@ -109,6 +128,21 @@ def weight(l: Layer) -> torch.Tensor:
 
 def ours(layers):
     kernels.add_hadamard_many_([(weight(l), l.a1, l.b1, l.a2, l.b2, l.scale) for l in layers])
+
+
+def triton_grouped(layers):
+    """Our Triton kernel called directly (on CPU tensors: under TRITON_INTERPRET=1)."""
+    from loha.kernels import triton_hadamard
+
+    triton_hadamard.add_hadamard_many_([(weight(l), l.a1, l.b1, l.a2, l.b2, l.scale) for l in layers])
+
+
+def khatri_rao_addmm(layers):
+    """W += s·(a1•a2)(b1∗b2): one GEMM per layer on the exact rank-R1·R2 pair, through our row tiles."""
+    for l in layers:
+        w = weight(l)
+        pair = (D.khatri_rao(l.a1, l.a2), D.face_split(l.b1, l.b2))
+        kernels._run_jobs([tiled.Job(w.view(w.shape[0], -1), tiled.MATMUL, pair, l.scale)])
 
 
 def ours_with_backup(layers):
@@ -356,16 +390,20 @@ def floors(layers, bw: float, rate: float) -> dict:
 def set_weight_dtype(layers, dtype, device):
     for l in layers:
         l.module.weight.data = l.module.weight.data.to(device=device, dtype=dtype)
-        l.a1, l.b1, l.a2, l.b2 = (t.to(device) for t in (l.a1, l.b1, l.a2, l.b2))
+    move_factors(layers, device)
 
 
 def run(args) -> None:
     torch.manual_seed(0)
     device = torch.device("cuda" if args.cuda else "cpu")
-    config = SDXL if args.sdxl else SD15
-    label = "SDXL" if args.sdxl else "SD1.5"
+    if args.tiny:
+        from tiny_models import SDXL_UNET
+
+        config, label = SDXL_UNET, "tiny SDXL-structured"
+    else:
+        config, label = (SDXL, "SDXL") if args.sdxl else (SD15, "SD1.5")
     dtypes = [dict(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)[d] for d in args.dtypes.split(",")]
-    reps = args.reps or (3 if args.quick else 5)
+    reps = args.reps or (3 if args.quick or args.tiny else 5)
     anchor_reps = max(1, min(reps, 1 if args.quick else 3))
 
     t0 = time.perf_counter()
@@ -373,22 +411,29 @@ def run(args) -> None:
     unet = random_unet(config, dtype=build_dtype)
     net, layers = lycoris_loha(unet)
     _, dora_layers = lycoris_loha(unet, seed=2, dora=True)
+    net.to(device)  # LyCORIS's merge_to works where its factors are
     model = {"unet": unet}
+    loha_methods = {"ours": ours}
+    if args.triton and device.type == "cpu":
+        loha_methods["ours, Triton (interpreted)"] = triton_grouped
+    loha_methods.update({
+        "ours + backup copy": ours_with_backup,
+        "ours, whole apply+restore": whole_call(model, network_of(layers)),
+        "  … cold (fresh memory)": whole_call(model, network_of(layers), cold=True),
+        "ours, re-patch": repatch(model, network_of(layers)),
+    })
+    if device.type == "cuda" or args.tiny:
+        loha_methods["Khatri–Rao addmm_"] = khatri_rao_addmm
+    loha_methods.update({"ComfyUI way": comfy_way, "WebUI way": webui_way, "LyCORIS merge_to": lycoris_merge})
+    if device.type == "cuda":
+        loha_methods["LyCORIS Triton"] = lycoris_triton
     tables = {
-        "LoHa": (layers, {
-            "ours": ours, "ours + backup copy": ours_with_backup,
-            "ours, whole apply+restore": whole_call(model, network_of(layers)),
-            "  … cold (fresh memory)": whole_call(model, network_of(layers), cold=True),
-            "ours, re-patch": repatch(model, network_of(layers)),
-            "ComfyUI way": comfy_way, "WebUI way": webui_way, "LyCORIS merge_to": lycoris_merge,
-        }),
+        "LoHa": (layers, loha_methods),
         "DoRA LoHa": (dora_layers, {
             "ours": ours_dora, "ours, whole apply+restore": whole_call(model, network_of(dora_layers)),
             "ComfyUI way": comfy_dora_way,
         }),
     }
-    if device.type == "cuda":
-        tables["LoHa"][1]["LyCORIS Triton"] = lycoris_triton
     print(
         f"{label} UNet: {len(layers)} LoHa layers, {sum(weight(l).numel() for l in layers) / 1e6:.0f}M weights "
         f"(built in {time.perf_counter() - t0:.0f} s); torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -406,11 +451,34 @@ def run(args) -> None:
 
         why = native.why_not()
         print(f"ours on CPU: {'native accelerator (native.c)' if not why else 'pure-torch tiles (native: ' + why + ')'}")
+    else:
+        import triton
+
+        print(f"ours on CUDA: grouped Triton launches (triton {triton.__version__}) on {torch.cuda.get_device_name()}")
     print(f"load average before: {_load()}")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
+    unit, per_s = ("ms", 1e3) if device.type == "cuda" or args.tiny else ("s", 1.0)
 
     for dtype in dtypes:
         set_weight_dtype(layers + dora_layers, dtype, device)
+        failed: dict = {}  # (table, method) -> why: an anchor that fails is reported, not fatal
+
+        def attempt(name, method, fn, rows):
+            if (name, method) in failed:
+                return None
+            try:
+                return _time(fn, rows, sync)
+            except Exception as e:  # noqa: BLE001 — any anchor's error, shown in its row
+                if method.startswith("ours"):
+                    raise
+                failed[name, method] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                return None
+
+        if device.type == "cuda":  # compiles, LyCORIS's kernel tuning, cuBLAS start-up: not timed
+            for name, (rows, methods) in tables.items():
+                for method, fn in methods.items():
+                    if method.startswith("ours") or "Triton" in method or "Khatri" in method:
+                        attempt(name, method, fn, rows)
         probes = []
         results = {}
         for name, (rows, methods) in tables.items():
@@ -421,31 +489,46 @@ def run(args) -> None:
                 for method, fn in methods.items():
                     if not method.startswith(("ours", " ")) and rep >= anchor_reps:
                         continue
-                    results[name][method].append(_time(fn, rows, sync))
+                    if (t := attempt(name, method, fn, rows)) is not None:
+                        results[name][method].append(t)
         bw = median([p[0] for p in probes])
         rate = median([p[1] for p in probes])
         fl = floors(layers, bw, rate)
-        floor = max(fl.values())
+        floor = fl["memory"] if device.type == "cuda" else max(fl.values())
         dname = str(dtype).replace("torch.", "")
+        kind = "HBM floor" if device.type == "cuda" else "floor"
         print(
-            f"\n{label} {dname}: floor {floor:.3f} s = max(memory {fl['memory']:.3f} s at {bw / 1e9:.1f} GB/s, "
-            f"matmul {fl['compute']:.3f} s at {rate / 1e9:.0f} GFLOP/s); medians of {reps} (ours) / "
+            f"\n{label} {dname}: {kind} {floor * per_s:.3f} {unit} (memory {fl['memory'] * per_s:.3f} {unit}: "
+            f"{2 * sum(weight(l).numel() * weight(l).element_size() for l in layers) / 1e9:.2f} GB of W read and "
+            f"written at {bw / 1e9:.1f} GB/s; matmul {fl['compute'] * per_s:.3f} {unit} at {rate / 1e9:.0f} fp32 "
+            f"GFLOP/s{', not a floor on tensor cores' if device.type == 'cuda' else ''}); medians of {reps} (ours) / "
             f"{anchor_reps} (anchors) interleaved rounds; load average now {_load()}"
         )
         for name, times in results.items():
-            comfy = median(times["ComfyUI way"])
+            comfy = median(times["ComfyUI way"]) if times["ComfyUI way"] else math.nan
             print(f"{name}:")
-            print(f"  {'method':<28}{'seconds':>9}{'vs ComfyUI':>12}{'vs floor':>10}   runs")
+            print(f"  {'method':<28}{unit:>9}{'vs ComfyUI':>12}{'vs floor':>10}   runs")
             for method, ts in times.items():
+                if not ts:
+                    print(f"  {method:<28}   failed: {failed.get((name, method))}")
+                    continue
                 t = median(ts)
-                print(f"  {method:<28}{t:>9.3f}{comfy / t:>11.1f}x{t / floor:>9.2f}x   {' '.join(f'{x:.2f}' for x in ts)}")
+                print(f"  {method:<28}{t * per_s:>9.3f}{comfy / t:>11.1f}x{t / floor:>9.2f}x   "
+                      f"{' '.join(f'{x * per_s:.2f}' for x in ts)}")
             whole = median(times["ours, whole apply+restore"])
             target = "≥ 8×" if name == "LoHa" else "≥ 1×, no slower"
             print(f"  the whole apply+restore: {comfy / whole:.1f}× the ComfyUI way (target {target})")
+        if device.type == "cuda":
+            ours_t, lyco = median(results["LoHa"]["ours"]), results["LoHa"]["LyCORIS Triton"]
+            print(f"  target ({label} {dname}): ours within 1.5× of the HBM floor: "
+                  f"{'yes' if ours_t <= 1.5 * floor else 'NO'} ({ours_t / floor:.2f}×)")
+            versus = (f"{'yes' if ours_t < median(lyco) else 'NO'} ({median(lyco) / ours_t:.2f}× faster)" if lyco
+                      else f"not measured ({failed.get(('LoHa', 'LyCORIS Triton'))})")
+            print(f"  target ({label} {dname}): ours faster than LyCORIS's Triton loha_merge: {versus}")
     if not args.no_peft:  # last: PEFT's layers rename the model's modules
         peft_loha(unet, layers)
         ts = [_time(peft_merge, layers, sync) for _ in range(anchor_reps)]
-        print(f"\nPEFT merge ({dname}, after the rounds above): {median(ts):.3f} s, "
+        print(f"\nPEFT merge ({dname}, after the rounds above): {median(ts) * per_s:.3f} {unit}, "
               f"{median(results['LoHa']['ComfyUI way']) / median(ts):.1f}x the ComfyUI way")
     del net
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
@@ -459,6 +542,7 @@ def _time(fn, rows, sync) -> float:
         took.append(fn(rows))
         sync()
 
+    sync()  # nothing of the last call still running in the timed span
     elapsed = timed(call)
     return took[0] if isinstance(took[0], float) else elapsed
 
@@ -584,57 +668,85 @@ def tune(args) -> None:
         del items, jobs
 
 
-def tune_cuda(args) -> None:
-    """GPU: Triton tile shapes over a whole SDXL-size LoHa, and where cuBLAS Khatri–Rao wins."""
+def tune_triton(args) -> None:
+    """The Triton tile shapes over a whole SDXL-size LoHa, and where the Khatri–Rao GEMM wins,
+    with the values they suggest for loha/kernels/tuning.py. On CUDA; with --tiny on CPU tensors
+    under TRITON_INTERPRET=1 (small shapes, one tile shape: a check of this code, not a measurement)."""
+    import triton
     from diffusers import UNet2DConditionModel
 
-    from loha import delta as D
     from loha.kernels import triton_hadamard as T
+    from loha.kernels import tuning
 
-    dev = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    dev = torch.device("cuda" if args.cuda else "cpu")
+    if dev.type == "cpu" and not T._interpreting():
+        raise SystemExit("--tune --triton without CUDA needs TRITON_INTERPRET=1")
+    where = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU tensors, Triton's interpreter"
+    print(f"{where}; torch {torch.__version__}, triton {triton.__version__}")
 
-    def cuda_med(fn, n=10):
-        fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(n):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b) / 1e3)
-        return median(ts)
+    def med(fn, n=1 if args.tiny else 10):
+        return kernel_median(fn, dev, n)
 
+    if args.tiny:
+        from tiny_models import SDXL_UNET as config
+    else:
+        config = SDXL
     with torch.device("meta"):
-        mods = [m for m in UNet2DConditionModel(**SDXL).modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        mods = [m for m in UNet2DConditionModel(**config).modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     shapes = [(m.weight.shape[0], m.weight[0].numel(), 8 if getattr(m, "kernel_size", (1, 1)) != (1, 1) else 16) for m in mods]
-    bw, _ = _cuda_floors()
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+    if args.tiny:
+        shapes = shapes[:: max(1, len(shapes) // 12)]  # a dozen layers: the interpreter runs programs one by one
+    bw = _cuda_floors()[0] if dev.type == "cuda" else max(stream_bandwidth(reps=2).values())
+    configs = [(64, 64, 8), (32, 64, 4), (64, 128, 8), (128, 64, 8), (32, 128, 4), (64, 64, 4)]
+    precisions = ["tf32x3", "ieee"]
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    if args.tiny:
+        configs, precisions, dtypes = [(16, 32, 1), (32, 32, 2)], ["ieee"], (torch.float16,)
+    totals: dict = {}
+    for dtype in dtypes:
         items = [
             (torch.randn(o, k, device=dev).to(dtype), *(torch.randn(*s, device=dev) * 0.1 for s in ((o, r), (r, k), (o, r), (r, k))), 0.1)
             for o, k, r in shapes
         ]
         nbytes = sum(2 * it[0].numel() * it[0].element_size() for it in items)
-        print(f"\nSDXL {str(dtype)[6:]}: HBM floor {nbytes / bw * 1e3:.2f} ms")
-        for bm, bn, nw in ((64, 64, 8), (32, 64, 4), (64, 128, 8), (128, 64, 8), (32, 128, 4), (64, 64, 4)):
-            for prec in ("tf32x3", "ieee"):
-                t = cuda_med(lambda: T.add_hadamard_many_(items, block_m=bm, block_n=bn, num_warps=nw, precision=prec))
-                print(f"  {bm}x{bn} warps {nw} {prec}: {t * 1e3:.2f} ms ({nbytes / t / 1e9:.0f} GB/s)")
+        print(f"\n{len(items)} layers, {str(dtype)[6:]}: {'HBM' if dev.type == 'cuda' else 'memory'} floor {nbytes / bw * 1e3:.2f} ms ({nbytes / 1e9:.2f} GB at "
+              f"{bw / 1e9:.0f} GB/s)")
+        for bm, bn, nw in configs:
+            for prec in precisions:
+                t = med(lambda: T.add_hadamard_many_(items, block_m=bm, block_n=bn, num_warps=nw, precision=prec))
+                totals.setdefault((bm, bn, nw, prec), {})[dtype] = t
+                print(f"  {bm}x{bn} warps {nw} {prec}: {t * 1e3:.2f} ms ({nbytes / t / 1e9:.0f} GB/s, "
+                      f"{t * bw / nbytes:.2f}× the floor)")
         del items
-    print("\nKhatri-Rao addmm_ vs Triton, W 1280x11520 (ms):")
-    for dtype in (torch.float32, torch.float16):
-        w = torch.randn(1280, 11520, device=dev).to(dtype)
-        for r in (1, 2, 3, 4):
-            f = [torch.randn(*s, device=dev) * 0.1 for s in ((1280, r), (r, 11520), (1280, r), (r, 11520))]
-            u, v = D.khatri_rao(f[0], f[2]), D.face_split(f[1], f[3])
-            if dtype == torch.float32:
-                tk = cuda_med(lambda: w.addmm_(u, v, alpha=0.1))
-            else:
-                tk = cuda_med(lambda: w.copy_(w.float().addmm_(u, v, alpha=0.1)))
-            tt = cuda_med(lambda: T.add_hadamard_(w, *f, 0.1))
+    best = min(totals, key=lambda c: sum(totals[c].values()))
+    now = (tuning.TRITON_BLOCK_M, tuning.TRITON_BLOCK_N, tuning.TRITON_NUM_WARPS, tuning.TRITON_PRECISION)
+    same_prec = min((c for c in totals if c[3] == now[3]), key=lambda c: sum(totals[c].values()), default=best)
+
+    o, k = (1280, 11520) if not args.tiny else (64, 576)
+    print(f"\nKhatri-Rao addmm_ (our row tiles) vs Triton, W {o}x{k} (ms):")
+    kr_max = {}
+    for dtype in dtypes:
+        w = torch.randn(o, k, device=dev).to(dtype)
+        kr_max[dtype] = 0
+        for r in (1, 2, 3, 4) if not args.tiny else (1, 2):
+            f = [torch.randn(*s, device=dev) * 0.1 for s in ((o, r), (r, k), (o, r), (r, k))]
+            pair = (D.khatri_rao(f[0], f[2]), D.face_split(f[1], f[3]))
+            tk = med(lambda: kernels._run_jobs([tiled.Job(w, tiled.MATMUL, pair, 0.1)]))
+            tt = med(lambda: T.add_hadamard_(w, *f, 0.1, block_m=same_prec[0], block_n=same_prec[1],
+                                            num_warps=same_prec[2], precision=same_prec[3]))
+            if tk < tt and kr_max[dtype] == (r - 1) ** 2:
+                kr_max[dtype] = r * r
             print(f"  {str(dtype)[6:]} R1R2={r * r}: Khatri-Rao {tk * 1e3:.3f}  Triton {tt * 1e3:.3f}")
+
+    def total(c):
+        return " + ".join(f"{totals[c][d] * 1e3:.2f}" for d in dtypes) + " ms"
+
+    print(f"\nsuggested for loha/kernels/tuning.py (sum over {', '.join(str(d)[6:] for d in dtypes)}):")
+    print(f"  now:     {now[0]}x{now[1]} warps {now[2]} {now[3]}: {total(now) if now in totals else 'not timed'}")
+    print(f"  fastest: {best[0]}x{best[1]} warps {best[2]} {best[3]}: {total(best)}")
+    print(f"  fastest at {same_prec[3]}: {same_prec[0]}x{same_prec[1]} warps {same_prec[2]}: {total(same_prec)}")
+    print(f"  TRITON_BLOCK_M = {same_prec[0]}\n  TRITON_BLOCK_N = {same_prec[1]}\n  TRITON_NUM_WARPS = {same_prec[2]}")
+    print("  CUDA_KR_MAX_RANK_PRODUCT = {" + ", ".join(f"torch.{str(d)[6:]}: {kr_max[d]}" for d in dtypes) + "}")
 
 
 def main(argv=None) -> None:
@@ -646,6 +758,9 @@ def main(argv=None) -> None:
     p.add_argument("--cuda", action="store_true", help="run on CUDA")
     p.add_argument("--no-peft", action="store_true", help="skip PEFT")
     p.add_argument("--tune", action="store_true", help="measure the dispatch thresholds instead")
+    p.add_argument("--tiny", action="store_true", help="SDXL's structure at tiny widths, few rounds: checks the bench")
+    p.add_argument("--triton", action="store_true",
+                   help="our Triton kernel on CPU tensors too (needs TRITON_INTERPRET=1); with --tune: the Triton tuning")
     p.add_argument("--family", metavar="NAME", help="a published diffusion transformer in its checkpoint layout "
                    "(flux-dev, sd3.5-large, sd3.5-medium, qwen-image), bf16 unless --dtypes says otherwise")
     args = p.parse_args(argv)
@@ -653,10 +768,12 @@ def main(argv=None) -> None:
     if args.family:
         run_family(args)
         return
+    if args.cuda and not torch.cuda.is_available():
+        raise SystemExit("--cuda: this torch sees no CUDA device")
     if args.dtypes is None:
         args.dtypes = "fp16" if args.sdxl and not args.cuda else "fp32,fp16"
     if args.tune:
-        tune_cuda(args) if args.cuda else tune(args)
+        tune_triton(args) if args.cuda or args.triton else tune(args)
     else:
         run(args)
 

@@ -2,6 +2,7 @@
 
     python bench/merge.py [--dim 16 --conv-dim 8] [--keep DIR]
     python bench/merge.py --family sd3.5-medium     # a diffusion transformer's checkpoint
+    python bench/merge.py --sdxl --only ours ours-cuda   # SDXL, merged on the CPU and with --device cuda
 
 Makes, in a temporary folder, an SD1.5-size checkpoint in LDM layout (the real SD1.5
 UNet, 860M parameters, CLIP-L text encoder, 123M, and VAE, 84M, with seeded random
@@ -23,6 +24,11 @@ and prints a table with ratios, and how far apart the outputs are. (LyCORIS ≥3
 alpha/rank twice when merging LoHa, so its output differs wherever alpha ≠ rank;
 only its time and memory are compared.) The target: peak RSS of ours at most a third
 of load-all's, time no worse.
+
+`--sdxl` makes an SDXL checkpoint instead (UNet, CLIP-L, OpenCLIP-bigG, VAE: 3.5B parameters,
+7 GB in fp16); `ours-cuda` is our merge with `--device cuda` (each tensor's ΔW on the GPU),
+compared tensor by tensor with the CPU's output when both ran. `--tiny` makes the same
+structure at tiny widths: a check of this script (`bench/gpu.sh` without CUDA).
 
 `--family NAME` (see bench/apply.py) makes the diffusion model of a published transformer
 instead, bf16, in its checkpoint layout (fused q/k/v: SimpleTuner's diffusers-named modules
@@ -50,14 +56,37 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # random_check
 # --------------------------------------------------------------------------- making the files
 
 
-def make_checkpoint(path: str, seed: int) -> int:
-    """SD1.5 (UNet, CLIP-L, VAE) with seeded random weights, fp16, written tensor by tensor."""
+MODELS = {"sd15": ("sd1", "SD1.5 UNet + CLIP-L + VAE"), "sdxl": ("sdxl", "SDXL UNet + CLIP-L + OpenCLIP-bigG + VAE"),
+          "sdxl-tiny": ("sdxl", "SDXL's structure at tiny widths")}
+
+
+def tiny_configs(family: str) -> dict:
+    """A family's published configs at tiny widths (same blocks and names, few channels and layers)."""
+    import copy
+
+    from loha.models.configs import PUBLISHED
+
+    configs = copy.deepcopy(PUBLISHED[family])
+    configs["unet"] = dict(configs["unet"], block_out_channels=(32, 64, 64)[: len(configs["unet"]["block_out_channels"])],
+                           norm_num_groups=8, transformer_layers_per_block=1, attention_head_dim=8)
+    for part in ("text_encoder", "text_encoder_2"):
+        if part in configs:
+            configs[part] = dict(configs[part], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, projection_dim=64, vocab_size=1000)
+    configs["vae"] = dict(configs["vae"], block_out_channels=(8, 16, 16, 16), norm_num_groups=4)
+    return configs
+
+
+def make_checkpoint(path: str, seed: int, model: str = "sd15") -> int:
+    """A checkpoint of `model` (MODELS) with seeded random weights, fp16, written tensor by tensor."""
     from random_checkpoint import random_checkpoint
 
     from loha.files.checkpoint import checkpoint_shapes
 
-    random_checkpoint(path, "sd1", seed=seed, dtype=torch.float16, vae=True,
-                      metadata={"modelspec.title": "random SD1.5-size benchmark model"})
+    family, title = MODELS[model]
+    configs = tiny_configs(family) if model.endswith("-tiny") else None
+    random_checkpoint(path, family, seed=seed, dtype=torch.float16, vae=True, configs=configs,
+                      metadata={"modelspec.title": f"random benchmark model: {title}"})
     return sum(math.prod(s) for s in checkpoint_shapes(path).values())
 
 
@@ -91,8 +120,8 @@ def make_network(ckpt: str, path: str, dim: int, alpha: float, conv_dim: int, co
         spellings = names.names(target)
         if target.component == "unet":
             name = spellings[0]  # lora_unet_ + diffusers path (kohya / LyCORIS for SD1.x)
-        else:  # LyCORIS on transformers 5 names the text encoder without text_model_
-            name = next(n for n in spellings if n.startswith("lora_te_") and "text_model" not in n)
+        else:  # LyCORIS on transformers 5 names the text encoders without text_model_
+            name = next(n for n in spellings if n.startswith("lora_te") and "text_model" not in n)
         conv = len(target.shape) > 2 and math.prod(target.shape[2:]) > 1
         r, a = (conv_dim, conv_alpha) if conv else (dim, alpha)
         o, k = target.shape[0], math.prod(target.shape[1:])
@@ -109,10 +138,14 @@ def make_network(ckpt: str, path: str, dim: int, alpha: float, conv_dim: int, co
 # --------------------------------------------------------------------------- the contenders
 
 
-def task_ours(ckpt: str, net: str, out: str) -> None:
+def task_ours(ckpt: str, net: str, out: str, device: str = "cpu") -> None:
     from loha.merge import merge
 
-    merge(ckpt, [(net, 1.0)], out, overwrite=True)
+    merge(ckpt, [(net, 1.0)], out, overwrite=True, device=device)
+
+
+def task_ours_cuda(ckpt: str, net: str, out: str) -> None:
+    task_ours(ckpt, net, out, device="cuda")
 
 
 def task_load_all(ckpt: str, net: str, out: str) -> None:
@@ -158,9 +191,10 @@ def task_lycoris(ckpt: str, net: str, out: str) -> None:
     save_file(ldm_state_dict(parts), out, metadata={"modelspec.title": "random SD1.5-size benchmark model"})
 
 
-TASKS = {"ours": task_ours, "load-all": task_load_all, "lycoris": task_lycoris}
+TASKS = {"ours": task_ours, "ours-cuda": task_ours_cuda, "load-all": task_load_all, "lycoris": task_lycoris}
 LABELS = {
     "ours": "ours: streaming loha merge",
+    "ours-cuda": "ours, --device cuda",
     "load-all": "(a) load all + ComfyUI-style + save_file",
     "lycoris": "(b) LyCORIS utils.merge (tools/merge.py)",
 }
@@ -208,7 +242,9 @@ def main() -> None:
     parser.add_argument("--conv-dim", type=int, default=8)
     parser.add_argument("--conv-alpha", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument("--only", nargs="+", choices=list(TASKS), default=["ours", "load-all", "lycoris"])
+    parser.add_argument("--sdxl", action="store_true", help="an SDXL checkpoint instead of SD1.5")
+    parser.add_argument("--tiny", action="store_true", help="SDXL's structure at tiny widths: checks this script")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep the files (default: a temp folder)")
     parser.add_argument("--family", metavar="NAME", help="a published transformer (bench/apply.py --family)")
     parser.add_argument("--task", help=argparse.SUPPRESS)
@@ -220,7 +256,7 @@ def main() -> None:
 
     folder = args.keep or tempfile.mkdtemp(prefix="loha-bench-merge-")
     os.makedirs(folder, exist_ok=True)
-    model = args.family or "sd15"
+    model = args.family or ("sdxl-tiny" if args.tiny else "sdxl" if args.sdxl else "sd15")
     ckpt, net = os.path.join(folder, f"{model}-random.safetensors"), os.path.join(folder, f"{model}-loha.safetensors")
     if args.family and "lycoris" in args.only:
         args.only.remove("lycoris")
@@ -239,8 +275,8 @@ def main() -> None:
                   f"{len(load(net).modules)} modules, rank 16, bf16, {os.path.getsize(net) / 1e6:.0f} MB "
                   f"({time.perf_counter() - t:.0f} s)")
         if not os.path.exists(ckpt):
-            params = make_checkpoint(ckpt, args.seed)
-            print(f"checkpoint: SD1.5 UNet + CLIP-L + VAE, {params / 1e6:.0f}M parameters, fp16, LDM layout, "
+            params = make_checkpoint(ckpt, args.seed, model)
+            print(f"checkpoint: {MODELS[model][1]}, {params / 1e6:.0f}M parameters, fp16, LDM layout, "
                   f"{os.path.getsize(ckpt) / 1e9:.2f} GB ({time.perf_counter() - t:.0f} s)")
         t = time.perf_counter()
         if not os.path.exists(net):
@@ -272,6 +308,12 @@ def main() -> None:
             same, total, worst = compare(os.path.join(folder, "out-ours.safetensors"),
                                          os.path.join(folder, "out-load-all.safetensors"))
             print(f"ours vs load-all outputs: {same}/{total} tensors identical, max |difference| {worst:.3g}")
+        if "ours" in rows and "ours-cuda" in rows:
+            print(f"\n--device cuda: {rows['ours'][0] / rows['ours-cuda'][0]:.2f}× the CPU merge's speed (wall)")
+            same, total, worst = compare(os.path.join(folder, "out-ours.safetensors"),
+                                         os.path.join(folder, "out-ours-cuda.safetensors"))
+            print(f"ours on the CPU vs --device cuda outputs: {same}/{total} tensors identical, "
+                  f"max |difference| {worst:.3g}")
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)

@@ -620,8 +620,12 @@ def release_memory(model=None) -> None:
     if model is None:
         _SPARE.clear()
         return
-    modules = model.values() if isinstance(model, Mapping) else [getattr(model, part, None) for part in PIPELINE_COMPONENTS] \
-        if not isinstance(model, torch.nn.Module) else [model]
+    if isinstance(model, torch.nn.Module):
+        modules = [model]
+    elif isinstance(model, Mapping):
+        modules = model.values()
+    else:  # a pipeline
+        modules = [getattr(model, attr, None) for attr in PART_COMPONENTS]
     for module in modules:
         if isinstance(module, torch.nn.Module):
             for param in module.parameters():

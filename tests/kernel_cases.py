@@ -4,11 +4,30 @@ Every result must equal round(W.float() + s·ΔW) to W's dtype: within ~1e-5 (re
 ΔW) for fp32 weights, and at most one ulp away for fp16/bf16 weights (the products are
 summed in another order than the reference's, so a value right on a rounding boundary
 may land on the other side).
+
+The cases run on the CPU unless LOHA_TEST_DEVICE names another device (`bench/gpu.sh` runs
+them with LOHA_TEST_DEVICE=cuda): the inputs are drawn on the CPU from the same seeds and
+moved there, so both devices check the same numbers against the same bounds.
 """
 
+import os
+
+import pytest
 import torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+#: Where the kernel tests put their tensors.
+DEVICE = torch.device(os.environ.get("LOHA_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":
+    if not torch.cuda.is_available():
+        raise RuntimeError("LOHA_TEST_DEVICE=cuda, but this torch sees no CUDA device")
+    # The references are plain fp32 products: no TF32 inside torch's own matmuls and convolutions.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+#: For tests of the CPU dispatch itself (tile forms, worker threads, the native tile).
+cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="tests the CPU dispatch")
 
 
 def gen(seed=0):
@@ -16,7 +35,7 @@ def gen(seed=0):
 
 
 def rand(*shape, g, scale=1.0):
-    return torch.randn(*shape, generator=g) * scale
+    return (torch.randn(*shape, generator=g) * scale).to(DEVICE)
 
 
 def ordered(x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""Cases for the Triton kernel under TRITON_INTERPRET=1 (run by test_kernels_triton.py).
+"""Cases for the Triton kernels, run by test_kernels_triton.py: on CPU tensors under Triton's
+interpreter (TRITON_INTERPRET=1), or compiled on a GPU (LOHA_TEST_DEVICE=cuda).
 
-Run directly with `TRITON_INTERPRET=1 python -m pytest tests/kernels_triton_cases.py`.
+Run directly with `TRITON_INTERPRET=1 python -m pytest tests/kernels_triton_cases.py`, or
+`LOHA_TEST_DEVICE=cuda python -m pytest tests/kernels_triton_cases.py` on a CUDA machine.
 Small shapes (the interpreter runs programs one by one in numpy); tile sizes are shrunk
 so that odd shapes cross tile edges.
 """
@@ -12,16 +14,19 @@ import torch
 
 from loha import delta as D
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (see test_kernels_triton.py)"
+from kernel_cases import DEVICE, DTYPES, assert_rounded_once, gen, loha_case, rand
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+assert INTERPRETED != (DEVICE.type == "cuda"), "run with TRITON_INTERPRET=1 on the CPU, or LOHA_TEST_DEVICE=cuda"
 
 from loha.kernels import triton_hadamard as T  # noqa: E402
-from kernel_cases import DTYPES, assert_rounded_once, gen, loha_case, rand  # noqa: E402
 
 SMALL = dict(block_m=16, block_n=32, num_warps=1)
 
 
-def test_runs_interpreted():
-    assert type(T._hadamard_tile_kernel).__name__ == "InterpretedFunction"
+def test_runs_where_meant():
+    """Interpreted on CPU tensors, or compiled for the GPU the tensors are on."""
+    assert (type(T._hadamard_tile_kernel).__name__ == "InterpretedFunction") == INTERPRETED
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

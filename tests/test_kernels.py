@@ -1,7 +1,8 @@
 """The fused ΔW entry points against the fp32 references in loha.delta.
 
 Every result must equal round(W.float() + s·ΔW) to W's dtype, as `kernel_cases`
-defines it.
+defines it. With LOHA_TEST_DEVICE=cuda the same cases go through the CUDA dispatch (the
+Triton kernel, cuBLAS); the tests of the CPU dispatch itself are skipped there.
 """
 
 import platform
@@ -12,7 +13,7 @@ import torch
 from loha import delta as D
 from loha import kernels
 from loha.kernels import native, tiled, tuning
-from kernel_cases import DTYPES, assert_rounded_once, gen, loha_case, rand
+from kernel_cases import DTYPES, assert_rounded_once, cpu_only, gen, loha_case, rand
 
 # ---- add_hadamard_ --------------------------------------------------------------------------
 
@@ -119,6 +120,7 @@ def force_form(monkeypatch, form, dtype):
         monkeypatch.setattr(tuning, "CPU_ONEDNN_MIN_RANK", 0)
 
 
+@cpu_only
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("o,k,r1,r2", [(45, 61, 3, 5), (70, 33, 16, 16), (9, 200, 64, 1)])
@@ -131,6 +133,7 @@ def test_each_cpu_tile_form(monkeypatch, dtype, form, o, k, r1, r2):
     assert_rounded_once(w, w0, D.hadamard_delta(*f), 0.9)
 
 
+@cpu_only
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("form", ["mkl", "onednn", "native"])
 def test_many_on_worker_threads(monkeypatch, dtype, form):
@@ -157,6 +160,7 @@ def test_many_on_worker_threads(monkeypatch, dtype, form):
         assert_rounded_once(it[0], w0, d, s)
 
 
+@cpu_only
 def test_run_cpu_threads_directly():
     g = gen(5)
     w = rand(200, 130, g=g)
@@ -220,6 +224,7 @@ def test_hadamard_bypass(n, xdtype):
     torch.testing.assert_close(y.float(), want.to(xdtype).float(), rtol=tol, atol=tol * want.abs().max().item())
 
 
+@cpu_only
 def test_triton_never_chosen_on_cpu(monkeypatch):
     """CPU tensors never reach the Triton module (it would need CUDA or the interpreter)."""
     monkeypatch.setattr(kernels, "_triton", lambda: pytest.fail("Triton used for a CPU tensor"))
@@ -227,6 +232,7 @@ def test_triton_never_chosen_on_cpu(monkeypatch):
     kernels.add_hadamard_many_([(w, *f, 1.0)])
 
 
+@cpu_only
 @pytest.mark.parametrize("mode", ["parameter", "inference"])
 def test_worker_threads_follow_the_callers_autograd_mode(monkeypatch, mode):
     """Grad and inference modes are per thread: the workers must not trip over either."""
@@ -251,6 +257,7 @@ def test_worker_threads_follow_the_callers_autograd_mode(monkeypatch, mode):
 # ---- the optional native accelerator ------------------------------------------------------
 
 
+@cpu_only
 def test_native_is_optional(monkeypatch):
     """Without the accelerator (no compiler, LOHA_NATIVE=0, failed build) the torch tiles run."""
     monkeypatch.setattr(native, "_lib", False)
@@ -261,6 +268,7 @@ def test_native_is_optional(monkeypatch):
     assert_rounded_once(w, w0, D.hadamard_delta(*f), 0.5)
 
 
+@cpu_only
 @pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set variants")
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # AVX2+F16C blocks; plain SSE2 without fp16

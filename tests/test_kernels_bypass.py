@@ -12,7 +12,7 @@ from loha import delta as D
 from loha import kernels
 from loha.kernels import bypass as B
 from loha.kernels import steps as S
-from kernel_cases import assert_rounded_once, gen, rand
+from kernel_cases import DEVICE, assert_rounded_once, gen, rand
 
 HADAMARD, MATMUL, DENSE = kernels.HADAMARD, kernels.MATMUL, kernels.DENSE
 
@@ -33,7 +33,7 @@ def make_step(kind, o, k, g, strength, dora=None, r=3, scale=0.5):
         magnitude = rand(o, 1, g=g).abs() + 0.5
     elif dora == "in":
         magnitude = rand(1, k, g=g).abs() + 0.5
-    return kernels.step(kind, t, scale, strength, (o, k), "cpu", magnitude), scale * delta, magnitude
+    return kernels.step(kind, t, scale, strength, (o, k), DEVICE, magnitude), scale * delta, magnitude
 
 
 def reference(w0, made):
@@ -55,6 +55,7 @@ CHAINS = {
 @pytest.mark.parametrize("chain", list(CHAINS))
 def test_apply_steps_equals_the_reference(monkeypatch, dtype, chain):
     monkeypatch.setattr(kernels.tuning, "CPU_TILE_ELEMS", 300)  # several row tiles
+    monkeypatch.setattr(kernels.tuning, "CUDA_TILE_ELEMS", 300)  # the same on a GPU (LOHA_TEST_DEVICE)
     g = gen(3)
     o, k = 45, 61
     w0 = rand(o, k, g=g).to(dtype)
@@ -94,6 +95,7 @@ def linear_ref(x, w0, bias, made):
 @pytest.mark.parametrize("chain", list(CHAINS))
 def test_linear_merged_and_added(monkeypatch, tokens, chain):
     monkeypatch.setattr(kernels.tuning, "BYPASS_TILE_ELEMS", 500)  # several output tiles
+    monkeypatch.setattr(kernels.tuning, "CUDA_TILE_ELEMS", 500)  # the same on a GPU (LOHA_TEST_DEVICE)
     g = gen(5)
     o, k = 40, 24
     w0, bias, x = rand(o, k, g=g), rand(o, g=g), rand(2, tokens, k, g=g)
@@ -130,8 +132,9 @@ CONVS = {  # (dims, in, out, kernel, layer keywords)
 @pytest.mark.parametrize("case", list(CONVS))
 def test_conv_layers(monkeypatch, case, chain):
     monkeypatch.setattr(kernels.tuning, "BYPASS_TILE_ELEMS", 100)  # several output tiles where groups allow
+    monkeypatch.setattr(kernels.tuning, "CUDA_TILE_ELEMS", 100)  # the same on a GPU (LOHA_TEST_DEVICE)
     dims, cin, cout, ks, kw = CONVS[case]
-    layer = getattr(torch.nn, f"Conv{dims}d")(cin, cout, ks, **kw)
+    layer = getattr(torch.nn, f"Conv{dims}d")(cin, cout, ks, **kw).to(DEVICE)
     g = gen(6)
     shape = tuple(layer.weight.shape)
     o, k = shape[0], layer.weight[0].numel()

@@ -1,8 +1,9 @@
-"""The Triton LoHa kernel, run on CPU tensors by Triton's interpreter (TRITON_INTERPRET=1).
+"""The Triton kernels' cases (`kernels_triton_cases.py`): on CPU tensors under Triton's
+interpreter (TRITON_INTERPRET=1) everywhere, and compiled on the GPU where there is one.
 
-The interpreter must be switched on before triton compiles anything, so the cases live in
-`kernels_triton_cases.py` and run in a child pytest with the variable set; this test fails
-with the child's output if any case fails. Skipped only when triton cannot be imported.
+The interpreter must be switched on before triton compiles anything, so the cases run in a
+child pytest with the variables set; each test fails with the child's output if any case
+fails. Skipped only when triton cannot be imported (and the GPU run without CUDA).
 """
 
 import os
@@ -11,14 +12,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
 HERE = Path(__file__).parent
 
 
-def test_triton_kernel_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
+def run_cases(**env_changes) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in env_changes}
+    env.update({k: v for k, v in env_changes.items() if v is not None})
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "kernels_triton_cases.py")],
         cwd=HERE.parent,
@@ -30,6 +33,16 @@ def test_triton_kernel_under_interpreter():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert " passed" in out and "skipped" not in out, out[-3000:]
+
+
+def test_triton_kernel_under_interpreter():
+    run_cases(TRITON_INTERPRET="1", LOHA_TEST_DEVICE="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_kernel_on_cuda():
+    """The same cases compiled for this machine's GPU (`bench/gpu.sh` runs this)."""
+    run_cases(TRITON_INTERPRET=None, LOHA_TEST_DEVICE="cuda")
 
 
 def compile_for_gpu(fn, signature: dict, constants: dict, cc: int):

@@ -149,13 +149,15 @@ def test_attach_detach_restores_forward():
 
 
 def test_ldm_layout_model_gets_the_same_names():
-    """A module tree with LDM names (as ComfyUI's model has) is wrapped under the same file names."""
+    """A module tree with LDM names (as ComfyUI's model has) is wrapped under the same file names,
+    its norm layers (train_norm) too."""
     from loha.keys import unet_key_map
     from loha.train.modules import LohaNetwork, NetworkSpec
     from tiny_models import sd1_unet
 
     unet = sd1_unet()
-    by_diffusers = LohaNetwork({"unet": unet}, NetworkSpec(preset="full"))
+    spec = NetworkSpec(preset="full", train_norm=True)
+    by_diffusers = LohaNetwork({"unet": unet}, spec)
     ldm = torch.nn.Module()
     for key, ldm_key in unet_key_map(unet.state_dict(), from_ldm=False).items():
         path = "diffusion_model." + ldm_key.rpartition(".")[0]
@@ -165,8 +167,9 @@ def test_ldm_layout_model_gets_the_same_names():
                 parent.add_module(part, torch.nn.Module())
             parent = parent._modules[part]
         parent._modules[path.rpartition(".")[2]] = unet.get_submodule(key.rpartition(".")[0])
-    by_ldm = LohaNetwork(ldm, NetworkSpec(preset="full"))
+    by_ldm = LohaNetwork(ldm, spec)
     assert sorted(by_ldm.loha) == sorted(by_diffusers.loha)
+    assert sorted(by_ldm.norms) == sorted(by_diffusers.norms) and len(by_ldm.norms) == 48  # train_norm too
 
 
 # --------------------------------------------------------------------------- dataset

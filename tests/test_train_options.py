@@ -1,5 +1,5 @@
 """Each training option changes what it should: optimizers, accumulation, epochs, schedules,
-noise offset, min-SNR, captions, flips, LyCORIS's dropouts and dora_wd, metadata, trackers,
+noise offset, min-SNR, captions, flips, LyCORIS's dropouts, dora_wd and train_norm, metadata, trackers,
 sample prompts; config files round-trip bit for bit; a resume says what differs."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +22,24 @@ def _config(tmp_path, name="net", **kwargs):
     from loha.train import SAMPLE_DATA, NetworkSpec, TrainConfig
 
     spec = kwargs.pop("network", NetworkSpec(**SMALL))
-    settings = dict(resolution=64, steps=2, batch_size=2, learning_rate=5e-3, seed=3, device="cpu")
+    settings = dict(data=SAMPLE_DATA, resolution=64, steps=2, batch_size=2, learning_rate=5e-3, seed=3, device="cpu")
     settings.update(kwargs)
-    return TrainConfig(data=SAMPLE_DATA, output=str(tmp_path / f"{name}.safetensors"), network=spec, **settings)
+    return TrainConfig(output=str(tmp_path / f"{name}.safetensors"), network=spec, **settings)
+
+
+def _few_images(folder, count: int) -> str:
+    """The first `count` sample images with their captions, once each: data a run encodes in a
+    blink (the sample set's epochs are ~60 steps)."""
+    import shutil
+
+    from loha.train import SAMPLE_DATA
+
+    data = folder / "1_shapes"
+    data.mkdir(parents=True)
+    for image in sorted((Path(SAMPLE_DATA) / "10_shapes").glob("*.png"))[:count]:
+        shutil.copy(image, data)
+        shutil.copy(image.with_suffix(".txt"), data)
+    return str(folder)
 
 
 def _trainer(config):
@@ -76,7 +92,7 @@ def _meta(path):
 
 
 def test_epochs_set_the_number_of_steps(tmp_path):
-    trainer = _trainer(_config(tmp_path, epochs=2, steps=1))
+    trainer = _trainer(_config(tmp_path, epochs=2, steps=1, data=_few_images(tmp_path / "data", 4)))
     result = trainer.run()
     assert result.steps == result.total == 2 * trainer.per_epoch > 1
     assert _meta(result.path)["ss_num_epochs"] == "2" and _meta(result.path)["ss_epoch"] == "2"
@@ -288,6 +304,150 @@ def test_dora_starts_at_the_base_model(tmp_path):
     net = LohaNetwork(base.parts(), NetworkSpec(**SMALL, dora_wd=True))
     for module in net.loha.values():
         torch.testing.assert_close(module.dora_weight(), module.layer.weight, rtol=1e-5, atol=1e-6)
+
+
+#: train_norm on every layer kind: the "full" preset's norms are the transformers' GroupNorm and
+#: LayerNorms and the resnets' GroupNorms.
+NORM_SPEC = dict(preset="full", rank=2, alpha=1.0, conv_rank=2, conv_alpha=1.0, text_encoder=True, train_norm=True)
+
+
+@pytest.fixture(scope="module")
+def norm_trained(tmp_path_factory):
+    from loha.train import NetworkSpec
+
+    tmp = tmp_path_factory.mktemp("train_norm")
+    return _run(_config(tmp, network=NetworkSpec(**NORM_SPEC), data=_few_images(tmp / "data", 2), steps=1,
+                        batch_size=1, learning_rate=2e-2, save_dtype="fp16"))
+
+
+def _lycoris_train_norm_file(path) -> str:
+    """What lycoris.kohya writes with train_norm=True for the tiny base model, NORM_SPEC's settings
+    and fp16 (its preset "full" as tests/tiny_models has it)."""
+    import logging
+
+    from lycoris.kohya import create_network
+    from tiny_models import _preset_file
+    from train_helpers import WithTextModel, tiny_base
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    parts = tiny_base().parts()
+    text = WithTextModel(parts["text_encoder"])
+    net = create_network(1.0, 2, 1.0, None, text, parts["unet"], algo="loha", conv_dim=2, conv_alpha=1.0,
+                         preset=_preset_file(), train_norm=True)
+    net.apply_to(text, parts["unet"], True, True)
+    net.save_weights(str(path), torch.float16, {})
+    return str(path)
+
+
+def _header(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+
+
+def test_train_norm_trains_the_norm_layers_and_writes_them_as_lycoris_does(norm_trained, tmp_path):
+    import loha
+
+    tensors = _tensors(norm_trained.path)
+    norms = {k: v for k, v in tensors.items() if k.endswith((".w_norm", ".b_norm"))}
+    assert len(norms) == 2 * norm_trained.modules["norms"] == 96
+    assert all(v.abs().min() > 0 for v in norms.values())  # one AdamW step moves every channel off zero
+    ours, theirs = _header(norm_trained.path), _header(_lycoris_train_norm_file(tmp_path / "lycoris.safetensors"))
+    assert ours.keys() == theirs.keys()
+    assert {k: v[0] for k, v in ours.items()} == {k: v[0] for k, v in theirs.items()}
+    assert {k: ours[k] for k in norms} == {k: theirs[k] for k in norms}  # names, shapes and dtypes (F16)
+    net = loha.load(norm_trained.path)
+    assert {m.kind for m in net.modules.values()} == {"loha", "norm"} and not net.unknown_keys
+    assert json.loads(net.metadata["ss_network_args"])["train_norm"] == "True"
+
+
+def test_train_norm_file_loads_in_lycoris_with_the_trainer_s_outputs(norm_trained):
+    """lycoris-lora's forward path, its merge of the norm modules, loha.apply and the trainer's own
+    forward give one model."""
+    from train_helpers import WithTextModel, assert_lycoris_patch_and_trainer_agree, tiny_base
+
+    assert_lycoris_patch_and_trainer_agree(norm_trained.path, tiny_base(), NORM_SPEC,
+                                           lambda parts: (WithTextModel(parts["text_encoder"]), parts["unet"]))
+
+
+def test_train_norm_resumes_exactly(tmp_path):
+    from loha.train import NetworkSpec, Trainer
+    from loha.train.settings import differences
+    from train_helpers import tiny_base
+
+    base, data = tiny_base(), _few_images(tmp_path / "data", 2)
+    spec = NetworkSpec(preset="attn-mlp", rank=2, alpha=1.0, train_norm=True)
+    run = lambda name, steps, **kw: Trainer(_config(tmp_path, name, network=spec, data=data, steps=steps,  # noqa: E731
+                                                    batch_size=1, **kw), base=base).run()
+    straight = run("straight", 2)
+    run("resumed", 1)
+    resumed = run("resumed", 2, resume=str(tmp_path / "resumed-state"))
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-5)
+    a, b = _tensors(straight.path), _tensors(resumed.path)
+    assert a.keys() == b.keys() and any(k.endswith(".w_norm") for k in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    # a state saved before train_norm existed trained without it: resuming it with train_norm is refused
+    saved, now = {"network": {"rank": 2, "alpha": 1.0}}, {"network": {"rank": 2, "alpha": 1.0, "train_norm": True}}
+    assert differences(saved, now)[0] == ["network train_norm: False in the state, True now"]
+
+
+def test_train_norm_modules_take_lycoris_dropouts():
+    """Module dropout skips a norm module; rank dropout keeps each channel's change with 1 - p."""
+    from loha.train.modules import LohaNetwork, NetworkSpec
+    from train_helpers import tiny_base
+
+    base = tiny_base()
+    net = LohaNetwork(base.parts(), NetworkSpec(preset="attn-mlp", rank=2, train_norm=True, rank_dropout=0.5,
+                                                module_dropout=0.3)).attach()
+    for module in net.norms.values():
+        torch.nn.init.normal_(module.w_norm)
+        torch.nn.init.normal_(module.b_norm)
+    net.draw_dropout(torch.Generator().manual_seed(0))
+    skipped = [m for m in net.norms.values() if m.skip]
+    masked = [m for m in net.norms.values() if m.row_mask is not None]
+    assert skipped and masked and len(skipped) + len(masked) == len(net.norms)
+    for module in (skipped[0], masked[0]):
+        layer, mask = module.layer, module.row_mask if module.row_mask is not None else 0.0
+        x = torch.randn(2, layer.weight.shape[0], 3, 3) if isinstance(layer, torch.nn.GroupNorm) else \
+            torch.randn(2, 5, layer.weight.shape[0])
+        with torch.no_grad():
+            saved = layer.weight.clone(), layer.bias.clone()
+            layer.weight.add_(module.w_norm * mask)
+            layer.bias.add_(module.b_norm * mask)
+            want = module._original(x)
+            layer.weight.copy_(saved[0])
+            layer.bias.copy_(saved[1])
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    net.draw_dropout(None)
+    assert not any(m.skip or m.row_mask is not None for m in net.norms.values())
+    net.detach()
+    assert all("forward" not in m.layer.__dict__ for m in net.norms.values())
+
+
+def test_train_norm_option_round_trips_through_flags_configs_and_the_tab(tmp_path):
+    """--train-norm, network_args' train_norm=True (TOML and JSON) and the tab's checkbox are one setting."""
+    from loha.app import ui_train
+    from loha.app.cli import _train_config, build_parser
+    from loha.app.ui import Folders
+    from loha.train.settings import read_config, write_config
+
+    parse = build_parser().parse_args
+    config = _train_config(parse(["train", "-o", str(tmp_path / "n.safetensors"), "--train-norm"]))
+    assert config.network.train_norm is True
+    for name in ("run.toml", "run.json"):
+        path = write_config(config, str(tmp_path / name))
+        assert "train_norm=True" in open(path, encoding="utf-8").read()
+        assert read_config(path)["network"]["train_norm"] is True
+        again = _train_config(parse(["train", "--config", path]))
+        assert again == config
+        assert _train_config(parse(["train", "--config", path, "--no-train-norm"])).network.train_norm is False
+    folders = Folders(output=str(tmp_path))
+    tab = ui_train.settings_of(config)
+    assert tab["train_norm"] is True
+    saved = ui_train.save_settings(folders, tab, "tab.toml")
+    assert ui_train.load_settings(folders, saved)["train_norm"] is True
 
 
 # --------------------------------------------------------------------------- metadata, logs, samples

@@ -12,6 +12,8 @@ import logging
 
 import torch
 
+from loha.models.configs import PUBLISHED
+
 
 def sd1_unet(seed: int = 0):
     from diffusers import UNet2DConditionModel
@@ -31,27 +33,27 @@ def sd1_unet(seed: int = 0):
     ).eval()
 
 
+#: SDXL's UNet (blocks, transformer depths, added conditions) at tiny widths;
+#: `bench/apply.py --tiny` checks itself on it too.
+SDXL_UNET = dict(
+    PUBLISHED["sdxl"]["unet"],
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64, 64),
+    transformer_layers_per_block=(1, 2, 2),
+    attention_head_dim=8,
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8,
+    norm_num_groups=8,
+)
+
+
 def sdxl_unet(seed: int = 0):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 2),
-        cross_attention_dim=2048,
-        attention_head_dim=8,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8,
-        norm_num_groups=8,
-    ).eval()
+    return UNet2DConditionModel(**SDXL_UNET).eval()
 
 
 def clip_text(hidden: int = 32, layers: int = 2, seed: int = 0, projection: bool = False):

@@ -71,11 +71,13 @@ def sdxl_folder(path, seed: int = 0) -> str:
 def assert_lycoris_patch_and_trainer_agree(path: str, base, spec: dict, lycoris_modules):
     """lycoris-lora's create_network_from_weights takes every module of the file at `path`, and
     its forward path, our loader (loha.patch) and the trainer's own forward (a `LohaNetwork`
-    of `spec` loading the file) give one model, changed by training in every part.
-    `lycoris_modules(parts)` gives (text encoders, UNet) as lycoris-lora is to see them.
-    Returns the lycoris network."""
+    of `spec` loading the file) give one model, changed by training in every part; the file's
+    train_norm modules, merged by lycoris-lora (its NormModule.merge_to), give the norm weights
+    and biases our loader gives. `lycoris_modules(parts)` gives (text encoders, UNet) as
+    lycoris-lora is to see them. Returns the lycoris network."""
     import loha
     from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+    from lycoris.modules.norms import NormModule
     from lycoris.utils.preset import read_preset
     from safetensors.torch import load_file
 
@@ -113,4 +115,18 @@ def assert_lycoris_patch_and_trainer_agree(path: str, base, spec: dict, lycoris_
         assert change > 1e-4, f"training changed nothing in {key}"
         torch.testing.assert_close(by_lycoris[key], patched[key], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(by_trainer[key], patched[key], rtol=1e-4, atol=1e-5)
+
+    norms = [m for m in lyco.unet_loras if isinstance(m, NormModule)]
+    assert len(norms) == sum(m.kind == "norm" for m in net.modules.values())
+    merged = {id(m.org_module[0]) for m in norms}
+    for module in norms:
+        module.merge_to(1.0)
+    changed, original = 0, base.parts()["unet"]
+    for path, layer in unet.named_modules():
+        if id(layer) in merged:
+            mine = ours["unet"].get_submodule(path)
+            changed += not torch.equal(mine.weight, original.get_submodule(path).weight)
+            torch.testing.assert_close(layer.weight, mine.weight, rtol=0, atol=1e-6)
+            torch.testing.assert_close(layer.bias, mine.bias, rtol=0, atol=1e-6)
+    assert changed == len(norms), "training left a norm layer's scale as it was"
     return lyco

@@ -321,6 +321,8 @@ def _declare_train(sub) -> None:
     add(g, "--rank-dropout", dest="net_rank_dropout", type=float, help="LyCORIS rank_dropout: drop rows of ΔW")
     add(g, "--module-dropout", dest="net_module_dropout", type=float, help="LyCORIS module_dropout: skip modules")
     add(g, "--dora-wd", dest="net_dora_wd", action=flag, help="weight-decomposed LoHa (LyCORIS dora_wd)")
+    add(g, "--train-norm", dest="net_train_norm", action=flag,
+        help="also train the preset's norm layers' scale and shift (LyCORIS train_norm: w_norm, b_norm)")
 
     g = p.add_argument_group("optimisation")
     add(g, "--steps", dest="steps", type=int, help="optimizer steps (max_train_steps)")

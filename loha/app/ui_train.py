@@ -27,17 +27,18 @@ TITLE = "Train"
 #: Settings the tab shows, with their defaults (the demo model runs out of the box).
 DEFAULTS = dict(model="demo", data="", output="my-loha.safetensors", resume="", preset="attn-mlp", rank=8,
                 alpha=4.0, conv_rank=4, conv_alpha=2.0, text_encoder=False, tucker=False, dora_wd=False,
-                rank_dropout=0.0, module_dropout=0.0, resolution=128, batch_size=2, gradient_accumulation_steps=1,
-                steps=300, epochs=0, learning_rate=2e-3, optimizer="AdamW", lr_scheduler="constant", warmup_steps=0,
-                noise_offset=0.0, min_snr_gamma=0.0, shuffle_caption=False, keep_tokens=0, caption_dropout_rate=0.0,
-                flip_aug=False, mixed_precision="no", gradient_checkpointing=False, seed=0, save_every=0,
-                sample_every=50, sample_prompts="", title="", author="", trigger_words="", description="",
-                license="")
+                train_norm=False, rank_dropout=0.0, module_dropout=0.0, resolution=128, batch_size=2,
+                gradient_accumulation_steps=1, steps=300, epochs=0, learning_rate=2e-3, optimizer="AdamW",
+                lr_scheduler="constant", warmup_steps=0, noise_offset=0.0, min_snr_gamma=0.0, shuffle_caption=False,
+                keep_tokens=0, caption_dropout_rate=0.0, flip_aug=False, mixed_precision="no",
+                gradient_checkpointing=False, seed=0, save_every=0, sample_every=50, sample_prompts="", title="",
+                author="", trigger_words="", description="", license="")
 SETTINGS = tuple(DEFAULTS)
 #: Tab settings that are NetworkSpec fields (tab name -> field); the rest are TrainConfig fields.
 NETWORK_FIELDS = {"preset": "preset", "rank": "rank", "alpha": "alpha", "conv_rank": "conv_rank",
                   "conv_alpha": "conv_alpha", "text_encoder": "text_encoder", "tucker": "use_tucker",
-                  "dora_wd": "dora_wd", "rank_dropout": "rank_dropout", "module_dropout": "module_dropout"}
+                  "dora_wd": "dora_wd", "train_norm": "train_norm", "rank_dropout": "rank_dropout",
+                  "module_dropout": "module_dropout"}
 _INTEGERS = ("rank", "conv_rank", "resolution", "batch_size", "gradient_accumulation_steps", "steps", "epochs",
              "warmup_steps", "keep_tokens", "seed", "save_every", "sample_every")
 _FLOATS = ("alpha", "conv_alpha", "rank_dropout", "module_dropout", "learning_rate", "noise_offset", "min_snr_gamma",
@@ -309,7 +310,8 @@ def _labels():
         "preset": "Layers (" + "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()) + ")",
         "rank": "Rank (network_dim)", "alpha": "Alpha", "conv_rank": "Conv rank (full preset)",
         "conv_alpha": "Conv alpha", "text_encoder": "Train text encoder", "tucker": "Tucker conv cores",
-        "dora_wd": "DoRA (dora_wd)", "rank_dropout": "Rank dropout", "module_dropout": "Module dropout",
+        "dora_wd": "DoRA (dora_wd)", "train_norm": "Train norm layers (train_norm)", "rank_dropout": "Rank dropout",
+        "module_dropout": "Module dropout",
         "resolution": "Resolution", "batch_size": "Batch size", "gradient_accumulation_steps": "Gradient accumulation",
         "steps": "Steps", "epochs": "Epochs (0 = use steps)", "learning_rate": "Learning rate",
         "optimizer": "Optimizer", "lr_scheduler": "LR schedule", "warmup_steps": "Warm-up steps",
@@ -371,9 +373,9 @@ def tab(gr, folders) -> list:
                 widgets[key] = _widget(gr, key, label[key], choices.get(key))
     widgets["sample_prompts"] = gr.Textbox(value="", label=label["sample_prompts"], lines=2,
                                            elem_id="loha-train-sample_prompts")
-    with gr.Accordion("More: noise, captions, dropout, metadata", open=False):
-        for row in (("warmup_steps", "noise_offset", "min_snr_gamma", "rank_dropout", "module_dropout"),
-                    ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "flip_aug"),
+    with gr.Accordion("More: noise, captions, dropout, norm layers, metadata", open=False):
+        for row in (("warmup_steps", "noise_offset", "min_snr_gamma", "rank_dropout", "module_dropout",
+                     "train_norm"), ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "flip_aug"),
                     ("title", "author", "trigger_words", "license"), ("description",)):
             with gr.Row():
                 for key in row:

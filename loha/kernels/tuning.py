@@ -6,8 +6,9 @@ OpenMP), medians of interleaved repetitions. Re-run that command on another
 machine and edit the numbers; nothing else has to change.
 
 GPU figures could not be measured (no GPU was available when they were set): they
-are the design's starting point, and `bench/apply.py --tune` prints the measured
-crossovers on a CUDA machine so they can be replaced by data.
+are the design's starting point. `bench/apply.py --tune --cuda` (part of `bench/gpu.sh`)
+prints the measured tiles and crossovers on a CUDA machine, and the values they suggest
+here, so they can be replaced by data.
 """
 
 import torch
@@ -109,7 +110,8 @@ TRITON_PRECISION = "tf32x3"
 
 # The fused bypass kernel (triton_bypass.py): a BLOCK_T × BLOCK_O tile of the output per
 # program, K in steps of BLOCK_K. Not timed (no GPU): the usual GEMM tile of Triton's
-# tutorials; `bench/bypass.py --tune --cuda` sweeps them.
+# tutorials. `bench/bypass.py --tune --cuda` (part of `bench/gpu.sh`) times a handful of
+# tiles per dtype on SD1.5 and SDXL layers at their token counts and prints the values for here.
 TRITON_BYPASS_BLOCK_T = 64
 TRITON_BYPASS_BLOCK_O = 64
 TRITON_BYPASS_BLOCK_K = 32

@@ -91,7 +91,8 @@ class NameMap:
     A spelling two weights share (an odd model whose paths differ only in "." against
     "_") belongs to neither: `lookup` gives None and `ambiguous` names both keys.
     `targets` are the Linear/Conv weights networks factor; `extra_targets` (norm layers,
-    text projections) are looked up the same way, but no trainer or converter plans for them.
+    text projections) are looked up the same way, but no converter plans for them (the trainer
+    trains norm layers only under ``train_norm``).
     """
 
     def __init__(self, family: str | None, entries: Iterable[tuple[Target, list[str]]],

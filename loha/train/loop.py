@@ -300,6 +300,7 @@ class Trainer:
         components = {self.network.names.names(t)[0]: t.component for t in self.network.names.targets}
         for name, module in self.network.loha.items():
             groups["unet" if components[name] == "unet" else "te"] += list(module.parameters())
+        groups["unet"] += list(self.network.norms.parameters())  # train_norm: the UNet's norm layers
         te_lr = config.text_encoder_lr if config.text_encoder_lr is not None else config.learning_rate
         self.params = groups["unet"] + groups["te"]
         self.optimizer = make_optimizer(
@@ -538,7 +539,9 @@ class Trainer:
         try:
             self._prepare()
             counts = self.network.counts()
-            self._log(f"training {sum(counts.values())} LoHa modules ({counts}) for {self.total} steps "
+            norms = f" and {counts['norms']} norm layers (train_norm)" if "norms" in counts else ""
+            loha = {k: v for k, v in counts.items() if k != "norms"}
+            self._log(f"training {sum(loha.values())} LoHa modules ({loha}){norms} for {self.total} steps "
                       f"({self.total / self.per_epoch:.3g} epochs of {self.per_epoch}), {self.step_batch} images a "
                       f"step on {processes.world} process(es), {self.device}, {canonical_optimizer(config.optimizer)}")
             if config.log_with and processes.main:

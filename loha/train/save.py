@@ -44,8 +44,7 @@ def network_metadata(spec, family: str, *, name: str, started_at: float, steps: 
         "use_tucker": str(spec.use_tucker),
     }
     args.update({k: str(getattr(spec, k)) for k in ("rank_dropout", "module_dropout") if getattr(spec, k)})
-    if spec.dora_wd:
-        args["dora_wd"] = "True"
+    args.update({k: "True" for k in ("dora_wd", "train_norm") if getattr(spec, k)})
     meta = {
         "ss_network_module": "lycoris.kohya",
         "ss_network_args": json.dumps(args),

@@ -49,7 +49,7 @@ _SPECIAL = ("output", "network", "prediction_type", "weight_decay", "optimizer_a
 _NETWORK = {"rank": ("network_dim", int), "alpha": ("network_alpha", float), "preset": ("preset", str),
             "conv_rank": ("conv_dim", int), "conv_alpha": ("conv_alpha", float), "use_tucker": ("use_tucker", bool),
             "rank_dropout": ("rank_dropout", float), "module_dropout": ("module_dropout", float),
-            "dora_wd": ("dora_wd", bool)}
+            "dora_wd": ("dora_wd", bool), "train_norm": ("train_norm", bool)}
 #: sd-scripts' save_precision spelling of fp32.
 _PRECISION = {"fp32": "float"}
 CONFIG_PRESETS = {name: os.path.join(os.path.dirname(__file__), "presets", f"{name}.toml")
@@ -221,16 +221,19 @@ _FIXED = ("network", "optimizer")
 
 def differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """(what stops a resume, what merely changed) between two configs as `dataclasses.asdict` gives
-    them; settings the saved one lacks (a state from an older version) count as unchanged."""
+    them; settings the saved one lacks (a state from an older version) count as unchanged, except
+    network fields: a state without one trained with its default (no ``train_norm``, for instance)."""
     blocking, notes = [], []
+    defaults = {f.name: f.default for f in dataclasses.fields(NetworkSpec)}
     for key in sorted(saved):  # settings newer than the state are not in it
         if key == "resume" or key not in current:  # a setting this version no longer has
             continue
         old, new = saved.get(key), current.get(key)
         if key == "network" and isinstance(old, dict) and isinstance(new, dict):
-            for field in sorted(old):
-                if old.get(field) != new.get(field):
-                    blocking.append(f"network {field}: {old.get(field)!r} in the state, {new.get(field)!r} now")
+            for field in sorted(new):
+                was = old.get(field, defaults.get(field))
+                if was != new[field]:
+                    blocking.append(f"network {field}: {was!r} in the state, {new[field]!r} now")
         elif old != new:
             line = f"{key}: {old!r} in the state, {new!r} now"
             (blocking if key in _FIXED else notes).append(line)
