@@ -7,13 +7,14 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const NODES_WITH_FILE = ["LohaLoader", "LohaLoaderModelOnly", "LohaInfo"];
+const NODES_WITH_FILE = ["LohaLoader", "LohaLoaderModelOnly", "LohaLoaderBypass", "LohaInfo"];
 // Sent by a loader for what a file holds that the model does not get (nodes/host.py).
 const NOT_APPLIED_EVENT = "loha.not_applied";
 const FILE_WIDGET = "lora_name";
 const FAMILY = { sd1: "SD 1.x", sd2: "SD 2.x", sdxl: "SDXL" };
 const TAGS_SHOWN = 5;
 const PANEL_HEIGHT = 150;
+const NOTICE_HEIGHT = 60;
 
 function listed(counts) {
   const parts = Object.entries(counts).map(([value, n]) => `${value} (${n})`);
@@ -119,12 +120,25 @@ function attach(node) {
   node.setSize([Math.max(node.size[0], 360), Math.max(node.size[1], size[1])]);
 }
 
-// A loader's run: what was not applied, shown on that node until the file changes.
+// A node without a file widget (the stack) gets a panel for what was not applied on its first notice.
+function noticeView(node) {
+  if (!node.lohaView) {
+    const view = makePanel();
+    node.addDOMWidget("loha_info", "loha_info", view.panel, { serialize: false, hideOnZoom: false,
+                                                              getMinHeight: () => NOTICE_HEIGHT });
+    node.lohaView = view;
+    node.setSize([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
+  }
+  return node.lohaView;
+}
+
+// A loader's run: what was not applied, shown on that node (once per text) until the file changes.
 function showNotApplied({ detail }) {
   const node = app.graph?.getNodeById?.(Number(detail.node));
   if (!node) return;
-  const view = node.lohaView;
-  if (view) {
+  const view = noticeView(node);
+  const rows = [...view.table.querySelectorAll(".loha-not-applied")];
+  if (!rows.some((row) => row.textContent === detail.text)) {
     const row = document.createElement("div");
     row.className = "loha-not-applied";
     row.style.color = "var(--error-text, #f88)";

@@ -103,18 +103,13 @@ class ExtraNetworkLoha(extra_networks.ExtraNetwork):
                 problems[request.name] = "no such file in the LoHa or Lora folders"
             else:
                 wanted.append((request, path))
-        if is_forge(shared.sd_model):
-            forge_active.wanted = wanted  # applied once every extra network is active (LohaForgeScript)
-        else:
-            if active.update(shared.sd_model, wanted, keep_going=True):
-                forget_cached_conditioning(p)
-                warn_unmatched(active.unmatched, active.handle.unknown_keys if active.handle else {})
-            problems.update(active.failed)
-        report_not_applied(p, problems, {r.name: path for r, path in wanted})
-        applied = [(r, path) for r, path in wanted if r.name not in problems]
-        if applied and shared.opts.data.get("loha_add_hashes_to_infotext", True):
-            listed = [f"{r.name.replace(':', '').replace(',', '')}: {shorthash(r.name, path, True)}" for r, path in applied]
-            p.extra_generation_params[INFOTEXT_KEY] = ", ".join(listed)
+        if is_forge(shared.sd_model):  # applied and reported once every extra network is active (LohaForgeScript)
+            forge_active.wanted, forge_active.unresolved = wanted, problems
+            return
+        if active.update(shared.sd_model, wanted, keep_going=True):
+            forget_cached_conditioning(p)
+            warn_unmatched(active.unmatched, active.handle.unknown_keys if active.handle else {})
+        report(p, {**problems, **active.failed}, wanted)
 
     def deactivate(self, p):
         pass  # weights stay patched until the set changes, as the built-in Lora keeps its own
@@ -129,6 +124,15 @@ def warn_unmatched(unmatched: dict[str, list[str]], unknown_keys: dict[str, list
     for label, keys in (unknown_keys or {}).items():
         log.warning("loha: %s: %d keys are of no known kind and were not applied: %s", label, len(keys),
                     ", ".join(keys))
+
+
+def report(p, problems: dict[str, str], wanted: list) -> None:
+    """After the LoHa went on the model: name those not applied, and record the hashes of the others."""
+    report_not_applied(p, problems, {r.name: path for r, path in wanted})
+    applied = [(r, path) for r, path in wanted if r.name not in problems]
+    if applied and shared.opts.data.get("loha_add_hashes_to_infotext", True):
+        listed = [f"{r.name.replace(':', '').replace(',', '')}: {shorthash(r.name, path, True)}" for r, path in applied]
+        p.extra_generation_params[INFOTEXT_KEY] = ", ".join(listed)
 
 
 def report_not_applied(p, problems: dict[str, str], paths: dict[str, str]) -> None:
@@ -155,8 +159,8 @@ class LohaForgeScript(scripts.Script):
             return
         if forge_active.apply(shared.sd_model):
             forget_cached_conditioning(p)
-        warn_unmatched(forge_active.unmatched)
-        report_not_applied(p, forge_active.failed, {r.name: path for r, path in forge_active.wanted})
+        warn_unmatched(forge_active.unmatched, forge_active.unknown_keys)
+        report(p, {**forge_active.unresolved, **forge_active.failed}, forge_active.wanted)
 
 
 class ExtraNetworksPageLoha(ui_extra_networks.ExtraNetworksPage):

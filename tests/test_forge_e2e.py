@@ -10,7 +10,8 @@ Forge patches through its own ModelPatchers, so the extension adds LoHa there as
 patches its weight merging hands to our kernels (`loha/hosts/forge.py`). Shown here: the
 same images as Forge's built-in Lora reading the same LoHa, alone and mixed with a
 LoRA in either order; the built-in's network alone again, and the base again, bit
-for bit; infotext hashes; the card and the preview route.
+for bit; infotext hashes; a broken file and a missing name named beside a good LoHa (and
+forgotten by the next prompt); the card and the preview route.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import os
 
 import pytest
 
-from webui_host import BUILTIN_COMPARISONS, PROMPT, check_card, check_loha_equals_builtin, check_previews, diff, prepare, serve, txt2img
+from webui_host import (BUILTIN_COMPARISONS, PROMPT, check_card, check_loha_equals_builtin, check_not_applied_reported,
+                        check_previews, diff, prepare, serve, txt2img)
 
 FORGE = os.environ.get("LOHA_FORGE_DIR")
 PYTHON = os.environ.get("LOHA_FORGE_PYTHON")
@@ -85,6 +87,10 @@ def test_leaving_the_prompt_gives_the_previous_images_bit_for_bit(images):
 def test_infotext_records_the_loha_hashes(images):
     assert 'LoHa hashes: "test: ' in images["loha test"][1]
     assert "LoHa hashes" not in images["base again"][1]
+
+
+def test_a_broken_file_next_to_a_good_one_gives_the_good_ones_image_and_a_message(forge, images):
+    check_not_applied_reported(forge, images)
 
 
 def test_card_and_previews(forge, images, tmp_path):

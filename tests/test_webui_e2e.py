@@ -25,8 +25,9 @@ import sys
 import numpy as np
 import pytest
 
-from webui_host import (BUILTIN_COMPARISONS, PROMPT, check_card, check_loha_equals_builtin, check_previews, diff,
-                        fetch, get, link_extension, prepare, serve, txt2img, txt2img_info)
+from webui_host import (BROKEN, BUILTIN_COMPARISONS, PROMPT, check_card, check_loha_equals_builtin,
+                        check_not_applied_reported, check_previews, diff, fetch, get, link_extension, prepare, serve,
+                        txt2img)
 
 from loha.keys.blocks import PRESETS
 
@@ -44,8 +45,6 @@ LBW_LISTS = {
     "12": ",".join(["0.5"] + ["1"] * 11),
     "20": ",".join(["1.5", "0.2", "1", "-0.5", "0"] + ["1"] * 15),
 }
-#: A file that is not safetensors, beside good ones in the LoHa folder.
-BROKEN = "broken"
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
     not (WEBUI and PYTHON), reason="set LOHA_WEBUI_DIR and LOHA_WEBUI_PYTHON to test against a real WebUI")]
 
@@ -61,8 +60,6 @@ def webui(tmp_path_factory):
     data = os.environ.get("LOHA_WEBUI_DATA") or str(tmp_path_factory.mktemp("webui-data"))
     ckpt = prepare(data, _checkpoint)
     link_extension(data, "sd-webui-lora-block-weight", LBW)
-    with open(os.path.join(data, "models", "LoHa", f"{BROKEN}.safetensors"), "wb") as f:
-        f.write(b"\x20\x00\x00\x00\x00\x00\x00\x00{this header is not JSON at all.}")
     with serve(WEBUI, PYTHON, data, ["--use-cpu", "all", "--no-half", "--ckpt", ckpt]) as server:
         yield server
 
@@ -162,20 +159,15 @@ def test_a_file_replaced_on_disk_gives_the_new_files_image_at_once(webui, images
         second = txt2img(webui, f"{PROMPT} <loha:swap:0.8>")[0]
     finally:
         os.remove(swap)
+    tucker = txt2img(webui, f"{PROMPT} <loha:tucker:0.8>")[0]  # `images` has it at 0.4 (Forge's fp16 limit)
     print(f"swap: before vs test {diff(first, images['loha test'][0])}, after vs tucker "
-          f"{diff(second, images['loha tucker'][0])}, before vs after {diff(first, second)}")
+          f"{diff(second, tucker)}, before vs after {diff(first, second)}")
     assert diff(first, images["loha test"][0]) <= 1
-    assert diff(second, images["loha tucker"][0]) <= 1 and diff(first, second) > 1
+    assert diff(second, tucker) <= 1 and diff(first, second) > 1
 
 
 def test_a_broken_file_next_to_a_good_one_gives_the_good_ones_image_and_a_message(webui, images):
-    image, info = txt2img_info(webui, f"{PROMPT} <loha:{BROKEN}:1> <loha:nosuchfile:1> <loha:test:0.8>")
-    said = info["extra_generation_params"].get("LoHa not applied", "")
-    print(f"broken + missing + test vs test: max {diff(image, images['loha test'][0])}; the API says: {said}")
-    assert diff(image, images["loha test"][0]) <= 1
-    assert f"{BROKEN}: not a readable safetensors file" in said and "nosuchfile: no such file" in said
-    assert "LoHa not applied: " in info["infotexts"][0] and webui["data"] not in said
-    assert "test: " in info["extra_generation_params"]["LoHa hashes"] and BROKEN not in info["extra_generation_params"]["LoHa hashes"]
+    check_not_applied_reported(webui, images)
 
 
 def test_cards_list_what_the_page_is_for_and_mark_unreadable_files(webui):

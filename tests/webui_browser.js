@@ -50,10 +50,11 @@ async function main() {
   await network.fill("test.safetensors");
   await network.press("Enter");
   await root.locator("button", { hasText: /^\s*Inspect\s*$/ }).last().click();
-  const report = root.locator("textarea:visible").first();
-  await page.waitForFunction((el) => el.value.includes("SD 1.x") || el.value.startsWith("Error"),
+  // The report is a gr.Code (monospace): a CodeMirror editor, its text in .cm-content.
+  const report = root.locator("#loha-inspect-report .cm-content");
+  await page.waitForFunction((el) => el.innerText.includes("SD 1.x") || el.innerText.startsWith("Error"),
                              await report.elementHandle());
-  const inspect = await report.inputValue();
+  const inspect = await report.innerText();
   await page.screenshot({ path: path.join(shots, "loha-tab-inspect.png") });
   await root.locator(".tab-nav button", { hasText: "Merge" }).click();
   await page.screenshot({ path: path.join(shots, "loha-tab-merge.png") });

@@ -28,6 +28,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = "sd15-random.safetensors"
 PROMPT = "a red fox in the snow"
+#: A file that is not safetensors, beside good ones in the LoHa folder.
+BROKEN = "broken"
 START_TIMEOUT = 600
 
 
@@ -38,7 +40,7 @@ def free_port() -> int:
 
 
 def prepare(data: str, make_checkpoint) -> str:
-    """Checkpoint (made by `make_checkpoint(path)` when missing), networks and the extension link."""
+    """Checkpoint (made by `make_checkpoint(path)` when missing), networks, a broken file and the extension link."""
     assets = os.path.join(os.path.dirname(os.path.abspath(__file__)), "webui_assets.py")
     models = os.path.join(data, "models")
     ckpt = os.path.join(models, "Stable-diffusion", CHECKPOINT)
@@ -64,10 +66,11 @@ def prepare(data: str, make_checkpoint) -> str:
         subprocess.run([sys.executable, "-m", "loha", "train", "--model", ckpt, "--tokenizer", tokenizer,
                         "-o", trained, "--resolution", "64", "--steps", "4", "--lr", "0.05", "--rank", "4",
                         "--alpha", "4", "--text-encoder", "--seed", "3"], check=True, cwd=REPO)
+    with open(os.path.join(models, "LoHa", f"{BROKEN}.safetensors"), "wb") as f:
+        f.write(b"\x20\x00\x00\x00\x00\x00\x00\x00{this header is not JSON at all.}")
     link = os.path.join(data, "extensions", "loha")
-    os.makedirs(os.path.dirname(link), exist_ok=True)
-    if not os.path.lexists(link):
-        os.symlink(REPO, link)
+    if os.path.realpath(link) != os.path.realpath(REPO):  # a kept data folder may link another checkout
+        link_extension(data, "loha", REPO)
     return ckpt
 
 
@@ -150,6 +153,22 @@ def check_loha_equals_builtin(images: dict, name: str) -> None:
     assert lora_image.std() > 5  # a picture, not the flat frame NaN latents decode to
     assert np.abs(loha_image - base).mean() > 5  # the network does change the picture
     assert diff(loha_image, lora_image) <= 1
+
+
+def check_not_applied_reported(server, images: dict) -> None:
+    """A broken file and a missing name beside a good LoHa: the good one's image, both named with why
+    (infotext, API), no hash for them; the next prompt without LoHa gives the base and says nothing."""
+    image, info = txt2img_info(server, f"{PROMPT} <loha:{BROKEN}:1> <loha:nosuchfile:1> <loha:test:0.8>")
+    said = info["extra_generation_params"].get("LoHa not applied", "")
+    print(f"broken + missing + test vs test: max {diff(image, images['loha test'][0])}; the API says: {said}")
+    assert diff(image, images["loha test"][0]) <= 1
+    assert f"{BROKEN}: not a readable safetensors file" in said and "nosuchfile: no such file" in said
+    assert "LoHa not applied: " in info["infotexts"][0] and server["data"] not in said
+    hashes = info["extra_generation_params"]["LoHa hashes"]
+    assert "test: " in hashes and BROKEN not in hashes
+    image, info = txt2img_info(server, PROMPT)
+    assert "LoHa not applied" not in info["infotexts"][0] and "LoHa hashes" not in info["infotexts"][0]
+    assert diff(image, images["base"][0]) == 0
 
 
 def fetch(server, path: str) -> tuple[int, bytes]:

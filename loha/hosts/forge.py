@@ -46,7 +46,9 @@ class ForgeActive:
     def __init__(self, key_map=lambda unet, clip: {}):
         self.key_map = key_map  # (unet patcher, clip) -> Forge's own LoRA key map
         self.wanted: list = []  # (Request, path) pairs from the last activate
+        self.unresolved: dict[str, str] = {}  # request name -> why it has no file (from the last activate)
         self.unmatched: dict[str, list[str]] = {}
+        self.unknown_keys: dict[str, list[str]] = {}  # label -> keys of no kind loha applies
         self.failed: dict[str, str] = {}  # request name -> why it was left out
         self._key: tuple = ()
         self._base = None  # the built-in's (unet, clip) our patchers were cloned from
@@ -69,6 +71,7 @@ class ForgeActive:
         current = (after.unet, after.clip)
         ours_still_there = self._ours is not None and all(a is b for a, b in zip(current, self._ours))
         base = self._base if ours_still_there else current
+        self.unmatched, self.unknown_keys, self.failed = {}, {}, {}
         if not self.wanted:
             ours = base
         else:
@@ -80,13 +83,12 @@ class ForgeActive:
 
     def clear(self, sd_model) -> None:
         """No LoHa: the engine gets the built-in's patchers back."""
-        self.wanted, self.failed = [], {}
+        self.wanted, self.unresolved = [], {}
         self.apply(sd_model)
 
     def _patched(self, base_unet, base_clip):
         unet, clip = base_unet.clone(), base_clip.clone()
         parts = {"model": unet.model, "clip": clip.patcher.model}
-        self.unmatched, self.failed = {}, {}
         for request, path in self.wanted:
             try:
                 planned = self._plan(request, path, parts, lambda: self.key_map(unet, clip))
@@ -94,6 +96,8 @@ class ForgeActive:
                 self.failed[request.name] = str(exc)
                 continue
             self.unmatched[planned.network.label] = planned.unmatched
+            if planned.network.unknown_keys:
+                self.unknown_keys[planned.network.label] = list(planned.network.unknown_keys)
             tag = f"{path}#loha:{request.lbw or ''}"
             for target, part, strength in ((unet, "model", request.unet), (clip, "clip", request.te)):
                 patches = {key: (PATCH_TYPE, patch) for key, patch in planned.patches[part].items()}
