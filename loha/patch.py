@@ -423,12 +423,15 @@ class PatchHandle:
         self._items, self.unmatched = plan_modules(view.names, uses, skip_bad, self.skipped, view.shape_of,
                                                    self.failed if skip_failed else None)
         self.uses = [u for u in uses if u.network.label not in self.failed]
-        self.unknown_keys = {u.network.label: list(u.network.unknown_keys) for u in self.uses if u.network.unknown_keys}
         self._backups: dict[str, torch.Tensor] = {}  # key -> CPU copy (patched in place)
         self._swapped: dict[str, tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = {}
         # ^ key -> (parameter, its original tensor, the patched tensor it holds instead)
         self._apply()
         _ACTIVE.append(weakref.ref(self))
+
+    @property
+    def unknown_keys(self) -> dict[str, list[str]]:
+        return {u.network.label: list(u.network.unknown_keys) for u in self.uses if u.network.unknown_keys}
 
     @property
     def patched_keys(self) -> list[str]:
@@ -520,7 +523,6 @@ class PatchHandle:
         above = self._unwind_newer()
         self._copy_back()
         self.uses, self._items, self.unmatched, self.skipped = uses, items, unmatched, skipped
-        self.unknown_keys = {u.network.label: list(u.network.unknown_keys) for u in uses if u.network.unknown_keys}
         try:
             self._apply()
         finally:
